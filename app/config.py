@@ -1,0 +1,67 @@
+"""Every setting of the service, read once from the environment (prefix ``TOKSERVE_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "models")
+
+
+def _split_list(value: object) -> object:
+    """Accept ``a,b`` / ``a:b`` strings from the environment as lists."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.replace(",", ":").split(":") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Service configuration; a model's config.json sets its own batching unless overridden here."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_dir: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL_DIR])
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    redis_url: str | None = None
+    redis_timeout_ms: float = 50.0
+    cache_ttl_s: int = 7 * 24 * 3600
+    cache_decode: bool = False
+    cache_max_bytes: int = 256 * 1024 * 1024
+
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_audio_seconds: float = 600.0
+    max_items: int = 64
+    max_decode_tokens: int = 1_000_000
+    request_timeout_s: float = 30.0
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    max_batch_size: int | None = None
+    max_wait_ms: float | None = None
+    max_queue: int | None = None
+    warmup: bool = True
+    drain_timeout_s: float = 30.0
+
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _model_dirs(cls, value: object) -> object:
+        # Paths are colon-separated like PATH; commas would be legal in a directory name.
+        if isinstance(value, str):
+            return [part for part in value.split(":") if part]
+        return value
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)

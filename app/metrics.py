@@ -1,0 +1,77 @@
+"""Every Prometheus metric of the service, defined once.
+
+Labels are bounded: model names come from the model repository, routes are templates, and
+statuses are classes (2xx, 4xx, 5xx) - never a raw path or a client-supplied value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# from 0.25 ms to ~30 s, roughly x2 per bucket
+LATENCY_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.125,
+    0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+
+REQUEST_DURATION = Histogram(
+    "tokserve_request_duration_seconds",
+    "Time from request received to response sent.",
+    ["route", "model", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "tokserve_queue_wait_seconds",
+    "Time an item waited in the batch queue before its forward pass started.",
+    ["model", "op"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "tokserve_batch_size",
+    "Items per forward pass.",
+    ["model", "op"],
+    buckets=BATCH_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "tokserve_inference_duration_seconds",
+    "Duration of one batched forward pass, including host/device copies.",
+    ["model", "op"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "tokserve_queue_depth",
+    "Items waiting in the batch queue.",
+    ["model", "op"],
+)
+CACHE_REQUESTS = Counter(
+    "tokserve_cache_requests_total",
+    "Token cache lookups by result.",
+    ["result"],
+)
+CACHE_DURATION = Histogram(
+    "tokserve_cache_duration_seconds",
+    "Latency of cache calls.",
+    ["backend", "op"],
+    buckets=LATENCY_BUCKETS,
+)
+CACHE_BYTES = Gauge(
+    "tokserve_cache_bytes",
+    "Bytes held by the in-process cache.",
+)
+REJECTED = Counter(
+    "tokserve_rejected_total",
+    "Requests or items refused without being computed.",
+    ["reason"],
+)
+TOKENS = Counter(
+    "tokserve_tokens_total",
+    "Tokens produced by encode or consumed by decode.",
+    ["model", "op"],
+)
+MODEL_INFO = Info(
+    "tokserve_model",
+    "Loaded models: backend, modality, version and device.",
+    ["model"],
+)
+BUILD_INFO = Info("tokserve_build", "tokserve version and its runtime.")

@@ -1,0 +1,220 @@
+"""The model repository: finds models/<name>/config.json, builds their backends, owns them.
+
+A model folder holds ``config.json`` (backend, modality, architecture, serving options),
+``model.safetensors`` and a README.md model card. Its version is a hash of config and
+weights, so a cache entry can never outlive the weights that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from app.config import Settings
+from app.errors import NotFound
+from app.tokenizers.audio import RVQAudioCodec
+from app.tokenizers.base import Tokenizer, TokenizerInfo
+from app.tokenizers.image import FSQImageTokenizer
+
+log = logging.getLogger("tokserve.registry")
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+NATIVE_ARCHITECTURES: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
+    "fsq_image": FSQImageTokenizer.from_config,
+    "rvq_audio": RVQAudioCodec.from_config,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be served; the message names the model and the fix."""
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Per-model batching and precision, from config.json, overridden by the environment."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    dtype: str = "float32"
+
+    @classmethod
+    def resolve(cls, config: dict[str, Any], settings: Settings) -> ServingOptions:
+        own = {**config.get("serving", {})}
+        for key in ("max_batch_size", "max_wait_ms", "max_queue", "dtype"):
+            override = getattr(settings, key)
+            if override is not None:
+                own[key] = override
+        unknown = set(own) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown serving options {sorted(unknown)}")
+        return cls(**own)
+
+
+@dataclass
+class LoadedModel:
+    """One served tokenizer and everything the service needs to know about it."""
+
+    name: str
+    backend: str
+    path: Path
+    config: dict[str, Any]
+    version: str
+    tokenizer: Tokenizer
+    serving: ServingOptions
+    device: torch.device
+    dtype: torch.dtype
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def info(self) -> TokenizerInfo:
+        return self.tokenizer.info
+
+    @property
+    def modality(self) -> str:
+        return self.info.modality
+
+    def describe(self) -> dict[str, Any]:
+        """The public metadata answered by GET /v1/models."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "backend": self.backend,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            **self.info.to_dict(),
+            "max_batch_size": self.serving.max_batch_size,
+            **self.metadata,
+        }
+
+
+def model_version(folder: Path) -> str:
+    """blake2b of config.json and every weight file, 16 hex chars."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(folder.iterdir()):
+        if path.name == CONFIG_FILE or path.suffix in {".safetensors", ".pt2", ".jit", ".bin"}:
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` takes the first GPU when there is one, the CPU otherwise."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"TOKSERVE_DEVICE={requested} but no CUDA device is available")
+    return device
+
+
+def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
+    """Instantiate a native architecture from config.json and load model.safetensors."""
+    arch_name = config.get("architecture")
+    if arch_name not in NATIVE_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{folder.name}: unknown native architecture {arch_name!r}; "
+            f"known: {sorted(NATIVE_ARCHITECTURES)}"
+        )
+    model = NATIVE_ARCHITECTURES[arch_name](config.get("arch", {}))
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder.name}: {WEIGHTS_FILE} is missing")
+    model.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def load_model(folder: Path, settings: Settings) -> LoadedModel:
+    """Read one model folder and build its backend on the configured device."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{folder.name}: cannot read {CONFIG_FILE}: {exc}") from exc
+    backend = config.get("backend", "native")
+    serving = ServingOptions.resolve(config, settings)
+    device = resolve_device(settings.device)
+    dtype = DTYPES[serving.dtype] if device.type == "cuda" else torch.float32
+    if backend == "native":
+        module = build_native(folder, config)
+    else:
+        raise ModelLoadError(f"{folder.name}: unknown backend {backend!r}; known: ['native']")
+    module = module.to(device=device, dtype=dtype).eval()
+    tokenizer: Tokenizer = module  # type: ignore[assignment]
+    return LoadedModel(
+        name=config.get("name", folder.name),
+        backend=backend,
+        path=folder,
+        config=config,
+        version=model_version(folder),
+        tokenizer=tokenizer,
+        serving=serving,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def discover(model_dirs: list[str]) -> list[Path]:
+    """Every folder with a config.json directly under the given directories."""
+    found = []
+    for root in model_dirs:
+        base = Path(root)
+        if (base / CONFIG_FILE).is_file():
+            found.append(base)
+        elif base.is_dir():
+            found += sorted(p for p in base.iterdir() if (p / CONFIG_FILE).is_file())
+    return found
+
+
+class ModelRegistry:
+    """The loaded models, by name."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        self.models = {model.name: model for model in models}
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelRegistry:
+        folders = discover(settings.model_dir)
+        if settings.models:
+            wanted = set(settings.models)
+            missing = wanted - {f.name for f in folders}
+            if missing:
+                raise ModelLoadError(
+                    f"TOKSERVE_MODELS names {sorted(missing)}, not found in {settings.model_dir}"
+                )
+            folders = [f for f in folders if f.name in wanted]
+        models = []
+        for folder in folders:
+            model = load_model(folder, settings)
+            log.info(
+                "loaded model %s (%s, %s) version %s on %s",
+                model.name, model.backend, model.modality, model.version, model.device,
+            )
+            models.append(model)
+        return cls(models)
+
+    def get(self, name: str | None, modality: str) -> LoadedModel:
+        """The named model, or the only/first model of the modality when no name is given."""
+        if name is None:
+            for model in self.models.values():
+                if model.modality == modality:
+                    return model
+            raise NotFound(f"No {modality} model is loaded; loaded models: {self.names()}.")
+        model = self.models.get(name)
+        if model is None or model.modality != modality:
+            known = [m.name for m in self.models.values() if m.modality == modality]
+            raise NotFound(f"Unknown {modality} model {name!r}; known {modality} models: {known}.")
+        return model
+
+    def names(self) -> list[str]:
+        return sorted(self.models)

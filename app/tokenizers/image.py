@@ -1,0 +1,129 @@
+"""Native image tokenizer: a convolutional autoencoder with an FSQ bottleneck.
+
+The encoder folds ``patch x patch`` pixels into channels first (pixel-unshuffle), so the
+expensive residual blocks run at 1/patch resolution; each further stage halves it. The total
+downsampling is ``patch * 2 ** (len(channels) - 1)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.tokenizers.base import TokenizerInfo
+from app.tokenizers.fsq import FSQ
+
+
+class ResBlock(nn.Module):
+    """x + conv(act(conv(act(x)))), x: [B, C, H, W]."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(self.act(x))))
+
+
+class Encoder(nn.Module):
+    """pixels [B, 3, H, W] -> latents [B, D, H / down, W / down]."""
+
+    def __init__(self, channels: list[int], res_blocks: int, patch: int, latent_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.PixelUnshuffle(patch),
+            nn.Conv2d(3 * patch * patch, channels[0], 3, padding=1),
+        ]
+        for i, width in enumerate(channels):
+            layers += [ResBlock(width) for _ in range(res_blocks)]
+            if i + 1 < len(channels):
+                layers += [nn.SiLU(), nn.Conv2d(width, channels[i + 1], 4, stride=2, padding=1)]
+        layers += [nn.SiLU(), nn.Conv2d(channels[-1], latent_dim, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixels)
+
+
+class Decoder(nn.Module):
+    """latents [B, D, h, w] -> pixels [B, 3, h * down, w * down] (unbounded; clamp to [-1, 1])."""
+
+    def __init__(self, channels: list[int], res_blocks: int, patch: int, latent_dim: int) -> None:
+        super().__init__()
+        widths = channels[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(latent_dim, widths[0], 3, padding=1)]
+        for i, width in enumerate(widths):
+            layers += [ResBlock(width) for _ in range(res_blocks)]
+            if i + 1 < len(widths):
+                layers += [
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(width, widths[i + 1], 3, padding=1),
+                ]
+        layers += [
+            nn.SiLU(),
+            nn.Conv2d(widths[-1], 3 * patch * patch, 3, padding=1),
+            nn.PixelShuffle(patch),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.layers(latents)
+
+
+class FSQImageTokenizer(nn.Module):
+    """Native image tokenizer implementing the ImageTokenizer protocol."""
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        channels: tuple[int, ...] | list[int] = (64, 128),
+        res_blocks: int = 2,
+        patch: int = 4,
+        levels: tuple[int, ...] | list[int] = (8, 8, 8, 5, 5, 5),
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.downsample = patch * 2 ** (len(channels) - 1)
+        if image_size % self.downsample:
+            raise ValueError(f"image_size {image_size} is not a multiple of {self.downsample}")
+        self.quantizer = FSQ(list(levels))
+        self.encoder = Encoder(list(channels), res_blocks, patch, self.quantizer.dim)
+        self.decoder = Decoder(list(channels), res_blocks, patch, self.quantizer.dim)
+
+    @classmethod
+    def from_config(cls, arch: dict[str, Any]) -> FSQImageTokenizer:
+        return cls(**arch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def info(self) -> TokenizerInfo:
+        side = self.image_size // self.downsample
+        return TokenizerInfo(
+            modality="image",
+            vocab_size=self.quantizer.vocab_size,
+            codebooks=1,
+            image_size=(self.image_size, self.image_size),
+            grid=(side, side),
+            downsample=self.downsample,
+            extra={"quantizer": "fsq", "levels": self.quantizer.levels},
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Training path: reconstruction of pixels [B, 3, H, W] through the quantizer."""
+        return self.decoder(self.quantizer(self.encoder(pixels)))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> tokens [B, H / down, W / down]."""
+        return self.quantizer.encode(self.encoder(pixels))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, h, w] -> pixels [B, 3, h * down, w * down] in [-1, 1]."""
+        latents = self.quantizer.decode(tokens).to(next(self.decoder.parameters()).dtype)
+        return self.decoder(latents).clamp(-1, 1)
