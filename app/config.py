@@ -32,6 +32,8 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     redis_timeout_ms: float = 50.0
+    redis_breaker_failures: int = 5
+    redis_breaker_cooldown_s: float = 2.0
     cache_ttl_s: int = 7 * 24 * 3600
     cache_decode: bool = False
     cache_max_bytes: int = 256 * 1024 * 1024

@@ -1,0 +1,164 @@
+"""POST /v1/audio/encode and /v1/audio/decode."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from app.api.common import (
+    ServicesDep,
+    cancel_on_disconnect,
+    check_token_budget,
+    deadline_of,
+    key_bytes,
+    media_response,
+    read_media_items,
+    read_token_request,
+    require_api_key,
+    token_array,
+    tokens_response,
+    use_model,
+)
+from app.api.schemas import DECODE_BODY, ENCODE_BODY, AudioEncodeResponse, DecodedItems
+from app.errors import Unprocessable
+from app.media import decode_audio, encode_audio
+from app.pipeline import Job
+from app.runner import AudioRunner
+
+router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(require_api_key)])
+AudioFormat = Literal["wav", "flac", "ogg"]
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+
+
+def _wave_only(blob: bytes, sample_rate: int, channels: int, max_seconds: float) -> torch.Tensor:
+    return decode_audio(blob, sample_rate, channels, max_seconds)[0]
+
+
+def _same(array: np.ndarray) -> np.ndarray:
+    return array
+
+
+@router.post(
+    "/encode",
+    response_model=AudioEncodeResponse,
+    summary="Audio to codebook tokens",
+    openapi_extra=ENCODE_BODY("audio"),
+)
+async def encode_audio_route(
+    request: Request,
+    services: ServicesDep,
+    model: Annotated[str | None, Query(description="Model name; default: first audio model")] = None,
+    codebooks: Annotated[
+        int | None, Query(ge=1, description="Return only the first k codebooks (coarser, fewer)")
+    ] = None,
+) -> Response:
+    """WAV/FLAC/OGG bytes, multipart files or JSON base64 -> tokens [K][F] per clip."""
+    served = use_model(request, services.registry.get(model, "audio"))
+    info = served.info
+    if codebooks is not None and codebooks > info.codebooks:
+        raise Unprocessable(
+            f"codebooks={codebooks}, but model {served.name} has {info.codebooks}; "
+            f"ask for 1 to {info.codebooks}."
+        )
+    blobs = await read_media_items(request, services, "audio")
+    sample_rate = info.sample_rate or 24000
+    job = Job(
+        model=served,
+        op="encode",
+        batcher=services.batcher(served, "encode"),
+        prepare=partial(
+            _wave_only,
+            sample_rate=sample_rate,
+            channels=info.channels or 1,
+            max_seconds=services.settings.max_audio_seconds,
+        ),
+        group=AudioRunner.encode_group,
+        finish=_same,
+    )
+    results = await cancel_on_disconnect(
+        request, services.pipeline.run(job, blobs, blobs, deadline_of(request, services))
+    )
+    frame_rate = info.frame_rate or 0.0
+    items = []
+    for result in results:
+        tokens = result.array[: codebooks or info.codebooks]
+        frames = int(tokens.shape[1])
+        items.append(
+            {
+                "tokens": tokens,
+                "shape": list(tokens.shape),
+                "codebooks": int(tokens.shape[0]),
+                "frames": frames,
+                "frame_rate": frame_rate,
+                "sample_rate": sample_rate,
+                "duration_s": round(frames / frame_rate, 6) if frame_rate else 0.0,
+                "cached": result.cached,
+            }
+        )
+    return tokens_response(request, served, items)
+
+
+@router.post(
+    "/decode",
+    summary="Codebook tokens to audio",
+    responses={200: {"content": {"audio/wav": {}}, "model": DecodedItems}},
+    openapi_extra=DECODE_BODY("[[int]] of k codebooks (rows) by F frames"),
+)
+async def decode_audio_route(
+    request: Request,
+    services: ServicesDep,
+    model: Annotated[str | None, Query(description="Model name, if not in the body")] = None,
+    fmt: Annotated[AudioFormat, Query(alias="format", description="Output format")] = "wav",
+) -> Response:
+    """One [k][F] array answers the audio file; a list answers JSON (or msgpack) items."""
+    body = await read_token_request(request, 2, "[[int]] (k codebooks of F frames)")
+    served = use_model(request, services.registry.get(body.model or model, "audio"))
+    info = served.info
+    arrays = []
+    for index, item in enumerate(body.items):
+        array = token_array(item, None if body.single else index, info.vocab_size)
+        if array.ndim != 2 or not 1 <= array.shape[0] <= info.codebooks or array.shape[1] < 1:
+            raise Unprocessable(
+                f"Tokens of shape {list(array.shape)} do not fit model {served.name}: send "
+                f"[k][F] with 1 to {info.codebooks} codebooks (rows) and at least one frame."
+            )
+        arrays.append(array)
+    check_token_budget(arrays, services)
+    sample_rate = info.sample_rate or 24000
+
+    def to_file(wave: torch.Tensor) -> np.ndarray:
+        return np.frombuffer(encode_audio(wave, sample_rate, fmt), dtype=np.uint8)
+
+    job = Job(
+        model=served,
+        op="decode",
+        batcher=services.batcher(served, "decode"),
+        prepare=_same,
+        group=AudioRunner.decode_group,
+        finish=to_file,
+        params=f"format={fmt}",
+        use_cache=services.settings.cache_decode,
+    )
+    results = await cancel_on_disconnect(
+        request,
+        services.pipeline.run(
+            job, arrays, [key_bytes(a) for a in arrays], deadline_of(request, services)
+        ),
+    )
+    hop = info.hop_length or 1
+    metadata = [
+        {
+            "sample_rate": sample_rate,
+            "duration_s": round(a.shape[1] * hop / sample_rate, 6),
+            "cached": r.cached,
+        }
+        for a, r in zip(arrays, results, strict=True)
+    ]
+    return media_response(
+        request, served, [r.array.tobytes() for r in results], body.single, MEDIA_TYPES[fmt],
+        metadata,
+    )

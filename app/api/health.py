@@ -1,0 +1,31 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from app.api.common import ServicesDep
+from app.errors import Overloaded
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: models loaded and warmed up, not draining")
+async def readyz(services: ServicesDep) -> dict[str, Any]:
+    if not services.ready or services.draining:
+        state = "draining" if services.draining else "starting"
+        raise Overloaded(f"Not ready: the server is {state}.", headers={"Retry-After": "1"})
+    return {"status": "ready", "models": services.registry.names()}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,135 @@
+"""POST /v1/images/encode and /v1/images/decode."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from app.api.common import (
+    ServicesDep,
+    cancel_on_disconnect,
+    check_token_budget,
+    deadline_of,
+    key_bytes,
+    media_response,
+    read_media_items,
+    read_token_request,
+    require_api_key,
+    token_array,
+    tokens_response,
+    use_model,
+)
+from app.api.schemas import DECODE_BODY, ENCODE_BODY, DecodedItems, ImageEncodeResponse
+from app.errors import Unprocessable
+from app.media import decode_image, encode_image
+from app.pipeline import Job
+from app.runner import ImageRunner
+
+router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_api_key)])
+ImageFormat = Literal["png", "webp", "jpeg"]
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+def _same(array: np.ndarray) -> np.ndarray:
+    return array
+
+
+def _shape_group(item: np.ndarray) -> tuple[int, ...]:
+    return tuple(item.shape)
+
+
+@router.post(
+    "/encode",
+    response_model=ImageEncodeResponse,
+    summary="Images to token grids",
+    openapi_extra=ENCODE_BODY("images"),
+)
+async def encode_images(
+    request: Request,
+    services: ServicesDep,
+    model: Annotated[str | None, Query(description="Model name; default: first image model")] = None,
+    resize: Annotated[
+        Literal["crop", "pad", "stretch"],
+        Query(description="How to fit the model's size: centre crop, pad, or stretch"),
+    ] = "crop",
+) -> Response:
+    """Raw image bytes, multipart files or JSON base64 -> one token grid [h][w] per image."""
+    served = use_model(request, services.registry.get(model, "image"))
+    blobs = await read_media_items(request, services, "images")
+    size = served.info.image_size or (256, 256)
+    job = Job(
+        model=served,
+        op="encode",
+        batcher=services.batcher(served, "encode"),
+        prepare=partial(
+            decode_image, size=size, resize=resize, max_pixels=services.settings.max_image_pixels
+        ),
+        group=ImageRunner.group,
+        finish=_same,
+        params=f"resize={resize}",
+    )
+    results = await cancel_on_disconnect(
+        request, services.pipeline.run(job, blobs, blobs, deadline_of(request, services))
+    )
+    items = [
+        {"tokens": r.array, "shape": list(r.array.shape), "cached": r.cached} for r in results
+    ]
+    return tokens_response(request, served, items)
+
+
+@router.post(
+    "/decode",
+    summary="Token grids to images",
+    responses={200: {"content": {"image/png": {}}, "model": DecodedItems}},
+    openapi_extra=DECODE_BODY("[[int]] of the model's grid (h rows of w ids)"),
+)
+async def decode_images(
+    request: Request,
+    services: ServicesDep,
+    model: Annotated[str | None, Query(description="Model name, if not in the body")] = None,
+    fmt: Annotated[ImageFormat, Query(alias="format", description="Output format")] = "png",
+) -> Response:
+    """One grid answers the image itself; a list of grids answers JSON (or msgpack) items."""
+    body = await read_token_request(request, 2, "[[int]] (h rows of w ids)")
+    served = use_model(request, services.registry.get(body.model or model, "image"))
+    info = served.info
+    arrays = []
+    for index, item in enumerate(body.items):
+        array = token_array(item, None if body.single else index, info.vocab_size)
+        if tuple(array.shape) != tuple(info.grid or ()):
+            raise Unprocessable(
+                f"Token grid {list(array.shape)} does not match model {served.name}'s grid "
+                f"{list(info.grid or ())} (rows x columns)."
+            )
+        arrays.append(array)
+    check_token_budget(arrays, services)
+
+    def to_file(pixels: torch.Tensor) -> np.ndarray:
+        return np.frombuffer(encode_image(pixels, fmt), dtype=np.uint8)
+
+    job = Job(
+        model=served,
+        op="decode",
+        batcher=services.batcher(served, "decode"),
+        prepare=_same,
+        group=_shape_group,
+        finish=to_file,
+        params=f"format={fmt}",
+        use_cache=services.settings.cache_decode,
+    )
+    results = await cancel_on_disconnect(
+        request,
+        services.pipeline.run(
+            job, arrays, [key_bytes(a) for a in arrays], deadline_of(request, services)
+        ),
+    )
+    height, width = info.image_size or (0, 0)
+    metadata = [{"width": width, "height": height, "cached": r.cached} for r in results]
+    return media_response(
+        request, served, [r.array.tobytes() for r in results], body.single, MEDIA_TYPES[fmt],
+        metadata,
+    )

@@ -1,0 +1,100 @@
+"""Response models and request-body descriptions for the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ImageTokens(BaseModel):
+    tokens: list[list[int]] = Field(description="Token ids, h rows of w")
+    shape: list[int] = Field(description="[h, w]")
+    cached: bool = Field(description="Answered from the token cache")
+
+
+class ImageEncodeResponse(BaseModel):
+    model: str
+    version: str = Field(description="Hash of the model's config and weights")
+    items: list[ImageTokens]
+
+
+class AudioTokens(BaseModel):
+    tokens: list[list[int]] = Field(description="Token ids, K codebooks of F frames")
+    shape: list[int] = Field(description="[K, F]")
+    codebooks: int
+    frames: int
+    frame_rate: float = Field(description="Frames per second")
+    sample_rate: int = Field(description="The model's sample rate, Hz")
+    duration_s: float = Field(description="Audio covered by the tokens: frames / frame_rate")
+    cached: bool
+
+
+class AudioEncodeResponse(BaseModel):
+    model: str
+    version: str
+    items: list[AudioTokens]
+
+
+class DecodedItem(BaseModel):
+    data: str = Field(description="The file, base64 (raw bytes in msgpack)")
+    media_type: str
+    cached: bool
+
+
+class DecodedItems(BaseModel):
+    model: str
+    version: str
+    items: list[DecodedItem]
+
+
+class ModelsResponse(BaseModel):
+    models: list[dict[str, Any]]
+
+
+def ENCODE_BODY(what: str) -> dict[str, Any]:  # noqa: N802 - reads as a constant at call sites
+    """OpenAPI request body of an encode route: raw file, multipart files, or base64 JSON."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            }
+                        },
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": [what],
+                        "properties": {what: {"type": "array", "items": {"type": "string"}}},
+                    }
+                },
+            },
+        }
+    }
+
+
+def DECODE_BODY(layout: str) -> dict[str, Any]:  # noqa: N802
+    """OpenAPI request body of a decode route: JSON or msgpack {model, tokens}."""
+    schema = {
+        "type": "object",
+        "required": ["tokens"],
+        "properties": {
+            "model": {"type": "string"},
+            "tokens": {"type": "array", "description": f"{layout}, or a list of those"},
+        },
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}, "application/msgpack": {}},
+        }
+    }

@@ -1,0 +1,70 @@
+"""The ``tokserve`` command line: serve, and the training tools of app/train."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM readiness fails at once, in-flight and queued work finish, then exit 0."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        services = getattr(self.app.state, "services", None)
+        if services is not None:
+            services.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit
+        if sig == signal.SIGTERM and sig in self._captured_signals:
+            self._captured_signals.remove(sig)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server; flags override the TOKSERVE_ environment."""
+    from app.main import create_app
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    if args.model_dir:
+        overrides["model_dir"] = args.model_dir
+    settings = Settings(**overrides)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+    )
+    GracefulServer(config, app).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve the model repository over HTTP")
+    serve_cmd.add_argument("--host", help="default TOKSERVE_HOST or 127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, help="default TOKSERVE_PORT or 8000")
+    serve_cmd.add_argument("--model-dir", help="colon-separated model directories")
+    serve_cmd.set_defaults(func=serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

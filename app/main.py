@@ -1,0 +1,128 @@
+"""The FastAPI application: ``create_app(settings)`` and the lifespan that owns every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from fastapi import FastAPI
+
+from app.api import audio, health, images, models
+from app.batching import Batcher
+from app.cache import create_cache
+from app.config import Settings
+from app.errors import install_error_handlers
+from app.logs import configure_logging
+from app.metrics import BUILD_INFO, MODEL_INFO
+from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.pipeline import Pipeline
+from app.registry import ModelRegistry
+from app.runner import AudioRunner, ImageRunner
+from app.services import Services
+from app.warmup import warm_up
+
+log = logging.getLogger("tokserve")
+
+
+def package_version() -> str:
+    try:
+        return version("tokserve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_runners(services: Services) -> None:
+    """One runner and two batchers (encode, decode) per loaded model."""
+    for model in services.registry.models.values():
+        runner: ImageRunner | AudioRunner = (
+            ImageRunner(model) if model.modality == "image" else AudioRunner(model)
+        )
+        services.runners[model.name] = runner
+        for op, run_batch in (("encode", runner.encode_batch), ("decode", runner.decode_batch)):
+            services.batchers[(model.name, op)] = Batcher(
+                model.name,
+                op,
+                run_batch,  # type: ignore[arg-type]
+                max_batch_size=model.serving.max_batch_size,
+                max_wait_ms=model.serving.max_wait_ms,
+                max_queue=model.serving.max_queue,
+            )
+        MODEL_INFO.labels(model.name).info(
+            {
+                "backend": model.backend,
+                "modality": model.modality,
+                "version": model.version,
+                "device": str(model.device),
+            }
+        )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load models, start batchers and connect the cache; on shutdown drain, then release."""
+    settings: Settings = app.state.settings
+    registry = await asyncio.to_thread(ModelRegistry.load, settings)
+    media_pool = ThreadPoolExecutor(
+        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="media"
+    )
+    cache = create_cache(settings)
+    services = Services(
+        settings=settings,
+        registry=registry,
+        cache=cache,
+        pipeline=Pipeline(cache, media_pool),
+        media_pool=media_pool,
+    )
+    build_runners(services)
+    app.state.services = services
+    for batcher in services.batchers.values():
+        await batcher.start()
+    if settings.warmup:
+        await asyncio.to_thread(warm_up, services)
+    services.ready = True
+    log.info("ready: %s", ", ".join(registry.names()) or "no models")
+    try:
+        yield
+    finally:
+        services.ready = False
+        services.draining = True
+        await asyncio.gather(
+            *(b.stop(settings.drain_timeout_s) for b in services.batchers.values())
+        )
+        await services.pipeline.flush()
+        await cache.close()
+        media_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; nothing is loaded until the lifespan starts."""
+    settings = settings or Settings()
+    configure_logging(settings)
+    BUILD_INFO.info(
+        {
+            "version": package_version(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+    )
+    app = FastAPI(
+        title="tokserve",
+        version=package_version(),
+        summary="Images and audio to discrete tokens and back.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in (images.router, audio.router, models.router, health.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    return app

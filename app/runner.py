@@ -1,0 +1,97 @@
+"""Batch functions between the queue and a backend: collate items, one forward, split results.
+
+They run in the model's worker thread (see batching.Batcher). Items arrive as CPU tensors or
+numpy arrays of one item each; results leave as numpy arrays of one item each, so neither the
+queue nor the API ever touches a device tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+import numpy as np
+import torch
+
+from app.registry import LoadedModel
+
+# Audio items are batched with others of a similar length, so that padding wastes at most 25%.
+LENGTH_BUCKET_RATIO = 1.25
+
+
+def _to_device(batch: torch.Tensor, model: LoadedModel) -> torch.Tensor:
+    """Host batch -> model device and dtype; pinned memory + non-blocking copy on CUDA."""
+    if model.device.type == "cuda":
+        batch = batch.pin_memory().to(model.device, non_blocking=True)
+    return batch.to(model.device, dtype=model.dtype if batch.is_floating_point() else batch.dtype)
+
+
+def length_bucket(samples: int) -> int:
+    """Group key for an audio item: lengths within a factor of 1.25 share a bucket."""
+    return math.ceil(math.log(max(samples, 1), LENGTH_BUCKET_RATIO))
+
+
+class ImageRunner:
+    """encode: pixels [3, H, W] in [-1, 1] -> tokens [h, w]; decode: the reverse."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+
+    @staticmethod
+    def group(pixels: torch.Tensor) -> Hashable:
+        """Only images of one size share a batch."""
+        return tuple(pixels.shape)
+
+    @torch.inference_mode()
+    def encode_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
+        pixels = _to_device(torch.stack(items), self.model)
+        tokens = self.tokenizer.encode(pixels)  # type: ignore[call-arg]
+        return list(tokens.to("cpu", torch.int32).numpy())
+
+    @torch.inference_mode()
+    def decode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
+        tokens = _to_device(torch.from_numpy(np.stack(items)).long(), self.model)
+        pixels = self.tokenizer.decode(tokens)  # type: ignore[call-arg]
+        return list(pixels.float().cpu())
+
+
+class AudioRunner:
+    """encode: wave [C, T] -> tokens [K, F]; decode: tokens [k, F] -> wave [C, F * hop]."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+
+    @staticmethod
+    def encode_group(wave: torch.Tensor) -> Hashable:
+        return length_bucket(wave.shape[-1])
+
+    @staticmethod
+    def decode_group(tokens: np.ndarray) -> Hashable:
+        """Only token arrays with the same number of codebooks share a batch."""
+        return (tokens.shape[0], length_bucket(tokens.shape[-1]))
+
+    @torch.inference_mode()
+    def encode_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
+        lengths = torch.tensor([wave.shape[-1] for wave in items])
+        batch = torch.zeros(len(items), items[0].shape[0], int(lengths.max()))
+        for i, wave in enumerate(items):
+            batch[i, :, : wave.shape[-1]] = wave
+        tokens, frames = self.tokenizer.encode(  # type: ignore[call-arg]
+            _to_device(batch, self.model), _to_device(lengths, self.model)
+        )
+        tokens = tokens.to("cpu", torch.int32).numpy()
+        return [tokens[i, :, : int(f)] for i, f in enumerate(frames.cpu())]
+
+    @torch.inference_mode()
+    def decode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
+        frames = torch.tensor([tokens.shape[-1] for tokens in items])
+        batch = torch.zeros(len(items), items[0].shape[0], int(frames.max()), dtype=torch.long)
+        for i, tokens in enumerate(items):
+            batch[i, :, : tokens.shape[-1]] = torch.from_numpy(tokens)
+        wave, lengths = self.tokenizer.decode(  # type: ignore[call-arg]
+            _to_device(batch, self.model), _to_device(frames, self.model)
+        )
+        wave = wave.float().cpu()
+        return [wave[i, :, : int(n)] for i, n in enumerate(lengths.cpu())]

@@ -1,0 +1,34 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.redis_server import RedisServer
+from tests.support import served, settings_for, tiny_repo
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with a tiny image tokenizer and a tiny audio codec."""
+    return tiny_repo(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+async def client(repo: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over the tiny repository, with the embedded cache."""
+    async with served(settings_for(repo)) as http:
+        yield http
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real, empty redis-server on a free loopback port; tests may kill, pause or restart it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()

@@ -1,0 +1,100 @@
+"""Shared test set-up: tiny randomly initialised model repositories and a served app."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from app.config import Settings
+from app.main import create_app
+from app.registry import NATIVE_ARCHITECTURES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY_IMAGE = {
+    "name": "tiny-image",
+    "backend": "native",
+    "modality": "image",
+    "architecture": "fsq_image",
+    "arch": {"image_size": 64, "channels": [16, 32], "res_blocks": 1, "patch": 4,
+             "levels": [8, 5, 5, 5]},
+    "serving": {"max_batch_size": 8, "max_wait_ms": 5, "max_queue": 64},
+}
+TINY_AUDIO = {
+    "name": "tiny-audio",
+    "backend": "native",
+    "modality": "audio",
+    "architecture": "rvq_audio",
+    "arch": {"sample_rate": 16000, "channels": 1, "base": 4, "ratios": [2, 4, 5, 8],
+             "latent_dim": 16, "codebooks": 4, "codebook_size": 64},
+    "serving": {"max_batch_size": 8, "max_wait_ms": 5, "max_queue": 64},
+}
+
+
+def write_model(root: Path, config: dict[str, Any], seed: int = 0) -> Path:
+    """A model folder with random weights drawn from ``seed``."""
+    folder = root / config["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    module = NATIVE_ARCHITECTURES[config["architecture"]](config["arch"])
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def tiny_repo(root: Path) -> Path:
+    write_model(root, TINY_IMAGE)
+    write_model(root, TINY_AUDIO)
+    return root
+
+
+def settings_for(model_dir: Path, **overrides: Any) -> Settings:
+    return Settings(model_dir=[str(model_dir)], device="cpu", **overrides)
+
+
+@asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, behind an in-process HTTP client."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tokserve") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+def png_bytes(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def wav_bytes(seconds: float = 0.5, sample_rate: int = 16000, freq: float = 440.0,
+              fmt: str = "WAV") -> bytes:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, sample_rate, format=fmt)
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

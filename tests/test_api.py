@@ -1,0 +1,346 @@
+"""The HTTP API as DESIGN.md specifies it, against tiny randomly initialised models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import msgpack
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+from tests.support import TINY_AUDIO, png_bytes, served, settings_for, wav_bytes
+
+GRID = 8  # 64 px / 8
+HOP = 320  # 2 * 4 * 5 * 8
+K = TINY_AUDIO["arch"]["codebooks"]
+VOCAB = 8 * 5 * 5 * 5
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body = response.json()
+    assert body["status"] == status
+    for word in words:
+        assert word.lower() in body["detail"].lower(), body["detail"]
+
+
+async def test_models_lists_both_models_with_versions(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/models")
+    assert response.status_code == 200
+    models = {m["name"]: m for m in response.json()["models"]}
+    assert set(models) == {"tiny-image", "tiny-audio"}
+    assert models["tiny-image"]["grid"] == [GRID, GRID]
+    assert models["tiny-image"]["vocab_size"] == VOCAB
+    assert models["tiny-audio"]["codebooks"] == K
+    assert models["tiny-audio"]["frame_rate"] == 16000 / HOP
+    assert all(len(m["version"]) == 16 for m in models.values())
+
+
+async def test_image_encode_raw_body_returns_one_grid(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/images/encode", content=png_bytes())
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "tiny-image"
+    (item,) = body["items"]
+    assert item["shape"] == [GRID, GRID]
+    tokens = np.array(item["tokens"])
+    assert tokens.shape == (GRID, GRID)
+    assert 0 <= tokens.min() and tokens.max() < VOCAB
+    assert item["cached"] is False
+
+
+async def test_repeated_image_encode_is_answered_from_cache(client: httpx.AsyncClient) -> None:
+    first = (await client.post("/v1/images/encode", content=png_bytes(seed=3))).json()
+    await client.app.state.services.pipeline.flush()  # type: ignore[attr-defined]
+    second = (await client.post("/v1/images/encode", content=png_bytes(seed=3))).json()
+    assert second["items"][0]["cached"] is True
+    assert second["items"][0]["tokens"] == first["items"][0]["tokens"]
+
+
+async def test_multipart_files_and_json_base64_give_the_same_tokens(
+    client: httpx.AsyncClient,
+) -> None:
+    images = [png_bytes(seed=1), png_bytes(seed=2)]
+    files = [("files", (f"{i}.png", blob, "image/png")) for i, blob in enumerate(images)]
+    multipart = (await client.post("/v1/images/encode", files=files)).json()
+    encoded = [base64.b64encode(blob).decode() for blob in images]
+    as_json = (await client.post("/v1/images/encode", json={"images": encoded})).json()
+    assert len(multipart["items"]) == 2
+    assert [i["tokens"] for i in multipart["items"]] == [i["tokens"] for i in as_json["items"]]
+
+
+async def test_msgpack_and_npy_answers_carry_the_json_tokens(client: httpx.AsyncClient) -> None:
+    image = png_bytes(seed=4)
+    as_json = (await client.post("/v1/images/encode", content=image)).json()
+    expected = np.array(as_json["items"][0]["tokens"])
+    packed = await client.post(
+        "/v1/images/encode", content=image, headers={"Accept": "application/msgpack"}
+    )
+    assert packed.headers["content-type"] == "application/msgpack"
+    item = msgpack.unpackb(packed.content)["items"][0]
+    tokens = np.frombuffer(item["tokens"], dtype=item["dtype"]).reshape(item["shape"])
+    assert np.array_equal(tokens, expected)
+    npy = await client.post(
+        "/v1/images/encode", content=image, headers={"Accept": "application/x-npy"}
+    )
+    assert np.array_equal(np.load(io.BytesIO(npy.content)), expected)
+
+
+async def test_image_decode_of_one_grid_answers_a_png_of_model_size(
+    client: httpx.AsyncClient,
+) -> None:
+    grid = np.random.default_rng(0).integers(0, VOCAB, (GRID, GRID)).tolist()
+    response = await client.post("/v1/images/decode", json={"tokens": grid})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.size == (64, 64) and image.mode == "RGB"
+
+
+async def test_image_decode_format_webp_and_jpeg(client: httpx.AsyncClient) -> None:
+    grid = [[1] * GRID] * GRID
+    for fmt, pil_name in (("webp", "WEBP"), ("jpeg", "JPEG")):
+        response = await client.post(f"/v1/images/decode?format={fmt}", json={"tokens": grid})
+        assert response.headers["content-type"] == f"image/{fmt}"
+        assert Image.open(io.BytesIO(response.content)).format == pil_name
+
+
+async def test_image_decode_of_many_grids_answers_json_items(client: httpx.AsyncClient) -> None:
+    grids = [[[i] * GRID] * GRID for i in range(3)]
+    response = await client.post("/v1/images/decode", json={"model": "tiny-image", "tokens": grids})
+    items = response.json()["items"]
+    assert len(items) == 3
+    for item in items:
+        assert Image.open(io.BytesIO(base64.b64decode(item["data"]))).size == (64, 64)
+
+
+async def test_image_decode_accepts_msgpack_binary_tokens(client: httpx.AsyncClient) -> None:
+    grid = np.full((GRID, GRID), 7, dtype="<u2")
+    body = msgpack.packb(
+        {"tokens": {"dtype": "uint16", "shape": [GRID, GRID], "data": grid.tobytes()}}
+    )
+    response = await client.post(
+        "/v1/images/decode", content=body, headers={"Content-Type": "application/msgpack"}
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+
+
+async def test_image_round_trip_keeps_the_encoded_tokens(client: httpx.AsyncClient) -> None:
+    tokens = (await client.post("/v1/images/encode", content=png_bytes(seed=9))).json()
+    grid = tokens["items"][0]["tokens"]
+    png = (await client.post("/v1/images/decode", json={"tokens": grid})).content
+    again = (await client.post("/v1/images/encode", content=png)).json()
+    same = np.mean(np.array(again["items"][0]["tokens"]) == np.array(grid))
+    assert same > 0.5  # a random untrained model is not idempotent, but close to it
+
+
+async def test_audio_encode_gives_k_codebooks_and_ceil_frames(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/audio/encode", content=wav_bytes(seconds=0.5))
+    assert response.status_code == 200
+    (item,) = response.json()["items"]
+    frames = math.ceil(8000 / HOP)
+    assert item["shape"] == [K, frames]
+    assert item["frames"] == frames and item["codebooks"] == K
+    assert item["frame_rate"] == 16000 / HOP and item["sample_rate"] == 16000
+    assert item["duration_s"] == frames * HOP / 16000
+
+
+async def test_audio_encode_resamples_other_rates(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/audio/encode", content=wav_bytes(seconds=1.0, sample_rate=44100)
+    )
+    assert response.json()["items"][0]["frames"] == math.ceil(16000 / HOP)
+
+
+async def test_audio_encode_codebooks_param_returns_a_prefix(client: httpx.AsyncClient) -> None:
+    clip = wav_bytes(seconds=0.3)
+    full = (await client.post("/v1/audio/encode", content=clip)).json()["items"][0]
+    two = (await client.post("/v1/audio/encode?codebooks=2", content=clip)).json()["items"][0]
+    assert two["shape"][0] == 2
+    assert two["tokens"] == full["tokens"][:2]
+
+
+async def test_audio_encode_accepts_flac_and_ogg(client: httpx.AsyncClient) -> None:
+    for fmt in ("FLAC", "OGG"):
+        response = await client.post("/v1/audio/encode", content=wav_bytes(fmt=fmt))
+        assert response.status_code == 200, response.text
+
+
+async def test_audio_decode_answers_wav_of_frames_times_hop(client: httpx.AsyncClient) -> None:
+    tokens = np.random.default_rng(0).integers(0, 64, (K, 10)).tolist()
+    response = await client.post("/v1/audio/decode", json={"tokens": tokens})
+    assert response.headers["content-type"] == "audio/wav"
+    wave, rate = sf.read(io.BytesIO(response.content))
+    assert rate == 16000 and len(wave) == 10 * HOP
+
+
+async def test_audio_decode_with_fewer_codebooks_and_flac(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/audio/decode?format=flac", json={"tokens": [[1] * 5] * 2})
+    assert response.headers["content-type"] == "audio/flac"
+    assert sf.info(io.BytesIO(response.content)).frames == 5 * HOP
+
+
+async def test_audio_decode_of_many_items_of_different_lengths(
+    client: httpx.AsyncClient,
+) -> None:
+    items = [[[1] * 3] * K, [[2] * 7] * K]
+    response = await client.post("/v1/audio/decode", json={"tokens": items})
+    decoded = response.json()["items"]
+    lengths = [sf.info(io.BytesIO(base64.b64decode(i["data"]))).frames for i in decoded]
+    assert lengths == [3 * HOP, 7 * HOP]
+
+
+async def test_health_readiness_metrics_and_docs(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = (await client.get("/readyz")).json()
+    assert ready["status"] == "ready" and ready["models"] == ["tiny-audio", "tiny-image"]
+    metrics = await client.get("/metrics")
+    assert "tokserve_model_info" in metrics.text
+    assert (await client.get("/docs")).status_code == 200
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/v1/images/encode", "/v1/audio/decode", "/v1/models"} <= set(paths)
+
+
+# --- bad input: a clear 4xx, never 500, and the server keeps answering ---
+
+
+async def test_empty_body_answers_400(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.post("/v1/images/encode", content=b""), 400, "empty")
+    assert_problem(await client.post("/v1/audio/encode", content=b""), 400, "empty")
+
+
+async def test_bytes_that_are_no_image_answer_415_naming_formats(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v1/images/encode", content=b"hello, not an image")
+    assert_problem(response, 415, "png", "jpeg")
+
+
+async def test_bytes_that_are_no_audio_answer_415_naming_formats(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v1/audio/encode", content=b"\x00\x01" * 400)
+    assert_problem(response, 415, "wav", "flac")
+
+
+async def test_truncated_png_and_jpeg_answer_4xx(client: httpx.AsyncClient) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 200), "red").save(buffer, format="JPEG")
+    for blob in (png_bytes()[:300], buffer.getvalue()[: len(buffer.getvalue()) // 2]):
+        response = await client.post("/v1/images/encode", content=blob)
+        assert response.status_code in (415, 422), response.text
+        assert response.headers["content-type"].startswith(PROBLEM)
+
+
+async def test_truncated_wav_and_flac_answer_4xx(client: httpx.AsyncClient) -> None:
+    for fmt in ("WAV", "FLAC"):
+        blob = wav_bytes(seconds=1.0, fmt=fmt)
+        response = await client.post("/v1/audio/encode", content=blob[: len(blob) // 3])
+        assert response.status_code in (400, 415, 422), (fmt, response.text)
+        assert response.headers["content-type"].startswith(PROBLEM)
+
+
+async def test_decompression_bomb_answers_413(repo: Path) -> None:
+    async with served(settings_for(repo, max_image_pixels=100 * 100)) as client:
+        response = await client.post("/v1/images/encode", content=png_bytes(200, 200))
+        assert_problem(response, 413, "pixels")
+
+
+async def test_body_over_the_limit_answers_413_while_streaming(repo: Path) -> None:
+    async with served(settings_for(repo, max_body_bytes=10_000)) as client:
+        declared = await client.post("/v1/images/encode", content=b"x" * 20_000)
+        assert_problem(declared, 413, "10000")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"x" * 1000
+
+        streamed = await client.post("/v1/images/encode", content=chunks())
+        assert_problem(streamed, 413, "10000")
+
+
+async def test_audio_too_long_zero_samples_and_nan_are_refused(repo: Path) -> None:
+    async with served(settings_for(repo, max_audio_seconds=1.0)) as client:
+        long = await client.post("/v1/audio/encode", content=wav_bytes(seconds=2.0))
+        assert long.status_code in (413, 422) and "1" in long.json()["detail"]
+        empty = io.BytesIO()
+        sf.write(empty, np.zeros(0, np.float32), 16000, format="WAV")
+        assert_problem(await client.post("/v1/audio/encode", content=empty.getvalue()), 422)
+        nan = io.BytesIO()
+        sf.write(nan, np.full(1600, np.nan, np.float32), 16000, format="WAV", subtype="FLOAT")
+        assert_problem(await client.post("/v1/audio/encode", content=nan.getvalue()), 422, "nan")
+
+
+async def test_invalid_base64_answers_400(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/images/encode", json={"images": ["not base64!!"]})
+    assert_problem(response, 400, "base64")
+
+
+async def test_unknown_model_answers_404_listing_known_ones(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/images/encode?model=nope", content=png_bytes())
+    assert_problem(response, 404, "nope", "tiny-image")
+
+
+async def test_decode_ids_out_of_range_or_negative_answer_422(client: httpx.AsyncClient) -> None:
+    for bad in (VOCAB, -1):
+        grid = [[bad] * GRID] * GRID
+        response = await client.post("/v1/images/decode", json={"tokens": grid})
+        assert_problem(response, 422, str(VOCAB - 1))
+
+
+async def test_decode_wrong_grid_shape_answers_422(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/images/decode", json={"tokens": [[1] * 5] * 5})
+    assert_problem(response, 422, "grid", "[8, 8]")
+
+
+async def test_decode_wrong_number_of_codebooks_answers_422(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/audio/decode", json={"tokens": [[1] * 5] * (K + 1)})
+    assert_problem(response, 422, f"1 to {K} codebooks")
+
+
+async def test_decode_non_integers_answer_422(client: httpx.AsyncClient) -> None:
+    for tokens in ([[1.5] * GRID] * GRID, [["a"] * GRID] * GRID):
+        response = await client.post("/v1/images/decode", json={"tokens": tokens})
+        assert_problem(response, 422, "integer")
+
+
+async def test_decode_more_tokens_than_the_limit_answers_413(repo: Path) -> None:
+    async with served(settings_for(repo, max_decode_tokens=100)) as client:
+        response = await client.post("/v1/audio/decode", json={"tokens": [[1] * 100] * 2})
+        assert_problem(response, 413, "100")
+
+
+async def test_malformed_json_answers_400(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/images/decode", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert_problem(response, 400, "json")
+
+
+async def test_server_keeps_answering_after_bad_requests(client: httpx.AsyncClient) -> None:
+    for bad in (b"", b"garbage", png_bytes()[:100]):
+        assert (await client.post("/v1/images/encode", content=bad)).status_code < 500
+    assert (await client.post("/v1/images/encode", content=png_bytes(seed=5))).status_code == 200
+
+
+async def test_one_bad_item_names_its_index(client: httpx.AsyncClient) -> None:
+    encoded = [base64.b64encode(png_bytes()).decode(), base64.b64encode(b"nope").decode()]
+    response = await client.post("/v1/images/encode", json={"images": encoded})
+    assert_problem(response, 415, "item 1")
+
+
+async def test_api_keys_are_required_when_configured(repo: Path) -> None:
+    async with served(settings_for(repo, api_keys=["s3cret"])) as client:
+        assert_problem(await client.get("/v1/models"), 401, "api key")
+        ok = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
