@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.train.cli import add_subcommands as add_training_commands
 
 
 class GracefulServer(uvicorn.Server):
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="default TOKSERVE_PORT or 8000")
     serve_cmd.add_argument("--model-dir", help="colon-separated model directories")
     serve_cmd.set_defaults(func=serve)
+    add_training_commands(commands)
     return parser
 
 

@@ -104,7 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"No route {request.url.path}; see /docs for the API."
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs."
-        return problem_response(exc.status_code, _title(exc.status_code), detail, exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return problem_response(exc.status_code, _title(exc.status_code), detail, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

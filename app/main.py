@@ -49,7 +49,7 @@ def build_runners(services: Services) -> None:
             services.batchers[(model.name, op)] = Batcher(
                 model.name,
                 op,
-                run_batch,  # type: ignore[arg-type]
+                run_batch,
                 max_batch_size=model.serving.max_batch_size,
                 max_wait_ms=model.serving.max_wait_ms,
                 max_queue=model.serving.max_queue,

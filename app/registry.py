@@ -198,7 +198,11 @@ class ModelRegistry:
             model = load_model(folder, settings)
             log.info(
                 "loaded model %s (%s, %s) version %s on %s",
-                model.name, model.backend, model.modality, model.version, model.device,
+                model.name,
+                model.backend,
+                model.modality,
+                model.version,
+                model.device,
             )
             models.append(model)
         return cls(models)
@@ -210,11 +214,11 @@ class ModelRegistry:
                 if model.modality == modality:
                     return model
             raise NotFound(f"No {modality} model is loaded; loaded models: {self.names()}.")
-        model = self.models.get(name)
-        if model is None or model.modality != modality:
+        named = self.models.get(name)
+        if named is None or named.modality != modality:
             known = [m.name for m in self.models.values() if m.modality == modality]
             raise NotFound(f"Unknown {modality} model {name!r}; known {modality} models: {known}.")
-        return model
+        return named
 
     def names(self) -> list[str]:
         return sorted(self.models)

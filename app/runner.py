@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import cast
 
 import numpy as np
 import torch
 
 from app.registry import LoadedModel
+from app.tokenizers.base import AudioTokenizer, ImageTokenizer
 
 # Audio items are batched with others of a similar length, so that padding wastes at most 25%.
 LENGTH_BUCKET_RATIO = 1.25
@@ -36,7 +38,7 @@ class ImageRunner:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self.tokenizer = model.tokenizer
+        self.tokenizer = cast(ImageTokenizer, model.tokenizer)
 
     @staticmethod
     def group(pixels: torch.Tensor) -> Hashable:
@@ -46,13 +48,13 @@ class ImageRunner:
     @torch.inference_mode()
     def encode_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
         pixels = _to_device(torch.stack(items), self.model)
-        tokens = self.tokenizer.encode(pixels)  # type: ignore[call-arg]
+        tokens = self.tokenizer.encode(pixels)
         return list(tokens.to("cpu", torch.int32).numpy())
 
     @torch.inference_mode()
     def decode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
         tokens = _to_device(torch.from_numpy(np.stack(items)).long(), self.model)
-        pixels = self.tokenizer.decode(tokens)  # type: ignore[call-arg]
+        pixels = self.tokenizer.decode(tokens)
         return list(pixels.float().cpu())
 
 
@@ -61,7 +63,7 @@ class AudioRunner:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self.tokenizer = model.tokenizer
+        self.tokenizer = cast(AudioTokenizer, model.tokenizer)
 
     @staticmethod
     def encode_group(wave: torch.Tensor) -> Hashable:
@@ -78,11 +80,11 @@ class AudioRunner:
         batch = torch.zeros(len(items), items[0].shape[0], int(lengths.max()))
         for i, wave in enumerate(items):
             batch[i, :, : wave.shape[-1]] = wave
-        tokens, frames = self.tokenizer.encode(  # type: ignore[call-arg]
+        tokens, frames = self.tokenizer.encode(
             _to_device(batch, self.model), _to_device(lengths, self.model)
         )
-        tokens = tokens.to("cpu", torch.int32).numpy()
-        return [tokens[i, :, : int(f)] for i, f in enumerate(frames.cpu())]
+        host = tokens.to("cpu", torch.int32).numpy()
+        return [host[i, :, : int(f)] for i, f in enumerate(frames.cpu())]
 
     @torch.inference_mode()
     def decode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
@@ -90,7 +92,7 @@ class AudioRunner:
         batch = torch.zeros(len(items), items[0].shape[0], int(frames.max()), dtype=torch.long)
         for i, tokens in enumerate(items):
             batch[i, :, : tokens.shape[-1]] = torch.from_numpy(tokens)
-        wave, lengths = self.tokenizer.decode(  # type: ignore[call-arg]
+        wave, lengths = self.tokenizer.decode(
             _to_device(batch, self.model), _to_device(frames, self.model)
         )
         wave = wave.float().cpu()

@@ -29,8 +29,13 @@ TINY_IMAGE = {
     "backend": "native",
     "modality": "image",
     "architecture": "fsq_image",
-    "arch": {"image_size": 64, "channels": [16, 32], "res_blocks": 1, "patch": 4,
-             "levels": [8, 5, 5, 5]},
+    "arch": {
+        "image_size": 64,
+        "channels": [16, 32],
+        "res_blocks": 1,
+        "patch": 4,
+        "levels": [8, 5, 5, 5],
+    },
     "serving": {"max_batch_size": 8, "max_wait_ms": 5, "max_queue": 64},
 }
 TINY_AUDIO = {
@@ -38,8 +43,15 @@ TINY_AUDIO = {
     "backend": "native",
     "modality": "audio",
     "architecture": "rvq_audio",
-    "arch": {"sample_rate": 16000, "channels": 1, "base": 4, "ratios": [2, 4, 5, 8],
-             "latent_dim": 16, "codebooks": 4, "codebook_size": 64},
+    "arch": {
+        "sample_rate": 16000,
+        "channels": 1,
+        "base": 4,
+        "ratios": [2, 4, 5, 8],
+        "latent_dim": 16,
+        "codebooks": 4,
+        "codebook_size": 64,
+    },
     "serving": {"max_batch_size": 8, "max_wait_ms": 5, "max_queue": 64},
 }
 
@@ -50,8 +62,10 @@ def write_model(root: Path, config: dict[str, Any], seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     module = NATIVE_ARCHITECTURES[config["architecture"]](config["arch"])
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()},
-              str(folder / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in module.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 
@@ -85,8 +99,9 @@ def png_bytes(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def wav_bytes(seconds: float = 0.5, sample_rate: int = 16000, freq: float = 440.0,
-              fmt: str = "WAV") -> bytes:
+def wav_bytes(
+    seconds: float = 0.5, sample_rate: int = 16000, freq: float = 440.0, fmt: str = "WAV"
+) -> bytes:
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
     buffer = io.BytesIO()

@@ -53,7 +53,7 @@ async def test_image_encode_raw_body_returns_one_grid(client: httpx.AsyncClient)
     assert item["shape"] == [GRID, GRID]
     tokens = np.array(item["tokens"])
     assert tokens.shape == (GRID, GRID)
-    assert 0 <= tokens.min() and tokens.max() < VOCAB
+    assert tokens.min() >= 0 and tokens.max() < VOCAB
     assert item["cached"] is False
 
 

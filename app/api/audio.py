@@ -51,7 +51,9 @@ def _same(array: np.ndarray) -> np.ndarray:
 async def encode_audio_route(
     request: Request,
     services: ServicesDep,
-    model: Annotated[str | None, Query(description="Model name; default: first audio model")] = None,
+    model: Annotated[
+        str | None, Query(description="Model name; default: first audio model")
+    ] = None,
     codebooks: Annotated[
         int | None, Query(ge=1, description="Return only the first k codebooks (coarser, fewer)")
     ] = None,
@@ -159,6 +161,10 @@ async def decode_audio_route(
         for a, r in zip(arrays, results, strict=True)
     ]
     return media_response(
-        request, served, [r.array.tobytes() for r in results], body.single, MEDIA_TYPES[fmt],
+        request,
+        served,
+        [r.array.tobytes() for r in results],
+        body.single,
+        MEDIA_TYPES[fmt],
         metadata,
     )

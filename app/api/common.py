@@ -30,7 +30,8 @@ ResponseFormat = Literal["json", "msgpack", "npy"]
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    services: Services = request.app.state.services
+    return services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -233,9 +234,7 @@ def compact(tokens: np.ndarray) -> np.ndarray:
     return tokens.astype("<u2") if tokens.size and int(tokens.max()) < 2**16 else tokens
 
 
-def tokens_response(
-    request: Request, model: LoadedModel, items: list[dict[str, Any]]
-) -> Response:
+def tokens_response(request: Request, model: LoadedModel, items: list[dict[str, Any]]) -> Response:
     """Answer encode results; each item dict holds ``tokens`` (an array) and its metadata."""
     fmt = response_format(request)
     headers = {"X-Model-Version": model.version}
@@ -254,8 +253,12 @@ def tokens_response(
         for item in items:
             tokens = compact(item["tokens"])
             packed.append(
-                {**item, "tokens": tokens.tobytes(), "dtype": tokens.dtype.name,
-                 "shape": list(tokens.shape)}
+                {
+                    **item,
+                    "tokens": tokens.tobytes(),
+                    "dtype": tokens.dtype.name,
+                    "shape": list(tokens.shape),
+                }
             )
         body = {"model": model.name, "version": model.version, "items": packed}
         return Response(msgpack.packb(body), media_type=MSGPACK, headers=headers)
@@ -277,7 +280,10 @@ def media_response(
     if single:
         return Response(blobs[0], media_type=media_type, headers=headers)
     if response_format(request) == "msgpack":
-        items = [{"data": blob, "media_type": media_type, **m} for blob, m in zip(blobs, metadata, strict=True)]
+        items = [
+            {"data": blob, "media_type": media_type, **m}
+            for blob, m in zip(blobs, metadata, strict=True)
+        ]
         body = {"model": model.name, "version": model.version, "items": items}
         return Response(msgpack.packb(body), media_type=MSGPACK, headers=headers)
     items = [

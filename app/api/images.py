@@ -51,7 +51,9 @@ def _shape_group(item: np.ndarray) -> tuple[int, ...]:
 async def encode_images(
     request: Request,
     services: ServicesDep,
-    model: Annotated[str | None, Query(description="Model name; default: first image model")] = None,
+    model: Annotated[
+        str | None, Query(description="Model name; default: first image model")
+    ] = None,
     resize: Annotated[
         Literal["crop", "pad", "stretch"],
         Query(description="How to fit the model's size: centre crop, pad, or stretch"),
@@ -75,9 +77,7 @@ async def encode_images(
     results = await cancel_on_disconnect(
         request, services.pipeline.run(job, blobs, blobs, deadline_of(request, services))
     )
-    items = [
-        {"tokens": r.array, "shape": list(r.array.shape), "cached": r.cached} for r in results
-    ]
+    items = [{"tokens": r.array, "shape": list(r.array.shape), "cached": r.cached} for r in results]
     return tokens_response(request, served, items)
 
 
@@ -130,6 +130,10 @@ async def decode_images(
     height, width = info.image_size or (0, 0)
     metadata = [{"width": width, "height": height, "cached": r.cached} for r in results]
     return media_response(
-        request, served, [r.array.tobytes() for r in results], body.single, MEDIA_TYPES[fmt],
+        request,
+        served,
+        [r.array.tobytes() for r in results],
+        body.single,
+        MEDIA_TYPES[fmt],
         metadata,
     )

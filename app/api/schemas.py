@@ -52,7 +52,7 @@ class ModelsResponse(BaseModel):
     models: list[dict[str, Any]]
 
 
-def ENCODE_BODY(what: str) -> dict[str, Any]:  # noqa: N802 - reads as a constant at call sites
+def ENCODE_BODY(what: str) -> dict[str, Any]:
     """OpenAPI request body of an encode route: raw file, multipart files, or base64 JSON."""
     return {
         "requestBody": {
@@ -82,7 +82,7 @@ def ENCODE_BODY(what: str) -> dict[str, Any]:  # noqa: N802 - reads as a constan
     }
 
 
-def DECODE_BODY(layout: str) -> dict[str, Any]:  # noqa: N802
+def DECODE_BODY(layout: str) -> dict[str, Any]:
     """OpenAPI request body of a decode route: JSON or msgpack {model, tokens}."""
     schema = {
         "type": "object",

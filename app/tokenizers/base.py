@@ -55,7 +55,7 @@ class ImageTokenizer(Protocol):
 
 @runtime_checkable
 class AudioTokenizer(Protocol):
-    """Waveforms to K codebooks of frame tokens and back; items of one batch may differ in length."""
+    """Waveforms to K codebooks of frame tokens and back; a batch may mix lengths."""
 
     info: TokenizerInfo
     device: torch.device

@@ -1,4 +1,4 @@
-"""Finite scalar quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple").
+"""Finite scalar quantization (Mentzer et al. 2023, "FSQ: VQ-VAE Made Simple").
 
 Each latent channel is bounded and rounded to one of ``levels[i]`` values; the product of the
 levels is the vocabulary. There is no codebook to learn and none can collapse.
@@ -14,6 +14,9 @@ from torch import nn
 
 class FSQ(nn.Module):
     """Quantize ``z: [B, D, ...]`` with ``D = len(levels)`` channels to integer indices and back."""
+
+    _levels: torch.Tensor
+    _basis: torch.Tensor
 
     def __init__(self, levels: list[int], eps: float = 1e-3) -> None:
         super().__init__()

@@ -13,6 +13,8 @@ from torch import nn
 class ResidualVQ(nn.Module):
     """z [B, D, F] <-> codes [B, K, F]."""
 
+    embed: torch.Tensor  # [K, N, D]
+
     def __init__(self, codebooks: int = 8, codebook_size: int = 1024, dim: int = 128) -> None:
         super().__init__()
         self.codebooks = codebooks

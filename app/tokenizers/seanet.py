@@ -36,8 +36,12 @@ class SEANetEncoder(nn.Module):
     """wave [B, C, T] (T a multiple of the hop) -> latents [B, D, T / hop]."""
 
     def __init__(
-        self, channels: int = 1, base: int = 16, ratios: tuple[int, ...] = (2, 4, 5, 8),
-        latent_dim: int = 128, kernel_size: int = 7,
+        self,
+        channels: int = 1,
+        base: int = 16,
+        ratios: tuple[int, ...] = (2, 4, 5, 8),
+        latent_dim: int = 128,
+        kernel_size: int = 7,
     ) -> None:
         super().__init__()
         self.ratios = list(ratios)
@@ -68,8 +72,12 @@ class SEANetDecoder(nn.Module):
     """latents [B, D, F] -> wave [B, C, F * hop]."""
 
     def __init__(
-        self, channels: int = 1, base: int = 16, ratios: tuple[int, ...] = (2, 4, 5, 8),
-        latent_dim: int = 128, kernel_size: int = 7,
+        self,
+        channels: int = 1,
+        base: int = 16,
+        ratios: tuple[int, ...] = (2, 4, 5, 8),
+        latent_dim: int = 128,
+        kernel_size: int = 7,
     ) -> None:
         super().__init__()
         self.ratios = list(reversed(ratios))
