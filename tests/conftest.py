@@ -29,6 +29,8 @@ async def client(repo: Path) -> AsyncIterator[httpx.AsyncClient]:
 def redis_server() -> Iterator[RedisServer]:
     """A real, empty redis-server on a free loopback port; tests may kill, pause or restart it."""
     server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

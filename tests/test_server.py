@@ -2,56 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.support import REPO_ROOT, free_port, png_bytes, wav_bytes
-
-
-@contextmanager
-def server_process(model_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start `python -m app.cli serve` and wait until /readyz answers 200."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "TOKSERVE_MODEL_DIR": str(model_dir),
-        "TOKSERVE_PORT": str(port),
-        "TOKSERVE_DEVICE": "cpu",
-        **env,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve"],
-        cwd=REPO_ROOT,
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(process.stderr.read().decode() if process.stderr else "")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready in 60 s"
-            time.sleep(0.1)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
+from tests.support import png_bytes, server_process, wav_bytes
 
 
 def encode_both(url: str) -> tuple[list[list[int]], list[list[int]]]:

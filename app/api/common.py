@@ -231,6 +231,7 @@ def response_format(request: Request) -> ResponseFormat:
 
 
 def compact(tokens: np.ndarray) -> np.ndarray:
+    """One dtype for cached and computed tokens alike: uint16 when the ids fit."""
     return tokens.astype("<u2") if tokens.size and int(tokens.max()) < 2**16 else tokens
 
 
@@ -245,7 +246,7 @@ def tokens_response(request: Request, model: LoadedModel, items: list[dict[str, 
                 "Accept: application/x-npy needs items of one shape; use msgpack or JSON."
             )
         buffer = io.BytesIO()
-        stacked = np.stack([item["tokens"] for item in items])
+        stacked = np.stack([compact(item["tokens"]) for item in items])
         np.save(buffer, stacked[0] if len(items) == 1 else stacked)
         return Response(buffer.getvalue(), media_type=NPY, headers=headers)
     if fmt == "msgpack":

@@ -1,0 +1,537 @@
+"""Token cache: keys, packing, in-process LRU, a real Redis under faults, single-flight."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from app.cache import (
+    MemoryCache,
+    RedisCache,
+    SingleFlight,
+    cache_key,
+    canonical_params,
+    create_cache,
+    pack_array,
+    unpack_array,
+)
+from app.config import Settings
+from tests.redis_server import RedisServer
+
+TIMEOUT_MS = 50.0
+BREAKER_FAILURES = 3
+COOLDOWN_S = 0.3
+TOKENS = np.arange(16 * 16, dtype=np.int64).reshape(16, 16) % 1000
+KEY = cache_key("tiny-image", "v1", "encode", "resize=crop", b"png bytes")
+
+
+def cache_requests(result: str) -> float:
+    """Current value of tokserve_cache_requests_total{result}."""
+    value = REGISTRY.get_sample_value("tokserve_cache_requests_total", {"result": result})
+    return value or 0.0
+
+
+def elapsed_s(start: float) -> float:
+    """Seconds since ``start`` (a perf_counter reading)."""
+    return time.perf_counter() - start
+
+
+def commands_processed(admin: redis.Redis) -> int:
+    """Commands the server has executed so far (INFO stats)."""
+    return int(admin.info("stats")["total_commands_processed"])
+
+
+async def commands_settled(admin: redis.Redis) -> int:
+    """The command count once Redis has run what queued up while it was stopped."""
+    count = commands_processed(admin)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        latest = commands_processed(admin)
+        if latest == count + 1:  # only our own INFO ran in between
+            return latest
+        count = latest
+    pytest.fail("Redis kept executing commands after it was resumed")
+
+
+async def open_breaker(server: RedisServer, cache: RedisCache) -> None:
+    """Pause the server and fail enough lookups (each one timing out) to open the breaker."""
+    server.pause()
+    for _ in range(BREAKER_FAILURES):
+        await cache.get_many([KEY])
+    assert cache.breaker_open
+
+
+@pytest.fixture
+async def cache(redis_server: RedisServer) -> AsyncIterator[RedisCache]:
+    """A RedisCache on the test server with a 50 ms timeout and a short breaker cool-down."""
+    redis_cache = RedisCache(
+        redis_server.url,
+        timeout_ms=TIMEOUT_MS,
+        ttl_s=3600,
+        breaker_failures=BREAKER_FAILURES,
+        breaker_cooldown_s=COOLDOWN_S,
+    )
+    yield redis_cache
+    await redis_cache.close()
+
+
+@pytest.fixture
+def cluster_server() -> Iterator[RedisServer]:
+    """A one-node Redis Cluster owning all 16384 slots."""
+    server = RedisServer(cluster=True)
+    try:
+        server.start()
+        with server.client() as admin:
+            admin.execute_command("CLUSTER", "ADDSLOTS", *range(16384))
+            deadline = time.monotonic() + 10
+            while b"cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
+                assert time.monotonic() < deadline, "cluster never became ready"
+                time.sleep(0.02)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def sentinel_server(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A Redis Sentinel monitoring the test server as master ``tokserve``."""
+    server = RedisServer(
+        f"sentinel monitor tokserve 127.0.0.1 {redis_server.port} 1", sentinel=True
+    )
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def test_cache_key_is_tok_model_version_op_params_and_blake2b_128_of_the_bytes() -> None:
+    digest = hashlib.blake2b(b"png bytes", digest_size=16).hexdigest()
+    key = cache_key("tiny-image", "v1", "encode", "resize=crop", b"png bytes")
+    assert key == f"tok:tiny-image:v1:encode:resize=crop:{digest}"
+    assert len(digest) == 32
+
+
+def test_cache_key_changes_when_model_version_op_params_or_bytes_change() -> None:
+    variants = [
+        ("tiny-image", "v1", "encode", "resize=crop", b"png bytes"),
+        ("other-image", "v1", "encode", "resize=crop", b"png bytes"),
+        ("tiny-image", "v2", "encode", "resize=crop", b"png bytes"),
+        ("tiny-image", "v1", "decode", "resize=crop", b"png bytes"),
+        ("tiny-image", "v1", "encode", "resize=pad", b"png bytes"),
+        ("tiny-image", "v1", "encode", "resize=crop", b"png bytez"),
+    ]
+    assert len({cache_key(*variant) for variant in variants}) == len(variants)
+
+
+@pytest.mark.parametrize("field", ["model", "version", "op"])
+def test_cache_key_refuses_a_colon_in_model_version_or_op(field: str) -> None:
+    parts: dict[str, Any] = {"model": "m", "version": "v", "op": "op", "params": "", "data": b""}
+    parts[field] = "a:b"
+    with pytest.raises(ValueError, match=field):
+        cache_key(**parts)
+
+
+def test_canonical_params_are_sorted_so_argument_order_does_not_change_the_key() -> None:
+    assert canonical_params(resize="crop", n_q=8) == "n_q=8,resize=crop"
+    assert canonical_params(n_q=8, resize="crop") == canonical_params(resize="crop", n_q=8)
+
+
+# --- packing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "stored"),
+    [
+        (np.arange(1024, dtype=np.int64).reshape(32, 32), np.uint16),
+        (np.array([[65535, 0]], dtype=np.int32), np.uint16),
+        (np.array([-1, 5], dtype=np.int64), np.int32),
+        (np.array([0, 70_000], dtype=np.int64), np.int32),
+        (np.array([2**40, -(2**40)], dtype=np.int64), np.int64),
+        (np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32), np.float32),
+        (np.zeros((0, 4), dtype=np.int64), np.uint16),
+        (np.array(7, dtype=np.int64), np.uint16),
+    ],
+    ids=["uint16-grid", "uint16-edge", "int32-neg", "int32-big", "int64", "float32", "empty", "0d"],
+)
+def test_pack_round_trips_values_and_shape_in_the_narrowest_dtype(
+    tokens: np.ndarray, stored: type
+) -> None:
+    restored = unpack_array(pack_array(tokens))
+    assert restored.dtype == np.dtype(stored)
+    assert restored.shape == tokens.shape
+    np.testing.assert_array_equal(restored, tokens)
+
+
+def test_pack_uses_two_bytes_per_token_when_the_vocabulary_fits_uint16() -> None:
+    tokens = np.arange(65536, dtype=np.int64).reshape(256, 256)
+    assert len(pack_array(tokens)) == 1 + 1 + 4 * 2 + 2 * tokens.size
+
+
+def test_pack_reads_non_contiguous_and_big_endian_arrays_correctly() -> None:
+    tokens = np.arange(64, dtype=">i8").reshape(8, 8)[:, ::2]
+    np.testing.assert_array_equal(unpack_array(pack_array(tokens)), tokens)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\x02",
+        b"\x63\x01\x02\x00\x00\x00\x00\x00\x00\x00",
+        b"\x02\x02\x02\x00\x00\x00",
+        pack_array(np.arange(10, dtype=np.int64))[:-1],
+        pack_array(np.arange(10, dtype=np.int64)) + b"\x00",
+        b"\x02\xff" + b"\x01\x00\x00\x00" * 255,
+    ],
+    ids=["empty", "no-ndim", "unknown-dtype", "short-shape", "truncated", "trailing", "ndim-255"],
+)
+def test_unpack_rejects_garbage_with_value_error(blob: bytes) -> None:
+    with pytest.raises(ValueError):
+        unpack_array(blob)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.complex64, np.uint64])
+def test_pack_refuses_dtypes_it_cannot_store(dtype: type) -> None:
+    values = np.array([2**64 - 1]) if dtype is np.uint64 else np.zeros(3)
+    with pytest.raises((TypeError, ValueError)):
+        pack_array(values.astype(dtype))
+
+
+# --- memory cache --------------------------------------------------------------------------
+
+
+async def test_memory_cache_evicts_the_least_recently_used_entry_past_max_bytes() -> None:
+    tokens = np.arange(100, dtype=np.int64)
+    entry_bytes = len("k1") + len(pack_array(tokens))
+    memory = MemoryCache(max_bytes=3 * entry_bytes, ttl_s=60)
+    await memory.set_many([("k1", tokens), ("k2", tokens), ("k3", tokens)])
+    await memory.get_many(["k1"])
+    await memory.set_many([("k4", tokens)])
+    found = await memory.get_many(["k1", "k2", "k3", "k4"])
+    assert [entry is not None for entry in found] == [True, False, True, True]
+    assert memory.bytes_held == 3 * entry_bytes
+
+
+async def test_memory_cache_skips_an_item_larger_than_its_whole_budget() -> None:
+    memory = MemoryCache(max_bytes=100, ttl_s=60)
+    await memory.set_many([("big", np.arange(1000, dtype=np.int64))])
+    assert await memory.get_many(["big"]) == [None]
+    assert memory.bytes_held == 0
+
+
+async def test_memory_cache_forgets_entries_after_their_ttl() -> None:
+    memory = MemoryCache(max_bytes=1 << 20, ttl_s=0.05)
+    await memory.set_many([(KEY, TOKENS)])
+    assert (await memory.get_many([KEY]))[0] is not None
+    await asyncio.sleep(0.08)
+    assert await memory.get_many([KEY]) == [None]
+    assert memory.bytes_held == 0
+
+
+async def test_memory_cache_reports_the_bytes_it_holds_in_the_gauge() -> None:
+    memory = MemoryCache(max_bytes=1 << 20, ttl_s=60)
+    await memory.set_many([(KEY, TOKENS)])
+    assert REGISTRY.get_sample_value("tokserve_cache_bytes") == memory.bytes_held > 0
+    await memory.close()
+    assert REGISTRY.get_sample_value("tokserve_cache_bytes") == 0
+
+
+async def test_get_many_counts_one_hit_or_miss_per_key() -> None:
+    memory = MemoryCache(max_bytes=1 << 20, ttl_s=60)
+    await memory.set_many([(KEY, TOKENS)])
+    hits, misses = cache_requests("hit"), cache_requests("miss")
+    await memory.get_many([KEY, "absent-1", KEY, "absent-2", "absent-3"])
+    assert cache_requests("hit") - hits == 2
+    assert cache_requests("miss") - misses == 3
+
+
+# --- redis cache ---------------------------------------------------------------------------
+
+
+async def test_redis_cache_answers_hits_and_misses_for_several_keys_with_one_mget(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    other = np.array([[1, 2, 3]], dtype=np.int64)
+    await cache.set_many([("tok:a", TOKENS), ("tok:c", other)])
+    redis_server.client().config_resetstat()
+    found = await cache.get_many(["tok:a", "tok:b", "tok:c"])
+    np.testing.assert_array_equal(found[0], TOKENS)
+    assert found[1] is None
+    np.testing.assert_array_equal(found[2], other)
+    stats = redis_server.client().info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+
+
+async def test_redis_cache_sets_the_configured_ttl_on_every_key(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.set_many([("tok:a", TOKENS), ("tok:b", TOKENS)])
+    for key in ("tok:a", "tok:b"):
+        assert 3590 < redis_server.client().ttl(key) <= 3600
+
+
+async def test_garbage_stored_under_a_key_reads_as_a_miss_and_counts_an_error(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    redis_server.client().set(KEY, b"\x02\x01not tokens")
+    errors = cache_requests("error")
+    assert await cache.get_many([KEY]) == [None]
+    assert cache_requests("error") - errors == 1
+    assert not cache.breaker_open
+
+
+async def test_killed_redis_reads_as_misses_within_the_timeout_and_counts_errors(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.set_many([(KEY, TOKENS)])
+    redis_server.kill()
+    errors = cache_requests("error")
+    start = time.perf_counter()
+    assert await cache.get_many([KEY, "tok:b", "tok:c"]) == [None, None, None]
+    assert elapsed_s(start) < TIMEOUT_MS / 1000 + 0.1
+    assert cache_requests("error") - errors == 3
+
+
+async def test_set_many_to_killed_redis_returns_quietly_and_counts_errors(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    redis_server.kill()
+    errors = cache_requests("error")
+    await cache.set_many([(KEY, TOKENS), ("tok:b", TOKENS)])
+    assert cache_requests("error") - errors == 2
+
+
+async def test_restarted_redis_serves_hits_again_within_5s_with_the_same_cache_object(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.set_many([(KEY, TOKENS)])
+    assert (await cache.get_many([KEY]))[0] is not None
+    redis_server.restart()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        await cache.set_many([(KEY, TOKENS)])
+        found = (await cache.get_many([KEY]))[0]
+        if found is not None:
+            np.testing.assert_array_equal(found, TOKENS)
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("no cache hit within 5 s of Redis restarting")
+
+
+async def test_paused_redis_get_many_returns_misses_within_timeout_plus_margin(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.set_many([(KEY, TOKENS)])
+    redis_server.pause()
+    start = time.perf_counter()
+    assert await cache.get_many([KEY]) == [None]
+    assert elapsed_s(start) < 0.5
+    redis_server.resume()
+
+
+async def test_paused_redis_set_many_returns_within_timeout_plus_margin(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.get_many([KEY])
+    redis_server.pause()
+    start = time.perf_counter()
+    await cache.set_many([(KEY, TOKENS)])
+    assert elapsed_s(start) < 0.5
+    redis_server.resume()
+
+
+async def test_open_breaker_answers_misses_at_once_without_asking_redis(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.set_many([(KEY, TOKENS)])
+    await open_breaker(redis_server, cache)
+    redis_server.resume()
+    admin = redis_server.client()
+    commands_before = await commands_settled(admin)
+    errors = cache_requests("error")
+    start = time.perf_counter()
+    # Redis is healthy again and holds KEY: only a skipped call can miss.
+    assert await cache.get_many([KEY]) == [None]
+    assert elapsed_s(start) < 0.02
+    assert commands_processed(admin) - commands_before == 1  # the INFO that read it
+    assert cache_requests("error") - errors == 1
+
+
+async def test_breaker_closes_when_the_probe_after_the_cooldown_succeeds(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await cache.set_many([(KEY, TOKENS)])
+    await open_breaker(redis_server, cache)
+    redis_server.resume()
+    await asyncio.sleep(COOLDOWN_S + 0.05)
+    np.testing.assert_array_equal((await cache.get_many([KEY]))[0], TOKENS)
+    assert not cache.breaker_open
+
+
+async def test_breaker_reopens_for_another_cooldown_when_the_probe_fails(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    await open_breaker(redis_server, cache)
+    await asyncio.sleep(COOLDOWN_S + 0.05)
+    start = time.perf_counter()
+    await cache.get_many([KEY])
+    assert elapsed_s(start) >= TIMEOUT_MS / 1000 * 0.8  # the probe went out and timed out
+    start = time.perf_counter()
+    await cache.get_many([KEY])
+    assert elapsed_s(start) < 0.02
+    assert cache.breaker_open
+    redis_server.resume()
+
+
+async def test_ping_reports_whether_redis_answers(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    assert await cache.ping()
+    redis_server.kill()
+    assert not await cache.ping()
+
+
+async def test_redis_cache_works_over_a_unix_socket_url(redis_server: RedisServer) -> None:
+    unix_cache = RedisCache(f"unix://{redis_server.unix_socket}", timeout_ms=TIMEOUT_MS)
+    await unix_cache.set_many([(KEY, TOKENS)])
+    np.testing.assert_array_equal((await unix_cache.get_many([KEY]))[0], TOKENS)
+    await unix_cache.close()
+
+
+async def test_redis_cache_finds_the_master_through_a_sentinel_url(
+    redis_server: RedisServer, sentinel_server: RedisServer
+) -> None:
+    sentinel_cache = RedisCache(
+        f"redis+sentinel://127.0.0.1:{sentinel_server.port}/tokserve", timeout_ms=500
+    )
+    await sentinel_cache.set_many([(KEY, TOKENS)])
+    assert redis_server.client().exists(KEY)
+    np.testing.assert_array_equal((await sentinel_cache.get_many([KEY]))[0], TOKENS)
+    await sentinel_cache.close()
+
+
+async def test_redis_cache_reads_keys_across_slots_over_a_cluster_url(
+    cluster_server: RedisServer,
+) -> None:
+    cluster_cache = RedisCache(f"redis+cluster://127.0.0.1:{cluster_server.port}", timeout_ms=500)
+    keys = [cache_key("m", "v", "encode", "", bytes([i])) for i in range(8)]
+    await cluster_cache.set_many([(key, TOKENS + i) for i, key in enumerate(keys)])
+    found = await cluster_cache.get_many([*keys, "tok:absent"])
+    for i, tokens in enumerate(found[:-1]):
+        np.testing.assert_array_equal(tokens, TOKENS + i)
+    assert found[-1] is None
+    await cluster_cache.close()
+
+
+async def test_create_cache_picks_redis_when_a_url_is_set_and_memory_otherwise(
+    redis_server: RedisServer,
+) -> None:
+    with_url = create_cache(Settings(redis_url=redis_server.url))
+    assert isinstance(with_url, RedisCache)
+    assert await with_url.ping()
+    await with_url.close()
+    assert isinstance(create_cache(Settings(redis_url=None)), MemoryCache)
+
+
+# --- single-flight -------------------------------------------------------------------------
+
+
+async def test_single_flight_computes_once_for_ten_concurrent_callers() -> None:
+    flight = SingleFlight()
+    calls = 0
+
+    async def compute() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)
+        return "tokens"
+
+    results = await asyncio.gather(*(flight.run(KEY, compute) for _ in range(10)))
+    assert results == ["tokens"] * 10
+    assert calls == 1
+    assert len(flight) == 0
+
+
+async def test_single_flight_gives_the_leaders_exception_to_every_caller() -> None:
+    flight = SingleFlight()
+    calls = 0
+
+    async def compute() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)
+        raise RuntimeError("forward pass failed")
+
+    results = await asyncio.gather(
+        *(flight.run(KEY, compute) for _ in range(10)), return_exceptions=True
+    )
+    assert all(isinstance(result, RuntimeError) for result in results)
+    assert calls == 1
+
+
+async def test_single_flight_followers_compute_themselves_when_the_leader_is_cancelled() -> None:
+    flight = SingleFlight()
+    calls = 0
+
+    async def compute() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()  # the leader never finishes on its own
+        await asyncio.sleep(0.01)
+        return "tokens"
+
+    leader = asyncio.create_task(flight.run(KEY, compute))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(flight.run(KEY, compute)) for _ in range(5)]
+    await asyncio.sleep(0)
+    leader.cancel()
+    async with asyncio.timeout(1):
+        assert await asyncio.gather(*followers) == ["tokens"] * 5
+    assert leader.cancelled()
+    assert calls == 2
+
+
+async def test_single_flight_cancelled_follower_leaves_the_leader_running() -> None:
+    flight = SingleFlight()
+    release = asyncio.Event()
+
+    async def compute() -> str:
+        await release.wait()
+        return "tokens"
+
+    leader = asyncio.create_task(flight.run(KEY, compute))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(flight.run(KEY, compute))
+    await asyncio.sleep(0)
+    follower.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await leader == "tokens"
+    assert follower.cancelled()
+
+
+async def test_single_flight_computes_again_once_the_previous_run_finished() -> None:
+    flight = SingleFlight()
+    calls = 0
+
+    async def compute() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    assert await flight.run(KEY, compute) == 1
+    assert await flight.run(KEY, compute) == 2
