@@ -1,0 +1,45 @@
+"""The README's examples run as written against the shipped models, and their outputs are right."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import soundfile as sf
+from PIL import Image
+
+from tests.support import REPO_ROOT, server_process
+
+README = REPO_ROOT / "README.md"
+
+
+def usage_script() -> str:
+    """The bash block of the README's 'Using it' section."""
+    section = README.read_text().split("## Using it", 1)[1]
+    match = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert match, "README has no bash block under 'Using it'"
+    return match.group(1)
+
+
+def test_readme_examples_round_trip_a_real_photo_and_recording(tmp_path: Path) -> None:
+    (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
+    with server_process(REPO_ROOT / "models") as (_, url):
+        script = usage_script().replace("http://127.0.0.1:8000", url)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stderr
+    assert '"status":"ready"' in result.stdout
+    assert "tokserve_request_duration_seconds_count" in result.stdout
+    with Image.open(tmp_path / "reconstruction.png") as image:
+        assert image.format == "PNG" and image.size == (256, 256)
+    source = sf.info(str(REPO_ROOT / "examples" / "speech.ogg"))
+    decoded = sf.info(str(tmp_path / "reconstruction.wav"))
+    frame_s = 320 / 24000
+    assert decoded.samplerate == 24000
+    assert abs(decoded.duration - source.duration) <= frame_s
