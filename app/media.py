@@ -1,0 +1,331 @@
+"""Media in and out: decode untrusted image/audio bytes into model-ready tensors, encode results.
+
+Every function here is synchronous, CPU-bound and free of shared mutable state, so the API runs
+them in a thread pool. Bad input raises the app.errors exceptions with a sentence saying what
+was wrong and what is accepted: 400 empty or malformed request, 413 over a size limit, 415 bytes
+that do not decode as an accepted format (truncated or corrupt files included), 422 decodable
+media the model cannot take (NaN samples, no samples, no declared length, incompatible
+channels).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import struct
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+from PIL import ExifTags, Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
+
+from app.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMedia
+
+ResizeMode = Literal["crop", "pad", "stretch"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+
+IMAGE_FORMATS_IN: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_FORMATS_OUT: tuple[str, ...] = ("png", "webp", "jpeg")
+AUDIO_FORMATS_OUT: tuple[str, ...] = ("wav", "flac", "ogg")
+
+# Padding and the background under transparent pixels share one colour, so an image with an
+# alpha border and the same image letterboxed look alike to the tokenizer.
+BACKGROUND_RGB = (255, 255, 255)
+
+_ACCEPTED_IMAGES = "PNG, JPEG, WebP, GIF (first frame), BMP or TIFF"
+_ACCEPTED_AUDIO = "WAV, FLAC, OGG (Vorbis or Opus), MP3, AIFF or another format libsndfile reads"
+_RESAMPLE_FILTER = Image.Resampling.BICUBIC
+# Shrink by whole factors (box filter; JPEG DCT scaling) down to this multiple of the target
+# before the bicubic pass: much faster on large photos, visually the same.
+_REDUCING_GAP = 3.0
+# What Pillow raises on malformed files (UnidentifiedImageError is an OSError, caught first).
+_PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_IMAGE_ENCODINGS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "jpg": "JPEG"}
+_IMAGE_SAVE_OPTIONS: dict[str, dict[str, int]] = {
+    "PNG": {"compress_level": 1},
+    "WEBP": {"quality": 90},
+    "JPEG": {"quality": 90},
+}
+_AUDIO_ENCODINGS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
+# libsndfile's frame count when the header does not say. Such a file cannot be read whole:
+# soundfile's seek after the last block fails ("Internal psf_fseek() failed").
+_UNKNOWN_FRAMES = 2**63 - 1
+# A streamed WAV writer that cannot seek back leaves the data length as 0 or 0xFFFFFFFF.
+_WAV_UNKNOWN_LENGTHS = (0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What an upload was and what it became: rates in Hz, duration in seconds of the source."""
+
+    source_sample_rate: int
+    source_channels: int
+    duration_s: float
+    sample_rate: int
+    samples: int
+
+
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    resize: ResizeMode = "crop",
+    max_pixels: int = 40_000_000,
+) -> torch.Tensor:
+    """Decode image bytes to pixels [3, H, W] float32 in [-1, 1], (H, W) = size, EXIF-upright.
+
+    The pixel count is checked from the header before any pixel is decoded.
+    """
+    if resize not in RESIZE_MODES:
+        raise BadRequest(f"resize must be one of crop, pad or stretch, not {resize!r}.")
+    if not data:
+        raise BadRequest(f"The image is empty (0 bytes); send the bytes of a {_ACCEPTED_IMAGES}.")
+    image_format = "image"
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS_IN) as img:
+            image_format = img.format or image_format
+            _check_pixels(img.size, max_pixels)
+            if isinstance(img, JpegImageFile):
+                _draft_jpeg(img, size, resize)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            rgb = _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge(
+            f"The image declares more pixels than the limit of {max_pixels:,}; "
+            "send a smaller image."
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise UnsupportedMedia(
+            f"The data is not an image in an accepted format; send {_ACCEPTED_IMAGES}."
+        ) from None
+    except _PILLOW_DECODE_ERRORS as exc:
+        raise UnsupportedMedia(
+            f"The {image_format} image could not be decoded: it is truncated or corrupt ({exc}); "
+            f"send a complete {_ACCEPTED_IMAGES}."
+        ) from None
+    fitted = _fit(rgb, size, resize)
+    pixels = torch.from_numpy(np.array(fitted, dtype=np.uint8)).permute(2, 0, 1)
+    return (pixels.float() / 127.5 - 1.0).contiguous()
+
+
+def _check_pixels(width_height: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image whose header declares more than max_pixels pixels."""
+    width, height = width_height
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"The image is {width}x{height} = {width * height:,} pixels; at most "
+            f"{max_pixels:,} pixels are accepted. Send a smaller image."
+        )
+
+
+def _draft_jpeg(img: JpegImageFile, size: tuple[int, int], resize: ResizeMode) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still leaves enough pixels."""
+    height, width = size
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation in (5, 6, 7, 8):  # the stored image is transposed relative to the display
+        width, height = height, width
+    source_width, source_height = img.size
+    if resize == "stretch":
+        needed = (width, height)
+    else:
+        pick = max if resize == "crop" else min
+        scale = pick(width / source_width, height / source_height)
+        needed = (math.ceil(source_width * scale), math.ceil(source_height * scale))
+    img.draft(None, (math.ceil(needed[0] * _REDUCING_GAP), math.ceil(needed[1] * _REDUCING_GAP)))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit and float scaled to 8 bits, alpha over the background.
+
+    16-bit and 32-bit integer greyscale are taken as 0..65535, float greyscale as 0..1.
+    """
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        peak = 1.0 if img.mode == "F" else 65535.0
+        levels = np.asarray(img, dtype=np.float32) * (255.0 / peak)
+        grey = np.clip(np.rint(levels), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.has_transparency_data:
+        background = Image.new("RGBA", img.size, (*BACKGROUND_RGB, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _fit(rgb: Image.Image, size: tuple[int, int], resize: ResizeMode) -> Image.Image:
+    """Resize to (H, W) = size: crop fills then centre-crops, pad fits then letterboxes."""
+    height, width = size
+    source_width, source_height = rgb.size
+    if resize == "stretch":
+        return rgb.resize((width, height), _RESAMPLE_FILTER, reducing_gap=_REDUCING_GAP)
+    if resize == "crop":
+        scale = max(width / source_width, height / source_height)
+        box_width, box_height = width / scale, height / scale
+        left, top = (source_width - box_width) / 2, (source_height - box_height) / 2
+        box = (left, top, left + box_width, top + box_height)
+        return rgb.resize((width, height), _RESAMPLE_FILTER, box=box, reducing_gap=_REDUCING_GAP)
+    scale = min(width / source_width, height / source_height)
+    inner = (max(1, round(source_width * scale)), max(1, round(source_height * scale)))
+    canvas = Image.new("RGB", (width, height), BACKGROUND_RGB)
+    scaled = rgb.resize(inner, _RESAMPLE_FILTER, reducing_gap=_REDUCING_GAP)
+    canvas.paste(scaled, ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    return canvas
+
+
+def encode_image(pixels: torch.Tensor, fmt: str = "png") -> bytes:
+    """Encode pixels [3, H, W] in [-1, 1] (clamped) as PNG, WebP or JPEG bytes; fmt ignores case."""
+    pil_format = _IMAGE_ENCODINGS.get(fmt.lower())
+    if pil_format is None:
+        raise BadRequest(
+            f"Unknown image format {fmt!r}; choose one of {', '.join(IMAGE_FORMATS_OUT)}."
+        )
+    levels = ((pixels.detach().float().cpu().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    array = levels.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, pil_format, **_IMAGE_SAVE_OPTIONS[pil_format])
+    return buffer.getvalue()
+
+
+_BUDGET_RATE = 48_000
+_BUDGET_CHANNELS = 2
+
+
+def decode_audio(
+    data: bytes,
+    sample_rate: int,
+    channels: int = 1,
+    max_seconds: float = 600.0,
+) -> tuple[torch.Tensor, AudioInfo]:
+    """Decode audio bytes to wave [channels, T] float32 at sample_rate Hz (soxr HQ resampling).
+
+    Duration and channels are checked from the header before samples are read; stereo becomes
+    mono by averaging, mono becomes N channels by repetition.
+    """
+    if not data:
+        raise BadRequest(f"The audio is empty (0 bytes); send the bytes of a {_ACCEPTED_AUDIO}.")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as sound:
+            source_rate, source_channels = sound.samplerate, sound.channels
+            declared_frames = sound.frames
+            if declared_frames == _UNKNOWN_FRAMES:
+                raise Unprocessable(
+                    "The audio does not declare its length (a FLAC written to a pipe, say), "
+                    "which cannot be read safely; send a file whose header states its length, "
+                    f"such as a {_ACCEPTED_AUDIO}."
+                )
+            if declared_frames > max_seconds * source_rate:
+                raise PayloadTooLarge(
+                    f"The audio is {declared_frames / source_rate:.1f} s long; at most "
+                    f"{max_seconds:g} s is accepted. Send a shorter clip."
+                )
+            _check_channels(source_channels, channels)
+            # bounds decoded memory: a short file of many channels at a huge rate is refused
+            budget = int(max_seconds * _BUDGET_RATE * _BUDGET_CHANNELS)
+            if declared_frames * source_channels > budget:
+                raise PayloadTooLarge(
+                    f"The audio holds {declared_frames * source_channels} samples "
+                    f"({source_channels} channels at {source_rate} Hz); at most {budget} are "
+                    f"accepted ({max_seconds:g} s of {_BUDGET_CHANNELS}-channel "
+                    f"{_BUDGET_RATE // 1000} kHz audio)."
+                )
+            samples = sound.read(dtype="float32", always_2d=True)  # [T, C]
+    except sf.LibsndfileError as exc:
+        raise UnsupportedMedia(
+            f"The audio could not be decoded ({exc.error_string}); send a complete "
+            f"{_ACCEPTED_AUDIO}."
+        ) from None
+    if len(samples) < declared_frames or _wav_is_truncated(data):
+        raise UnsupportedMedia(
+            "The audio is truncated: it ends before the length its header declares; send a "
+            f"complete {_ACCEPTED_AUDIO}."
+        )
+    if len(samples) == 0:
+        raise Unprocessable("The audio contains no samples; send at least one sample of audio.")
+    duration_s = len(samples) / source_rate
+    if not np.isfinite(samples).all():
+        raise Unprocessable(
+            "The audio contains NaN or infinite samples; send finite samples, nominally in [-1, 1]."
+        )
+    if source_channels != channels:
+        if channels == 1:
+            samples = samples.mean(axis=1, keepdims=True)
+        else:
+            samples = np.repeat(samples, channels, axis=1)
+    if source_rate != sample_rate:
+        samples = soxr.resample(samples, source_rate, sample_rate, quality="HQ")
+        if len(samples) == 0:
+            raise Unprocessable(
+                f"The audio is too short to resample from {source_rate} Hz to {sample_rate} Hz; "
+                f"send at least 1/{sample_rate} s of audio."
+            )
+    wave = torch.from_numpy(np.ascontiguousarray(samples.T, dtype=np.float32))
+    info = AudioInfo(
+        source_sample_rate=source_rate,
+        source_channels=source_channels,
+        duration_s=duration_s,
+        sample_rate=sample_rate,
+        samples=wave.shape[1],
+    )
+    return wave, info
+
+
+def _check_channels(source_channels: int, channels: int) -> None:
+    """Refuse a channel layout that is neither the model's, nor mixable to mono, nor mono."""
+    if source_channels not in (1, channels) and channels != 1:
+        raise Unprocessable(
+            f"The audio has {source_channels} channels and the model takes {channels}; send mono "
+            f"or {channels}-channel audio."
+        )
+
+
+def _wav_is_truncated(data: bytes) -> bool:
+    """True when a RIFF/WAVE data chunk declares more bytes than the file holds.
+
+    libsndfile reads such a file without error, quietly shortened to what is there.
+    """
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return False
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk_id, chunk_size = struct.unpack_from("<4sI", data, offset)
+        if chunk_id == b"data":
+            end = offset + 8 + chunk_size
+            return chunk_size not in _WAV_UNKNOWN_LENGTHS and end > len(data)
+        offset += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even lengths
+    return False
+
+
+def encode_audio(wave: torch.Tensor, sample_rate: int, fmt: str = "wav") -> bytes:
+    """Encode wave [C, T] in [-1, 1] (clamped) at sample_rate Hz as WAV, FLAC (16-bit) or OGG."""
+    encoding = _AUDIO_ENCODINGS.get(fmt.lower())
+    if encoding is None:
+        raise BadRequest(
+            f"Unknown audio format {fmt!r}; choose one of {', '.join(AUDIO_FORMATS_OUT)}."
+        )
+    container, subtype = encoding
+    samples = wave.detach().float().cpu().clamp(-1.0, 1.0).T.contiguous().numpy()  # [T, C]
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()
+
+
+def parse_base64(text: str, what: str) -> bytes:
+    """Decode standard base64 (whitespace ignored) or a base64 data: URL; what names the field."""
+    payload = text.strip()
+    if payload[:5].lower() == "data:":
+        header, comma, payload = payload.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise BadRequest(
+                f"{what} is a data: URL without base64 content; send "
+                "data:<media type>;base64,<data> or plain base64."
+            )
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except ValueError as exc:  # binascii.Error, or non-ASCII text
+        raise BadRequest(
+            f"{what} is not valid base64 ({exc}); it must be standard base64 (A-Z, a-z, 0-9, "
+            "'+' and '/', padded with '='), optionally as a data:<media type>;base64, URL."
+        ) from None

@@ -1,0 +1,560 @@
+"""app.media: what every upload becomes, and how bad uploads are refused."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from app.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMedia
+from app.media import (
+    AudioInfo,
+    decode_audio,
+    decode_image,
+    encode_audio,
+    encode_image,
+    parse_base64,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PHOTO = sorted((DATA / "images").glob("*.jpg"))[0]
+SPEECH = sorted((DATA / "audio" / "speech").glob("*.ogg"))[0]
+
+RED = (255, 0, 0)
+GREEN = (0, 255, 0)
+BLUE = (0, 0, 255)
+YELLOW = (255, 255, 0)
+WHITE = (255, 255, 255)
+IMAGE_FORMAT_NAMES = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
+AUDIO_FORMAT_NAMES = ("WAV", "FLAC", "OGG", "MP3")
+
+
+def image_bytes(img: Image.Image, fmt: str, **options: object) -> bytes:
+    """Save a Pillow image to bytes in a container format."""
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def noise_png(width: int = 64, height: int = 64) -> bytes:
+    """An incompressible RGB PNG, so that cutting it anywhere loses pixel data."""
+    rng = np.random.default_rng(0)
+    return image_bytes(Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)), "PNG")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR declaring width x height RGB, with no pixel data at all."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def rgb_at(pixels: torch.Tensor, y: int, x: int) -> tuple[int, int, int]:
+    """The 0..255 colour of one pixel of a [3, H, W] tensor in [-1, 1]."""
+    red, green, blue = ((pixels[:, y, x] + 1.0) * 127.5).round().int().tolist()
+    return red, green, blue
+
+
+def near(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int) -> bool:
+    """Every channel within tolerance levels of the expected colour."""
+    return all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True))
+
+
+def sine(freq_hz: float, sample_rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:
+    """A sine wave [T] float32."""
+    t = np.arange(round(sample_rate * seconds)) / sample_rate
+    return (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
+
+
+def audio_bytes(
+    samples: np.ndarray, sample_rate: int, fmt: str = "WAV", subtype: str = "PCM_16"
+) -> bytes:
+    """Write samples [T] or [T, C] with libsndfile."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def flac_of_unknown_length(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A FLAC whose STREAMINFO total-samples field is 0 (unknown), as a pipe writer leaves it."""
+    data = bytearray(audio_bytes(samples, sample_rate, "FLAC"))
+    streaminfo = 8  # after "fLaC" and the metadata block header
+    data[streaminfo + 13] &= 0xF0  # the 36-bit count: the low nibble of byte 13, bytes 14..17
+    data[streaminfo + 14 : streaminfo + 18] = bytes(4)
+    return bytes(data)
+
+
+def peak_hz(wave: torch.Tensor, sample_rate: int) -> float:
+    """The strongest frequency of a [T] signal, in Hz."""
+    signal = wave.numpy() * np.hanning(len(wave))
+    return float(np.argmax(np.abs(np.fft.rfft(signal)))) * sample_rate / len(signal)
+
+
+def names_all(detail: str, names: tuple[str, ...]) -> bool:
+    """The error sentence names every accepted format."""
+    return all(name in detail for name in names)
+
+
+# Images: formats and colour modes
+
+
+@pytest.mark.parametrize(
+    ("fmt", "tolerance"),
+    [("PNG", 0), ("JPEG", 8), ("WEBP", 8), ("GIF", 0), ("BMP", 0), ("TIFF", 0)],
+)
+def test_each_accepted_image_format_decodes_to_model_size_and_colour(
+    fmt: str, tolerance: int
+) -> None:
+    colour = (200, 40, 90)
+    data = image_bytes(Image.new("RGB", (48, 32), colour), fmt)
+    pixels = decode_image(data, (16, 24))
+    assert pixels.shape == (3, 16, 24) and pixels.dtype == torch.float32
+    assert near(rgb_at(pixels, 8, 12), colour, tolerance)
+
+
+def test_real_photo_decodes_to_model_size_in_range() -> None:
+    pixels = decode_image(PHOTO.read_bytes(), (256, 256))
+    assert pixels.shape == (3, 256, 256)
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0 and pixels.std() > 0.1
+
+
+def test_exif_orientation_6_is_applied_before_resizing() -> None:
+    stored = Image.new("RGB", (640, 320), RED)
+    stored.paste(BLUE, (320, 0, 640, 320))  # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: top red, bottom blue
+    data = image_bytes(stored, "JPEG", exif=exif.tobytes())
+    pixels = decode_image(data, (64, 32), "stretch")
+    assert near(rgb_at(pixels, 8, 24), RED, 12)
+    assert near(rgb_at(pixels, 56, 8), BLUE, 12)
+
+
+def test_gif_first_frame_is_used() -> None:
+    frames = [Image.new("RGB", (16, 16), RED), Image.new("RGB", (16, 16), BLUE)]
+    data = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert rgb_at(decode_image(data, (16, 16)), 8, 8) == RED
+
+
+def test_multi_picture_jpeg_from_a_camera_decodes_its_first_picture() -> None:
+    pictures = [Image.new("RGB", (32, 32), RED), Image.new("RGB", (32, 32), BLUE)]
+    data = image_bytes(pictures[0], "MPO", save_all=True, append_images=pictures[1:])
+    assert near(rgb_at(decode_image(data, (16, 16)), 8, 8), RED, 8)
+
+
+def test_palette_png_with_transparency_composites_over_white() -> None:
+    img = Image.new("P", (32, 16), 0)
+    img.putpalette([*RED, *GREEN])
+    img.paste(1, (16, 0, 32, 16))
+    data = image_bytes(img, "PNG", transparency=0)  # index 0 (red) fully transparent
+    pixels = decode_image(data, (16, 32), "stretch")
+    assert rgb_at(pixels, 8, 4) == WHITE
+    assert rgb_at(pixels, 8, 28) == GREEN
+
+
+def test_greyscale_png_becomes_equal_rgb_channels() -> None:
+    data = image_bytes(Image.new("L", (16, 16), 64), "PNG")
+    assert rgb_at(decode_image(data, (16, 16)), 8, 8) == (64, 64, 64)
+
+
+def test_16bit_greyscale_png_is_scaled_to_8_bits_not_clipped() -> None:
+    img = Image.fromarray(np.full((16, 16), 128 * 257, np.uint16))
+    assert img.mode == "I;16"
+    assert rgb_at(decode_image(image_bytes(img, "PNG"), (16, 16)), 8, 8) == (128, 128, 128)
+
+
+def test_cmyk_jpeg_converts_to_rgb() -> None:
+    data = image_bytes(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95)
+    assert near(rgb_at(decode_image(data, (16, 16)), 8, 8), RED, 10)
+
+
+def test_half_transparent_rgba_composites_over_white() -> None:
+    data = image_bytes(Image.new("RGBA", (16, 16), (0, 0, 0, 128)), "PNG")
+    assert rgb_at(decode_image(data, (16, 16)), 8, 8) == (127, 127, 127)
+
+
+# Images: resize geometry on a 200x100 image of four vertical bands
+
+
+def banded_image() -> bytes:
+    """200x100 PNG: green, red, blue, yellow bands, each 50 px wide."""
+    img = Image.new("RGB", (200, 100))
+    for index, colour in enumerate((GREEN, RED, BLUE, YELLOW)):
+        img.paste(colour, (50 * index, 0, 50 * index + 50, 100))
+    return image_bytes(img, "PNG")
+
+
+def test_crop_fills_the_short_side_and_keeps_the_centre() -> None:
+    pixels = decode_image(banded_image(), (64, 64), "crop")
+    assert near(rgb_at(pixels, 32, 2), RED, 10)
+    assert near(rgb_at(pixels, 32, 61), BLUE, 10)
+    assert near(rgb_at(pixels, 0, 16), RED, 10) and near(rgb_at(pixels, 63, 48), BLUE, 10)
+
+
+def test_pad_fits_inside_and_letterboxes_with_white() -> None:
+    pixels = decode_image(banded_image(), (64, 64), "pad")
+    assert rgb_at(pixels, 4, 32) == WHITE and rgb_at(pixels, 60, 32) == WHITE
+    assert near(rgb_at(pixels, 32, 4), GREEN, 10)
+    assert near(rgb_at(pixels, 32, 60), YELLOW, 10)
+
+
+def test_stretch_maps_the_whole_image_onto_the_model_size() -> None:
+    pixels = decode_image(banded_image(), (64, 64), "stretch")
+    for x, colour in ((6, GREEN), (24, RED), (40, BLUE), (58, YELLOW)):
+        assert near(rgb_at(pixels, 2, x), colour, 10)
+
+
+def test_unknown_resize_mode_answers_400_naming_the_modes() -> None:
+    with pytest.raises(BadRequest, match="crop, pad or stretch"):
+        decode_image(banded_image(), (64, 64), "zoom")  # type: ignore[arg-type]
+
+
+# Images: bad input
+
+
+def test_empty_image_answers_400_and_names_formats() -> None:
+    with pytest.raises(BadRequest) as caught:
+        decode_image(b"", (16, 16))
+    assert "empty" in caught.value.detail and names_all(caught.value.detail, IMAGE_FORMAT_NAMES)
+
+
+def test_garbage_bytes_answer_415_and_name_image_formats() -> None:
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_image(b"this is plain text, not a picture", (16, 16))
+    assert names_all(caught.value.detail, IMAGE_FORMAT_NAMES)
+
+
+def test_image_format_not_accepted_answers_415() -> None:
+    data = image_bytes(Image.new("RGB", (16, 16), RED), "PPM")
+    with pytest.raises(UnsupportedMedia):
+        decode_image(data, (16, 16))
+
+
+def test_truncated_png_answers_415_and_names_formats() -> None:
+    data = noise_png()
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_image(data[: len(data) // 2], (16, 16))
+    assert "truncated" in caught.value.detail and names_all(caught.value.detail, IMAGE_FORMAT_NAMES)
+
+
+def test_truncated_jpeg_answers_415_and_names_formats() -> None:
+    rng = np.random.default_rng(1)
+    data = image_bytes(Image.fromarray(rng.integers(0, 256, (128, 128, 3), np.uint8)), "JPEG")
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_image(data[: len(data) // 2], (16, 16))
+    assert "JPEG" in caught.value.detail and names_all(caught.value.detail, IMAGE_FORMAT_NAMES)
+
+
+def test_decompression_bomb_header_answers_413_naming_the_limit() -> None:
+    with pytest.raises(PayloadTooLarge) as caught:
+        decode_image(png_header_only(100_000, 100_000), (16, 16))
+    assert "40,000,000" in caught.value.detail
+
+
+def test_pixels_over_the_limit_are_refused_from_the_header_before_decoding() -> None:
+    # No pixel data follows the header: decoding would fail, so a 413 means it never started.
+    with pytest.raises(PayloadTooLarge) as caught:
+        decode_image(png_header_only(8000, 8000), (16, 16))
+    assert "8000x8000" in caught.value.detail and "40,000,000" in caught.value.detail
+
+
+def test_max_pixels_limits_real_images() -> None:
+    with pytest.raises(PayloadTooLarge, match="9,999"):
+        decode_image(noise_png(100, 100), (16, 16), max_pixels=9_999)
+
+
+def test_mutated_images_never_raise_anything_but_problems() -> None:
+    rng = np.random.default_rng(2)
+    originals = [noise_png(24, 24), PHOTO.read_bytes()[:4000]]
+    for original in originals:
+        for _ in range(100):
+            mutated = bytearray(original)
+            for position in rng.integers(0, len(mutated), 4):
+                mutated[position] = int(rng.integers(0, 256))
+            with contextlib.suppress(BadRequest, PayloadTooLarge, UnsupportedMedia):
+                decode_image(bytes(mutated), (16, 16))
+
+
+def test_concurrent_decodes_give_identical_pixels() -> None:
+    data = PHOTO.read_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: decode_image(data, (128, 128), "pad"), range(8)))
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+# Images: encoding
+
+
+def random_pixels(height: int = 24, width: int = 32) -> torch.Tensor:
+    """Pixels [3, H, W] on the exact 8-bit grid of [-1, 1]."""
+    levels = torch.randint(0, 256, (3, height, width), generator=torch.Generator().manual_seed(0))
+    return levels.float() / 127.5 - 1.0
+
+
+def test_png_encoding_round_trips_exactly() -> None:
+    pixels = random_pixels()
+    data = encode_image(pixels, "png")
+    assert data.startswith(b"\x89PNG")
+    assert torch.equal(decode_image(data, (24, 32)), pixels)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "magic"), [("webp", b"RIFF"), ("JPEG", b"\xff\xd8"), ("Jpg", b"\xff\xd8")]
+)
+def test_lossy_encodings_round_trip_closely_whatever_the_case(fmt: str, magic: bytes) -> None:
+    pixels = torch.linspace(-1.0, 1.0, 32).expand(3, 24, 32).contiguous()
+    data = encode_image(pixels, fmt)
+    assert data.startswith(magic)
+    assert (decode_image(data, (24, 32)) - pixels).abs().mean() < 0.03
+
+
+def test_encode_image_clamps_out_of_range_pixels() -> None:
+    pixels = torch.full((3, 8, 8), 3.0)
+    assert rgb_at(decode_image(encode_image(pixels), (8, 8)), 4, 4) == WHITE
+
+
+def test_unknown_image_encoding_answers_400_naming_formats() -> None:
+    with pytest.raises(BadRequest) as caught:
+        encode_image(random_pixels(), "gif")
+    assert names_all(caught.value.detail, ("png", "webp", "jpeg"))
+
+
+# Audio: formats, resampling, channels
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "sample_rate"),
+    [
+        ("WAV", "PCM_16", 16000),
+        ("WAV", "FLOAT", 16000),
+        ("FLAC", "PCM_16", 16000),
+        ("OGG", "VORBIS", 16000),
+        ("OGG", "OPUS", 48000),
+        ("MP3", "MPEG_LAYER_III", 16000),
+        ("AIFF", "PCM_16", 16000),
+    ],
+)
+def test_each_audio_format_decodes_with_its_pitch_and_duration(
+    fmt: str, subtype: str, sample_rate: int
+) -> None:
+    data = audio_bytes(sine(440.0, sample_rate, 1.0), sample_rate, fmt, subtype)
+    wave, info = decode_audio(data, 16000)
+    assert wave.shape[0] == 1 and wave.dtype == torch.float32
+    assert abs(info.duration_s - 1.0) < 0.1 and abs(wave.shape[1] - 16000) < 1600
+    assert abs(peak_hz(wave[0], 16000) - 440.0) < 3.0
+
+
+def test_real_speech_clip_decodes_at_the_model_rate() -> None:
+    wave, info = decode_audio(SPEECH.read_bytes(), 16000)
+    assert info.source_sample_rate == 24000 and info.sample_rate == 16000
+    assert abs(wave.shape[1] - info.duration_s * 16000) <= 1
+    assert torch.isfinite(wave).all() and wave.abs().max() > 0.01
+
+
+def test_resampling_44k1_to_24k_keeps_a_1khz_sine_at_1khz() -> None:
+    wave, info = decode_audio(audio_bytes(sine(1000.0, 44100, 1.0), 44100), 24000)
+    assert wave.shape == (1, 24000) and info.samples == 24000
+    assert abs(peak_hz(wave[0], 24000) - 1000.0) <= 1.0
+
+
+def test_audio_info_reports_the_source_and_the_result() -> None:
+    stereo = np.stack([sine(300.0, 44100, 0.5)] * 2, axis=1)
+    _, info = decode_audio(audio_bytes(stereo, 44100), 22050)
+    assert info == AudioInfo(
+        source_sample_rate=44100,
+        source_channels=2,
+        duration_s=0.5,
+        sample_rate=22050,
+        samples=11025,
+    )
+
+
+def test_stereo_is_averaged_to_mono() -> None:
+    stereo = np.stack([np.full(800, 0.6, np.float32), np.full(800, 0.2, np.float32)], axis=1)
+    wave, _ = decode_audio(audio_bytes(stereo, 8000, subtype="FLOAT"), 8000)
+    assert wave.shape == (1, 800)
+    assert torch.allclose(wave, torch.full((1, 800), 0.4))
+
+
+def test_mono_is_repeated_for_a_stereo_model() -> None:
+    mono = sine(200.0, 8000, 0.1)
+    wave, _ = decode_audio(audio_bytes(mono, 8000, subtype="FLOAT"), 8000, channels=2)
+    assert wave.shape == (2, 800)
+    assert torch.equal(wave[0], torch.from_numpy(mono)) and torch.equal(wave[1], wave[0])
+
+
+def test_three_channels_for_a_stereo_model_answer_422() -> None:
+    surround = np.zeros((800, 3), np.float32)
+    with pytest.raises(Unprocessable, match="3 channels"):
+        decode_audio(audio_bytes(surround, 8000), 8000, channels=2)
+
+
+# Audio: bad input
+
+
+def test_empty_audio_answers_400_and_names_formats() -> None:
+    with pytest.raises(BadRequest) as caught:
+        decode_audio(b"", 16000)
+    assert "empty" in caught.value.detail and names_all(caught.value.detail, AUDIO_FORMAT_NAMES)
+
+
+def test_garbage_bytes_answer_415_and_name_audio_formats() -> None:
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_audio(b"this is plain text, not a recording" * 10, 16000)
+    assert names_all(caught.value.detail, AUDIO_FORMAT_NAMES)
+
+
+def test_truncated_wav_answers_415_saying_truncated() -> None:
+    data = audio_bytes(sine(440.0, 16000, 1.0), 16000)
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_audio(data[: len(data) * 6 // 10], 16000)
+    assert "truncated" in caught.value.detail and names_all(caught.value.detail, AUDIO_FORMAT_NAMES)
+
+
+def test_streamed_wav_with_unknown_length_is_accepted() -> None:
+    data = bytearray(audio_bytes(sine(440.0, 16000, 1.0), 16000))
+    data_chunk = data.find(b"data")
+    data[4:8] = data[data_chunk + 4 : data_chunk + 8] = b"\xff\xff\xff\xff"
+    wave, _ = decode_audio(bytes(data), 16000)
+    assert wave.shape == (1, 16000)
+
+
+def test_flac_of_unknown_length_answers_422_asking_for_a_complete_header() -> None:
+    data = flac_of_unknown_length(sine(440.0, 16000, 1.0), 16000)
+    with pytest.raises(Unprocessable, match="does not declare its length"):
+        decode_audio(data, 16000)
+
+
+def test_truncated_flac_answers_415_and_names_formats() -> None:
+    data = audio_bytes(sine(440.0, 16000, 1.0), 16000, "FLAC")
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_audio(data[: len(data) * 6 // 10], 16000)
+    assert names_all(caught.value.detail, AUDIO_FORMAT_NAMES)
+
+
+def test_mp3_ending_before_its_declared_length_answers_415() -> None:
+    # libsndfile reads it without error, just fewer frames than the Xing header declares.
+    data = audio_bytes(sine(440.0, 16000, 1.0), 16000, "MP3", "MPEG_LAYER_III")
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(data[: len(data) // 2], 16000)
+
+
+def test_audio_longer_than_the_limit_answers_413_naming_the_limit() -> None:
+    data = audio_bytes(sine(440.0, 8000, 2.0), 8000)
+    with pytest.raises(PayloadTooLarge) as caught:
+        decode_audio(data, 8000, max_seconds=1.5)
+    assert "2.0 s" in caught.value.detail and "1.5 s" in caught.value.detail
+
+
+def test_audio_with_zero_samples_answers_422() -> None:
+    with pytest.raises(Unprocessable, match="no samples"):
+        decode_audio(audio_bytes(np.zeros((0, 1), np.float32), 16000), 16000)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_audio_with_non_finite_samples_answers_422(bad_value: float) -> None:
+    samples = sine(440.0, 8000, 0.1)
+    samples[100] = bad_value
+    with pytest.raises(Unprocessable, match="NaN or infinite"):
+        decode_audio(audio_bytes(samples, 8000, subtype="FLOAT"), 8000)
+
+
+def test_audio_too_short_to_resample_answers_422() -> None:
+    with pytest.raises(Unprocessable, match="too short"):
+        decode_audio(audio_bytes(np.full(1, 0.5, np.float32), 48000), 8000)
+
+
+def test_mutated_audio_never_raises_anything_but_problems() -> None:
+    rng = np.random.default_rng(3)
+    originals = [audio_bytes(sine(440.0, 8000, 0.2), 8000, fmt) for fmt in ("WAV", "FLAC")]
+    for original in originals:
+        for _ in range(100):
+            mutated = bytearray(original)
+            for position in rng.integers(0, len(mutated), 4):
+                mutated[position] = int(rng.integers(0, 256))
+            with contextlib.suppress(BadRequest, PayloadTooLarge, UnsupportedMedia, Unprocessable):
+                decode_audio(bytes(mutated), 8000)
+
+
+# Audio: encoding
+
+
+@pytest.mark.parametrize("fmt", ["wav", "FLAC"])
+def test_lossless_audio_encodings_round_trip_to_16_bits(fmt: str) -> None:
+    wave = torch.from_numpy(np.stack([sine(440.0, 16000, 0.5), sine(660.0, 16000, 0.5)]))
+    decoded, info = decode_audio(encode_audio(wave, 16000, fmt), 16000, channels=2)
+    assert info.source_channels == 2 and decoded.shape == wave.shape
+    assert (decoded - wave).abs().max() <= 1.0 / 32767
+
+
+def test_ogg_vorbis_encoding_round_trips_pitch_and_length() -> None:
+    wave = torch.from_numpy(sine(1000.0, 24000, 1.0)).unsqueeze(0)
+    data = encode_audio(wave, 24000, "ogg")
+    assert data.startswith(b"OggS")
+    decoded, _ = decode_audio(data, 24000)
+    assert decoded.shape == (1, 24000)
+    assert abs(peak_hz(decoded[0], 24000) - 1000.0) <= 1.0
+
+
+def test_encode_audio_clamps_instead_of_wrapping() -> None:
+    wave = torch.full((1, 100), 1.5)
+    decoded, _ = decode_audio(encode_audio(wave, 8000), 8000)
+    assert decoded.min() > 0.99
+
+
+def test_unknown_audio_encoding_answers_400_naming_formats() -> None:
+    with pytest.raises(BadRequest) as caught:
+        encode_audio(torch.zeros(1, 10), 8000, "mp3")
+    assert names_all(caught.value.detail, ("wav", "flac", "ogg"))
+
+
+# Base64
+
+
+def test_base64_decodes_standard_text() -> None:
+    assert (
+        parse_base64(base64.b64encode(b"\x00\xffpixels").decode(), "images[0]") == b"\x00\xffpixels"
+    )
+
+
+def test_base64_ignores_line_breaks() -> None:
+    assert parse_base64("aGVs\nbG8g\r\nd29y bGQ=\n", "audio[0]") == b"hello world"
+
+
+def test_base64_accepts_a_data_url() -> None:
+    text = "data:image/png;base64," + base64.b64encode(b"png bytes").decode()
+    assert parse_base64(text, "images[0]") == b"png bytes"
+
+
+@pytest.mark.parametrize("text", ["not base64!", "aGVsbG8", "-_-_", "aGVsbG8=é"])
+def test_invalid_base64_answers_400_saying_what_is_accepted(text: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_base64(text, "images[1]")
+    assert caught.value.detail.startswith("images[1] is not valid base64")
+    assert "standard base64" in caught.value.detail
+
+
+def test_data_url_without_base64_answers_400() -> None:
+    with pytest.raises(BadRequest, match="data: URL without base64"):
+        parse_base64("data:text/plain,hello", "images[0]")
+
+
+def test_audio_of_many_channels_at_a_huge_rate_is_refused_before_decoding() -> None:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros((76_800, 8), np.float32), 192_000, format="WAV")  # 0.4 s
+    with pytest.raises(PayloadTooLarge, match="samples"):
+        decode_audio(buffer.getvalue(), 24_000, 1, max_seconds=0.5)
