@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import soundfile as sf
@@ -14,26 +15,27 @@ from tests.support import REPO_ROOT, server_process
 README = REPO_ROOT / "README.md"
 
 
-def usage_script() -> str:
-    """The bash block of the README's 'Using it' section."""
-    section = README.read_text().split("## Using it", 1)[1]
-    match = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
-    assert match, "README has no bash block under 'Using it'"
+def usage_block(language: str) -> str:
+    """The first ``language`` code block of the README's 'Using it' section."""
+    section = README.read_text().split("## Using it", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert match, f"README has no {language} block under 'Using it'"
     return match.group(1)
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_readme_examples_round_trip_a_real_photo_and_recording(tmp_path: Path) -> None:
     (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
     with server_process(REPO_ROOT / "models") as (_, url):
-        script = usage_script().replace("http://127.0.0.1:8000", url)
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        script = usage_block("bash").replace("http://127.0.0.1:8000", url)
+        result = run(["bash", "-euo", "pipefail", "-c", script], tmp_path)
+        python = usage_block("python").replace("http://127.0.0.1:8000", url)
+        client = run([sys.executable, "-c", python + "\nprint(len(png), len(wav))"], tmp_path)
     assert result.returncode == 0, result.stderr
+    assert client.returncode == 0, client.stderr
     assert '"status":"ready"' in result.stdout
     assert "tokserve_request_duration_seconds_count" in result.stdout
     with Image.open(tmp_path / "reconstruction.png") as image:
