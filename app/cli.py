@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.model_tools import add_subcommands as add_model_commands
 from app.train.cli import add_subcommands as add_training_commands
 
 
@@ -24,7 +25,7 @@ class GracefulServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         services = getattr(self.app.state, "services", None)
         if services is not None:
-            services.draining = True
+            services.begin_drain()
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit
         if sig == signal.SIGTERM and sig in self._captured_signals:
@@ -34,12 +35,19 @@ class GracefulServer(uvicorn.Server):
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP server; flags override the TOKSERVE_ environment."""
     from app.main import create_app
+    from app.registry import ModelLoadError, ModelRegistry
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     if args.model_dir:
         overrides["model_dir"] = args.model_dir
     settings = Settings(**overrides)
     app = create_app(settings)
+    try:
+        # loaded before the server starts, so a bad model folder is one line, not a traceback
+        app.state.registry = ModelRegistry.load(settings)
+    except (ModelLoadError, ValueError) as exc:
+        print(f"tokserve: cannot start: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -58,14 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="default TOKSERVE_HOST or 127.0.0.1")
     serve_cmd.add_argument("--port", type=int, help="default TOKSERVE_PORT or 8000")
     serve_cmd.add_argument("--model-dir", help="colon-separated model directories")
-    serve_cmd.set_defaults(func=serve)
+    serve_cmd.set_defaults(handler=serve)
     add_training_commands(commands)
+    add_model_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    return int(args.handler(args))
 
 
 if __name__ == "__main__":

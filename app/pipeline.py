@@ -21,6 +21,7 @@ import numpy as np
 from app.batching import Batcher
 from app.cache import SingleFlight, TokenCache, cache_key
 from app.errors import ProblemError
+from app.metrics import TOKENS
 from app.registry import LoadedModel
 
 log = logging.getLogger("tokserve.pipeline")
@@ -78,6 +79,9 @@ class Pipeline:
                 prepared, group=job.group(prepared), deadline=deadline
             )
             array = await loop.run_in_executor(self.media_pool, job.finish, result)
+            # tokens produced by a computed encode, or consumed by a computed decode
+            tokens = array if job.op == "encode" else prepared
+            TOKENS.labels(model.name, job.op).inc(np.size(tokens))
             computed[index] = array
             return array
 

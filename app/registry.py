@@ -99,14 +99,20 @@ class LoadedModel:
         }
 
 
-def model_version(folder: Path) -> str:
-    """blake2b of config.json and every weight file, 16 hex chars."""
+def model_version(*folders: Path) -> str:
+    """blake2b of config.json and the weight files of the model folder (then its source), 16 hex."""
     digest = hashlib.blake2b(digest_size=8)
-    for path in sorted(folder.iterdir()):
-        if path.name == CONFIG_FILE or path.suffix in {".safetensors", ".pt2", ".jit", ".bin"}:
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.name == CONFIG_FILE or path.suffix in {".safetensors", ".pt2", ".jit", ".bin"}:
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def source_of(folder: Path, config: dict[str, Any]) -> Path | None:
+    """The folder config.json's ``source`` names (relative to the model folder), if any."""
+    return (folder / config["source"]).resolve() if "source" in config else None
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -145,22 +151,35 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     serving = ServingOptions.resolve(config, settings)
     device = resolve_device(settings.device)
     dtype = DTYPES[serving.dtype] if device.type == "cuda" else torch.float32
+    tokenizer: Tokenizer
     if backend == "native":
-        module = build_native(folder, config)
+        module = build_native(folder, config).to(device=device, dtype=dtype).eval()
+        tokenizer = module  # type: ignore[assignment]
+    elif backend == "transformers":
+        # imported here: they import ModelLoadError from this module, and transformers is optional
+        from app.tokenizers.hf import build_transformers
+
+        tokenizer = build_transformers(folder, config, device, dtype)
+    elif backend == "exported":
+        from app.tokenizers.exported import build_exported
+
+        tokenizer = build_exported(folder, config, device)
     else:
-        raise ModelLoadError(f"{folder.name}: unknown backend {backend!r}; known: ['native']")
-    module = module.to(device=device, dtype=dtype).eval()
-    tokenizer: Tokenizer = module  # type: ignore[assignment]
+        raise ModelLoadError(
+            f"{folder.name}: unknown backend {backend!r}; known: native, transformers, exported"
+        )
+    source = source_of(folder, config)
     return LoadedModel(
         name=config.get("name", folder.name),
         backend=backend,
         path=folder,
         config=config,
-        version=model_version(folder),
+        version=model_version(folder, *([source] if source else [])),
         tokenizer=tokenizer,
         serving=serving,
         device=device,
         dtype=dtype,
+        metadata={key: config[key] for key in ("class", "source") if key in config},
     )
 
 

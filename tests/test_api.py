@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import math
@@ -13,6 +14,7 @@ import msgpack
 import numpy as np
 import soundfile as sf
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from tests.support import TINY_AUDIO, png_bytes, served, settings_for, wav_bytes
 
@@ -352,3 +354,44 @@ async def test_readiness_fails_at_once_when_draining_while_requests_still_work(
     client.app.state.services.begin_drain()  # type: ignore[attr-defined]
     assert_problem(await client.get("/readyz"), 503, "draining")
     assert (await client.post("/v1/images/encode", content=png_bytes(seed=8))).status_code == 200
+
+
+async def test_a_client_that_disconnects_has_its_queued_item_dropped(
+    client: httpx.AsyncClient,
+) -> None:
+    app = client.app  # type: ignore[attr-defined]
+    batches = REGISTRY.get_sample_value(
+        "tokserve_batch_size_count", {"model": "tiny-image", "op": "encode"}
+    )
+    body = png_bytes(seed=77)
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/images/encode",
+        "raw_path": b"/v1/images/encode",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("tokserve", 80),
+        "client": ("127.0.0.1", 5000),
+        "state": {},
+        "headers": [(b"content-length", str(len(body)).encode())],
+    }
+    await app(scope, receive, send)
+    await asyncio.sleep(0.2)  # time for the item to have been computed, were it not dropped
+    assert sent[0]["status"] == 499
+    after = REGISTRY.get_sample_value(
+        "tokserve_batch_size_count", {"model": "tiny-image", "op": "encode"}
+    )
+    assert after == batches

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
-from tests.support import png_bytes, server_process, wav_bytes
+from tests.support import REPO_ROOT, png_bytes, server_process, wav_bytes
 
 
 def encode_both(url: str) -> tuple[list[list[int]], list[list[int]]]:
@@ -30,3 +32,19 @@ def test_sigterm_exits_zero_after_answering_in_flight_requests(repo: Path) -> No
         assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+def test_a_broken_model_folder_stops_start_up_with_one_clear_line(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"backend": "native", "architecture": "nope"}')
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--model-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "broken: unknown native architecture 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr

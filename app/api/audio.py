@@ -120,13 +120,16 @@ async def decode_audio_route(
     body = await read_token_request(request, 2, "[[int]] (k codebooks of F frames)")
     served = use_model(request, services.registry.get(body.model or model, "audio"))
     info = served.info
+    # a decoder that needs every codebook declares it (exported programs do)
+    fewest = int(info.extra.get("decode_codebooks", 1))
+    rows = f"{fewest} to {info.codebooks}" if fewest < info.codebooks else f"{fewest}"
     arrays = []
     for index, item in enumerate(body.items):
         array = token_array(item, None if body.single else index, info.vocab_size)
-        if array.ndim != 2 or not 1 <= array.shape[0] <= info.codebooks or array.shape[1] < 1:
+        if array.ndim != 2 or not fewest <= array.shape[0] <= info.codebooks or array.shape[1] < 1:
             raise Unprocessable(
                 f"Tokens of shape {list(array.shape)} do not fit model {served.name}: send "
-                f"[k][F] with 1 to {info.codebooks} codebooks (rows) and at least one frame."
+                f"[k][F] with {rows} codebooks (rows) and at least one frame."
             )
         arrays.append(array)
     check_token_budget(arrays, services)
