@@ -68,9 +68,8 @@ def build_runners(services: Services) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load models, start batchers and connect the cache; on shutdown drain, then release."""
     settings: Settings = app.state.settings
-    registry = getattr(app.state, "registry", None) or await asyncio.to_thread(
-        ModelRegistry.load, settings
-    )
+    preloaded: ModelRegistry | None = getattr(app.state, "registry", None)
+    registry = preloaded or await asyncio.to_thread(ModelRegistry.load, settings)
     media_pool = ThreadPoolExecutor(
         max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="media"
     )
