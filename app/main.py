@@ -69,7 +69,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load models, start batchers and connect the cache; on shutdown drain, then release."""
     settings: Settings = app.state.settings
     preloaded: ModelRegistry | None = getattr(app.state, "registry", None)
-    registry = preloaded or await asyncio.to_thread(ModelRegistry.load, settings)
+    registry: ModelRegistry = (
+        preloaded
+        if preloaded is not None
+        else await asyncio.to_thread(ModelRegistry.load, settings)
+    )
     media_pool = ThreadPoolExecutor(
         max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="media"
     )
