@@ -1,0 +1,184 @@
+"""The benchmark's verdict: ratios against issue 4's and issue 5's targets, and a Markdown table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bench.ceiling import Ceiling
+from bench.loadgen import LevelStats
+from bench.scenarios import Sweep
+
+COMPARE_AT = 32  # batched vs unbatched throughput is compared at this concurrency
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 3)
+
+
+def _target(value: float | None, target: str, met: bool | None) -> dict[str, Any]:
+    return {"value": value, "target": target, "met": met}
+
+
+def op_summary(ceiling: Ceiling, batched: Sweep, unbatched: Sweep | None) -> dict[str, Any]:
+    """Saturation/ceiling, batched/unbatched, idle overhead, tail ratio and 5xx for one op."""
+    saturation = max(batched.levels, key=lambda s: s.throughput_rps)
+    at_one = batched.at(1)
+    overhead_ms = at_one.p50_ms - ceiling.single_item_ms if at_one else math.nan
+    tail = saturation.p99_ms / saturation.p50_ms
+    sweeps = [batched] + ([unbatched] if unbatched else [])
+    server_errors = sum(s.server_errors for sweep in sweeps for s in sweep.levels)
+    rejected = sum(s.statuses.get("503", 0) for sweep in sweeps for s in sweep.levels)
+    highest = batched.levels[-1]
+    summary: dict[str, Any] = {
+        "ceiling_items_per_s": round(ceiling.items_per_s, 3),
+        "saturation": _level_view(saturation, ceiling),
+        "highest_concurrency": _level_view(highest, ceiling),
+        "saturation_over_ceiling": _target(
+            round(saturation.throughput_rps / ceiling.items_per_s, 3),
+            ">= 0.8",
+            saturation.throughput_rps >= 0.8 * ceiling.items_per_s,
+        ),
+        "p50_c1_minus_in_process_ms": _target(
+            _round(overhead_ms), "<= 5", None if math.isnan(overhead_ms) else overhead_ms <= 5
+        ),
+        "p99_over_p50_at_saturation": _target(_round(tail), "<= 3", tail <= 3),
+        "server_errors_not_503": _target(server_errors, "== 0", server_errors == 0),
+        "rejected_503": rejected,
+    }
+    if unbatched:
+        summary["batched_over_unbatched"] = _batched_vs_unbatched(ceiling, batched, unbatched)
+    return summary
+
+
+def _level_view(level: LevelStats, ceiling: Ceiling) -> dict[str, Any]:
+    """A level's throughput against the ceiling, and what the server did meanwhile."""
+    return {
+        "concurrency": level.concurrency,
+        "throughput_rps": round(level.throughput_rps, 3),
+        "over_ceiling": round(level.throughput_rps / ceiling.items_per_s, 3),
+        "mean_batch_size": level.server["mean_batch_size"],
+        "model_busy": level.server["model_busy"],
+        "client_cpu_cores": round(level.client_cpu_cores, 3),
+    }
+
+
+def _batched_vs_unbatched(ceiling: Ceiling, batched: Sweep, unbatched: Sweep) -> dict[str, Any]:
+    """Throughput ratio at concurrency 32, or at the highest level both measured below it."""
+    pairs = [
+        (s, other)
+        for s in batched.levels
+        if s.concurrency <= COMPARE_AT and (other := unbatched.at(s.concurrency)) is not None
+    ]
+    if not pairs:
+        return _target(None, ">= 1.5", None) | {"note": "no concurrency level measured in both"}
+    with_batching, without = max(pairs, key=lambda pair: pair[0].concurrency)
+    concurrency = with_batching.concurrency
+    ratio = with_batching.throughput_rps / without.throughput_rps
+    result = _target(round(ratio, 3), ">= 1.5", ratio >= 1.5) | {
+        "concurrency": concurrency,
+        "batched_rps": round(with_batching.throughput_rps, 3),
+        "unbatched_rps": round(without.throughput_rps, 3),
+        "ceiling_batch_gain": round(ceiling.batch_gain, 3),
+    }
+    notes = []
+    if concurrency != COMPARE_AT:
+        notes.append(
+            f"compared at concurrency {concurrency}: {COMPARE_AT} was not measured in both"
+        )
+    if ceiling.best_batch_size == 1:
+        notes.append(
+            "in-process, no batch size beats batch 1 on this device "
+            f"({_rates(ceiling)}), so batching cannot raise throughput here"
+        )
+    elif ceiling.batch_gain < 1.5:
+        notes.append(
+            f"in-process, batch {ceiling.best_batch_size} gives only {ceiling.batch_gain:.2f}x the "
+            f"items/s of batch 1 on this device ({_rates(ceiling)}), so no service can show 1.5x "
+            "from batching"
+        )
+    if notes:
+        result["note"] = "; ".join(notes)
+    return result
+
+
+def _rates(ceiling: Ceiling) -> str:
+    """Items/s by batch size, e.g. "batch 1: 24.1/s, 2: 42.0/s"."""
+    rates = [f"{size}: {rate:.1f}/s" for size, rate in ceiling.items_per_s_by_batch_size.items()]
+    return "batch " + ", ".join(rates)
+
+
+def cache_summary(cache: dict[str, Any]) -> dict[str, Any]:
+    """Hit p50 and hit/miss throughput against issue 5's targets."""
+    return {
+        "hit_p50_ms": _target(cache["hit_p50_ms"], "< 3", cache["hit_p50_ms"] < 3),
+        "hit_over_miss_throughput": _target(
+            cache["hit_over_miss_throughput"], ">= 5", cache["hit_over_miss_throughput"] >= 5
+        ),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as Markdown tables: one row per operation, then the cache scenario."""
+    machine = results["machine"]
+    lines = [
+        f"Benchmark {results['date']} on {results['host']} ({machine['cpu']}, "
+        f"{machine['cpu_count']} cores, device {results['device']}"
+        f"{', QUICK run: not representative' if results['quick'] else ''}). "
+        f"Other processes used {machine['other_cpu_cores_busy']:.2f} cores on average during the "
+        f"run (load average {machine['load_average_start'][0]:.1f} at start); the load "
+        "generator shares the cores with the server.",
+        "",
+        "| operation | ceiling items/s (batch) | saturation req/s (conc.) | sat./ceiling (>= 0.8) "
+        "| batched/unbatched (>= 1.5) | p50 c=1 - in-process ms (<= 5) "
+        "| p99/p50 at sat. (<= 3) | 5xx not 503 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for op, entry in results["ops"].items():
+        summary = entry["summary"]
+        ceiling = entry["ceiling"]
+        versus = summary.get("batched_over_unbatched", {})
+        versus_text = "n/a"
+        if versus.get("value") is not None:
+            versus_text = f"{versus['value']:.2f} (c={versus['concurrency']})"
+        lines.append(
+            f"| {op} | {ceiling['items_per_s']:.2f} ({ceiling['best_batch_size']}) "
+            f"| {summary['saturation']['throughput_rps']:.2f} "
+            f"({summary['saturation']['concurrency']}) "
+            f"| {summary['saturation_over_ceiling']['value']:.2f} | {versus_text} "
+            f"| {_text(summary['p50_c1_minus_in_process_ms']['value'], '.1f')} "
+            f"| {_text(summary['p99_over_p50_at_saturation']['value'], '.2f')} "
+            f"| {summary['server_errors_not_503']['value']} |"
+        )
+    lines += ["", "Notes:"]
+    for op, entry in results["ops"].items():
+        saturation = entry["summary"]["saturation"]
+        lines.append(
+            f"- {op}: at saturation the server ran batches of {saturation['mean_batch_size']} "
+            f"on average and its model thread computed {100 * saturation['model_busy']:.0f}% "
+            f"of the time; the ceiling's best batch is {entry['ceiling']['best_batch_size']}."
+        )
+        note = entry["summary"].get("batched_over_unbatched", {}).get("note")
+        if note:
+            lines.append(f"- {op}: {note}.")
+        skipped = entry["batched"]["skipped"]
+        if skipped:
+            lines.append(
+                f"- {op}: concurrency {', '.join(str(s['concurrency']) for s in skipped)} not "
+                f"measured: {skipped[0]['reason']}."
+            )
+    cache = results.get("cache")
+    if cache:
+        lines += [
+            "",
+            f"Cache ({cache['input']}): hit p50 {cache['hit_p50_ms']:.2f} ms, "
+            f"p99 {cache['hit_p99_ms']:.2f} ms (target p50 < 3 ms); miss p50 "
+            f"{cache['miss_p50_ms']:.1f} ms. At concurrency {cache['concurrency']}: hits "
+            f"{cache['hit_throughput_rps']:.0f} req/s, misses {cache['miss_throughput_rps']:.1f} "
+            f"req/s, ratio {cache['hit_over_miss_throughput']:.1f} (target >= 5).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _text(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

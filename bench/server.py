@@ -1,0 +1,85 @@
+"""The server under test: ``python -m app.cli serve`` as a child process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(
+    model_dir: Path, device: str, models: list[str], ready_timeout_s: float = 300.0, **env: str
+) -> Iterator[str]:
+    """Start the server with TOKSERVE_* settings plus ``env``; yield its base URL once /readyz
+    answers 200; on exit SIGTERM it (it drains) and wait."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "TOKSERVE_HOST": "127.0.0.1",
+        "TOKSERVE_PORT": str(port),
+        "TOKSERVE_MODEL_DIR": str(model_dir),
+        "TOKSERVE_MODELS": ",".join(models),
+        "TOKSERVE_DEVICE": device,
+        "TOKSERVE_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(process, url, ready_timeout_s, log)
+            yield url
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _wait_ready(
+    process: subprocess.Popen[bytes], url: str, timeout_s: float, log: IO[bytes]
+) -> None:
+    """Poll /readyz; a server that exits or stays unready fails with its log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    log.seek(0)
+    output = log.read().decode(errors="replace")[-4000:]
+    state = f"exited with {process.returncode}" if process.poll() is not None else "is not ready"
+    raise RuntimeError(f"tokserve {state} after start:\n{output}")

@@ -1,0 +1,100 @@
+"""The benchmark's machinery end to end in --quick mode: tiny models, real server processes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.media import decode_audio, decode_image
+from bench.media import image_file, unique_copy, wav_file
+from bench.run import main
+from bench.workloads import OPS
+from tests.support import png_bytes, wav_bytes
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A media folder laid out like /work/shared/data: four photos, two 6 s recordings."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "audio" / "music").mkdir(parents=True)
+    for seed in range(4):
+        (root / "images" / f"photo-{seed}.png").write_bytes(png_bytes(96, 80, seed=seed))
+    for index, freq in enumerate((220.0, 330.0)):
+        (root / "audio" / "music" / f"tone-{index}.wav").write_bytes(wav_bytes(6.0, freq=freq))
+    return root
+
+
+def check_level(level: dict[str, Any]) -> None:
+    assert level["throughput_rps"] > 0 and level["requests"] > 0, level
+    assert 0 < level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] <= level["max_ms"]
+    assert set(level["statuses"]) == {"200"}, level["statuses"]
+    assert level["transport_errors"] == 0 and level["unexpected"] == 0
+    assert level["client_cpu_cores"] > 0
+    assert level["server"]["batches"] >= 0 and 0 <= level["server"]["model_busy"] < 1.1
+
+
+def test_quick_run_writes_every_field_with_sane_values(
+    repo: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    argv = ["--quick", "--device", "cpu", "--duration-s", "0.2"]
+    argv += ["--model-dir", str(repo), "--data-dir", str(data_dir), "--out-dir", str(out)]
+    assert main(argv) == 0
+
+    (path,) = out.glob("*-quick.json")
+    results = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 0
+    table = path.with_suffix(".md").read_text()
+    assert all(f"| {op} |" in table for op in OPS) and "QUICK run" in table
+
+    assert results["quick"] is True and results["device"] == "cpu"
+    assert set(results["served_versions"]) == {"tiny-image", "tiny-audio"}
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["other_cpu_cores_busy"] >= 0
+    assert list(results["ops"]) == list(OPS)
+    for op, entry in results["ops"].items():
+        ceiling = entry["ceiling"]
+        assert ceiling["items_per_s"] > 0 and ceiling["single_item_ms"] > 0, op
+        assert str(ceiling["best_batch_size"]) in ceiling["items_per_s_by_batch_size"]
+        for service in ("batched", "unbatched"):
+            assert [level["concurrency"] for level in entry[service]["levels"]] == [1, 2], op
+            for level in entry[service]["levels"]:
+                check_level(level)
+        summary = entry["summary"]
+        assert summary["highest_concurrency"]["concurrency"] == 2
+        assert summary["saturation"]["mean_batch_size"] >= 1
+        assert summary["saturation_over_ceiling"]["value"] > 0
+        assert summary["p99_over_p50_at_saturation"]["value"] >= 1
+        assert math.isfinite(summary["p50_c1_minus_in_process_ms"]["value"])
+        assert summary["batched_over_unbatched"]["value"] > 0
+        assert summary["batched_over_unbatched"]["concurrency"] == 2
+        assert summary["server_errors_not_503"] == {"value": 0, "target": "== 0", "met": True}
+        assert summary["rejected_503"] == 0
+
+    cache = results["cache"]
+    for level in cache["levels"].values():
+        check_level(level)  # hits said cached: true, misses cached: false
+    assert 0 < cache["hit_p50_ms"] <= cache["hit_p99_ms"]
+    assert cache["hit_throughput_rps"] > 0 and cache["miss_throughput_rps"] > 0
+    assert cache["summary"]["hit_over_miss_throughput"]["value"] > 0
+
+
+def test_unique_copies_are_new_bytes_that_decode_to_the_same_media() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for fmt in ("jpeg", "png"):
+        original = image_file(image, fmt)
+        copies = {unique_copy(original, nonce) for nonce in range(3)}
+        assert len(copies | {original}) == 4
+        for copy in copies:
+            assert (decode_image(copy, (64, 64)) == decode_image(original, (64, 64))).all()
+    wav = wav_file(np.sin(np.arange(16000, dtype=np.float32))[:, None] * 0.3, 16000)
+    copy = unique_copy(wav, 7)
+    assert copy != wav
+    assert (decode_audio(copy, 16000)[0] == decode_audio(wav, 16000)[0]).all()
