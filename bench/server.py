@@ -27,20 +27,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(
-    model_dir: Path, device: str, models: list[str], ready_timeout_s: float = 300.0, **env: str
-) -> Iterator[str]:
-    """Start the server with TOKSERVE_* settings plus ``env``; yield its base URL once /readyz
-    answers 200; on exit SIGTERM it (it drains) and wait."""
+def server_process(
+    model_dir: Path, ready_timeout_s: float = 120.0, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start the server over ``model_dir`` with TOKSERVE_* ``env``; yield the process and its base
+    URL once /readyz answers 200; on exit SIGTERM it (it drains) and wait."""
     port = free_port()
     environment = {
         **os.environ,
         "TOKSERVE_HOST": "127.0.0.1",
         "TOKSERVE_PORT": str(port),
         "TOKSERVE_MODEL_DIR": str(model_dir),
-        "TOKSERVE_MODELS": ",".join(models),
-        "TOKSERVE_DEVICE": device,
-        "TOKSERVE_LOG_LEVEL": "WARNING",
         **env,
     }
     with tempfile.TemporaryFile() as log:
@@ -53,8 +50,8 @@ def serving(
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(process, url, ready_timeout_s, log)
-            yield url
+            wait_ready(process, url, log, ready_timeout_s)
+            yield process, url
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -65,8 +62,22 @@ def serving(
                     process.wait()
 
 
-def _wait_ready(
-    process: subprocess.Popen[bytes], url: str, timeout_s: float, log: IO[bytes]
+@contextmanager
+def serving(
+    model_dir: Path, device: str, models: list[str], ready_timeout_s: float = 300.0, **env: str
+) -> Iterator[str]:
+    """The benchmark's server: only ``models``, on ``device``, quiet logs; yields its base URL."""
+    settings = {
+        "TOKSERVE_MODELS": ",".join(models),
+        "TOKSERVE_DEVICE": device,
+        "TOKSERVE_LOG_LEVEL": "WARNING",
+    }
+    with server_process(model_dir, ready_timeout_s, **settings, **env) as (_, url):
+        yield url
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes], url: str, log: IO[bytes], timeout_s: float = 120.0
 ) -> None:
     """Poll /readyz; a server that exits or stays unready fails with its log."""
     deadline = time.monotonic() + timeout_s
@@ -78,7 +89,7 @@ def _wait_ready(
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     log.seek(0)
     output = log.read().decode(errors="replace")[-4000:]
     state = f"exited with {process.returncode}" if process.poll() is not None else "is not ready"

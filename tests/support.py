@@ -1,19 +1,16 @@
-"""Shared test set-up: tiny randomly initialised model repositories and a served app."""
+"""Shared test set-up: tiny randomly initialised model repositories and a served app.
+
+Real server processes come from bench.server.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -112,54 +109,3 @@ def wav_bytes(
     buffer = io.BytesIO()
     sf.write(buffer, wave, sample_rate, format=fmt)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def server_process(model_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start `python -m app.cli serve` on a free port and wait until /readyz answers 200."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "TOKSERVE_MODEL_DIR": str(model_dir),
-        "TOKSERVE_PORT": str(port),
-        "TOKSERVE_DEVICE": "cpu",
-        **env,
-    }
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
-            cwd=REPO_ROOT,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(process, url, log)
-            yield process, url
-        finally:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=30)
-
-
-def wait_ready(process: subprocess.Popen[bytes], url: str, log: IO[bytes]) -> None:
-    """Poll /readyz for up to 60 s; a process that dies fails with its log."""
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"server exited {process.returncode}:\n{log.read().decode()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready in 60 s"
-        time.sleep(0.1)

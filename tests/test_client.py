@@ -11,7 +11,8 @@ import soundfile as sf
 from PIL import Image
 
 from app.client import Client, TokserveError
-from tests.support import png_bytes, server_process, tiny_repo, wav_bytes
+from bench.server import server_process
+from tests.support import png_bytes, tiny_repo, wav_bytes
 
 
 @pytest.fixture(scope="module")

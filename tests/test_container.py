@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import REPO_ROOT, free_port, wait_ready
+from bench.server import free_port, wait_ready
+from tests.support import REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import soundfile as sf
 from PIL import Image
 
-from tests.support import REPO_ROOT, server_process
+from bench.server import server_process
+from tests.support import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 

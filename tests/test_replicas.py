@@ -9,8 +9,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.server import server_process
 from tests.redis_server import RedisServer
-from tests.support import png_bytes, server_process
+from tests.support import png_bytes
 
 
 def encode(client: httpx.Client, url: str, image: bytes) -> httpx.Response:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import REPO_ROOT, png_bytes, server_process, wav_bytes
+from bench.server import server_process
+from tests.support import REPO_ROOT, png_bytes, wav_bytes
 
 
 def encode_both(url: str) -> tuple[list[list[int]], list[list[int]]]:

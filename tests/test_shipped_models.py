@@ -1,0 +1,168 @@
+"""The tokenizers shipped in models/: golden tokens for fixed inputs, and a floor on quality.
+
+Golden tokens catch accidental changes of weights or preprocessing. They belong to one export
+of the weights: after re-exporting (training writes models/<name>/ at every checkpoint), put
+the values that the failure message shows into GOLDEN and the model card's eval JSON beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.config import Settings
+from app.registry import LoadedModel, load_model
+from app.tokenizers.audio import RVQAudioCodec
+from app.tokenizers.image import FSQImageTokenizer
+from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, center_square, split_files, to_pixels
+from app.train.evaluate import VAL_FRACTION, spread, validation_clips
+from app.train.metrics import SpectralDistances, psnr
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+# Tokens of golden_pixels() ([8, 8] grid) and golden_wave() ([8, 15] codes), row by row.
+GOLDEN: dict[str, list[list[int]]] = {
+    # version fb06c7e40b7b1946
+    "image-fsq-256": [
+        [29275, 13396, 15882, 39436, 46581, 12260, 36850, 20981],
+        [55849, 14507, 13925, 52234, 36304, 12270, 12253, 11764],
+        [53918, 58971, 60506, 60994, 11231, 25552, 33781, 18356],
+        [54884, 14448, 2073, 52232, 49110, 12212, 10732, 24052],
+        [13361, 40032, 47701, 43008, 10716, 12205, 49646, 41979],
+        [28723, 26152, 32353, 40448, 23501, 12715, 36854, 26556],
+        [59493, 51766, 2081, 55873, 36302, 12761, 10675, 18364],
+        [51834, 53858, 60501, 63554, 10706, 38358, 61941, 15867],
+    ],
+    # version 96b2d2b7d7164e5b
+    "audio-rvq-24k": [
+        [316, 469, 535, 409, 684, 390, 333, 695, 1007, 14, 233, 247, 679, 626, 602],
+        [296, 269, 68, 675, 200, 446, 912, 445, 345, 257, 363, 430, 464, 16, 375],
+        [41, 38, 74, 574, 761, 39, 837, 37, 39, 862, 978, 839, 172, 792, 176],
+        [114, 117, 605, 92, 585, 92, 117, 92, 74, 645, 18, 298, 639, 428, 991],
+        [122, 86, 95, 131, 106, 113, 139, 36, 131, 91, 127, 749, 811, 344, 710],
+        [55, 32, 506, 16, 134, 134, 106, 106, 506, 111, 133, 703, 216, 949, 965],
+        [120, 0, 37, 130, 55, 130, 37, 35, 55, 130, 106, 541, 319, 555, 642],
+        [35, 112, 123, 17, 17, 116, 69, 17, 688, 35, 688, 86, 534, 23, 878],
+    ],
+}
+# Quality floors, a little below what the exported weights reach (see the model cards).
+MIN_IMAGE_PSNR_DB = 0.0
+MAX_MEL_DISTANCE = {8: 10.0, 4: 10.0}
+# Allowed share of differing tokens: a float rounding tie may flip one on another CPU.
+TOLERANCE = 0.03
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Single-threaded: exact tokens do not depend on how a convolution was split over threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def image_model() -> LoadedModel:
+    return load_model(MODELS / "image-fsq-256", Settings(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def audio_model() -> LoadedModel:
+    return load_model(MODELS / "audio-rvq-24k", Settings(device="cpu"))
+
+
+def image_tokenizer(model: LoadedModel) -> FSQImageTokenizer:
+    assert isinstance(model.tokenizer, FSQImageTokenizer)
+    return model.tokenizer
+
+
+def audio_codec(model: LoadedModel) -> RVQAudioCodec:
+    assert isinstance(model.tokenizer, RVQAudioCodec)
+    return model.tokenizer
+
+
+def golden_pixels() -> torch.Tensor:
+    """A fixed 64 x 64 test pattern: pixels [1, 3, 64, 64] in [-1, 1]."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    rings = torch.sin(40 * ((x - 0.3) ** 2 + (y - 0.6) ** 2))
+    return torch.stack([rings, torch.cos(6 * x) * y, (x > 0.5).float() * 2 - 1])[None] * 0.9
+
+
+def golden_wave() -> torch.Tensor:
+    """A fixed 0.2 s tone sweep with harmonics at 24 kHz: wave [1, 1, 4800]."""
+    t = torch.arange(4800, dtype=torch.float64) / 24000
+    phase = 2 * math.pi * (200 * t + 1500 * t**2)
+    wave = 0.4 * torch.sin(phase) + 0.2 * torch.sin(2 * phase) + 0.1 * torch.sin(5 * phase)
+    return wave.float()[None, None]
+
+
+def assert_golden(name: str, tokens: torch.Tensor, version: str) -> None:
+    """tokens [rows, cols] match GOLDEN[name] but for TOLERANCE of them."""
+    actual = tokens.tolist()
+    expected = torch.tensor(GOLDEN[name]) if GOLDEN[name] else torch.full_like(tokens, -1)
+    differing = float((expected != tokens).float().mean()) if expected.shape == tokens.shape else 1
+    assert differing <= TOLERANCE, (
+        f"{name} (version {version}) gives other tokens than GOLDEN[{name!r}] "
+        f"({differing:.0%} differ); if its weights were re-exported on purpose, set it to "
+        f"{actual}"
+    )
+
+
+@torch.no_grad()
+def test_image_tokenizer_gives_the_golden_tokens_for_a_fixed_pattern(
+    image_model: LoadedModel,
+) -> None:
+    tokens = image_tokenizer(image_model).encode(golden_pixels())
+    assert tokens.shape == (1, 8, 8)
+    assert_golden("image-fsq-256", tokens[0], image_model.version)
+
+
+@torch.no_grad()
+def test_audio_codec_gives_the_golden_tokens_for_a_fixed_sweep(audio_model: LoadedModel) -> None:
+    wave = golden_wave()
+    tokens, frames = audio_codec(audio_model).encode(wave, torch.tensor([wave.shape[-1]]))
+    assert tokens.shape == (1, 8, 15) and frames.tolist() == [15]
+    assert_golden("audio-rvq-24k", tokens[0], audio_model.version)
+
+
+@torch.no_grad()
+def test_image_round_trip_keeps_validation_photos_recognisable(image_model: LoadedModel) -> None:
+    files = spread(split_files(DATA / "images", IMAGE_SUFFIXES, VAL_FRACTION, True), 4)
+    tokenizer = image_tokenizer(image_model)
+    scores = []
+    for path in files:
+        image = center_square(path, 256)
+        pixels = tokenizer.decode(tokenizer.encode(to_pixels(image)[None]))
+        recon = np.clip(np.round((pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5), 0, 255)
+        scores.append(psnr(recon.astype(np.uint8), np.asarray(image)))
+    assert len(scores) == 4
+    assert float(np.mean(scores)) > MIN_IMAGE_PSNR_DB, scores
+
+
+@torch.no_grad()
+def test_audio_round_trip_keeps_validation_clips_close_at_8_and_4_codebooks(
+    audio_model: LoadedModel,
+) -> None:
+    clips = validation_clips(DATA, 24000, limit=3)
+    distances = SpectralDistances(24000)
+    codec = audio_codec(audio_model)
+    for codebooks, ceiling in MAX_MEL_DISTANCE.items():
+        mel = []
+        for reference in clips["speech"] + clips["music"][:1]:
+            wave = torch.from_numpy(reference)[None, None]
+            tokens, frames = codec.encode(wave, torch.tensor([reference.shape[0]]))
+            recon, _ = codec.decode(tokens[:, :codebooks], frames)
+            decoded = recon[0, 0, : reference.shape[0]].numpy()
+            mel.append(distances(decoded, reference)["mel_distance"])
+        assert float(np.mean(mel)) < ceiling, (codebooks, mel)
+
+
+def test_validation_media_exist_for_the_quality_checks() -> None:
+    assert split_files(DATA / "images", IMAGE_SUFFIXES, VAL_FRACTION, True)
+    assert split_files(DATA / "audio" / "speech", AUDIO_SUFFIXES, VAL_FRACTION, True)

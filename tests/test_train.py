@@ -1,0 +1,156 @@
+"""Training and evaluation tools on tiny configs and synthetic media (fast, CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from app.train.config import TrainConfig
+from app.train.evaluate import evaluate_model
+from app.train.trainer import Trainer
+
+SAMPLE_RATE = 8000
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded (and do not fight a busy machine's cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A miniature copy of the shared data layout: smooth images, voiced and tonal clips."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    y, x = np.mgrid[0:80, 0:96] / 40.0
+    for i in range(12):
+        phase = rng.uniform(0, 6, size=3)
+        rgb = np.stack([np.sin(x * (c + 1) + y * (i % 3) + phase[c]) for c in range(3)], axis=-1)
+        Image.fromarray(((rgb + 1) * 127.5).astype(np.uint8)).save(root / "images" / f"img-{i}.png")
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    for group, base_hz in (("speech", 140.0), ("music", 330.0)):
+        (root / "audio" / group).mkdir(parents=True)
+        for i in range(10):
+            pitch = base_hz * (1 + 0.1 * i) * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))
+            voiced = sum(
+                np.sin(2 * np.pi * np.cumsum(pitch * h) / SAMPLE_RATE) / h for h in (1, 2, 3)
+            )
+            envelope = 0.5 * (1 - np.cos(2 * np.pi * 4 * t)) * 0.3
+            wave = (voiced * envelope + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+            sf.write(root / "audio" / group / f"{group}-{i}.wav", wave, SAMPLE_RATE)
+    return root
+
+
+def image_config(**overrides: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "name": "tiny-image",
+        "modality": "image",
+        "architecture": "fsq_image",
+        "arch": {
+            "image_size": 32,
+            "channels": [8, 16],
+            "res_blocks": 1,
+            "patch": 2,
+            "levels": [5, 5, 5],
+        },
+        "data": {"crop": 32, "short_side": [48, 64]},
+        "loss": {"l1": 1.0, "mse": 1.0, "msssim": 0.0},
+        "batch_size": 4,
+        "steps": 30,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "ema_decay": 0.9,
+    }
+    return TrainConfig.from_dict({**values, **overrides})
+
+
+def audio_config(**overrides: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "name": "tiny-audio",
+        "modality": "audio",
+        "architecture": "rvq_audio",
+        "arch": {
+            "sample_rate": SAMPLE_RATE,
+            "base": 4,
+            "ratios": [2, 4],
+            "latent_dim": 8,
+            "codebooks": 2,
+            "codebook_size": 16,
+        },
+        "data": {"segment_s": 0.25},
+        "quantizer": {"dropout": 0.5},
+        "batch_size": 2,
+        "steps": 4,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+    }
+    return TrainConfig.from_dict({**values, **overrides})
+
+
+def test_training_steps_lower_the_image_loss_on_a_fixed_batch(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(image_config(), data_dir, tmp_path / "model", tmp_path / "run")
+    batch = trainer.task.batch(8)
+    with torch.no_grad():
+        before = float(trainer.task.loss(batch)[0])
+    for _ in range(30):
+        trainer.train_step()
+    with torch.no_grad():
+        after = float(trainer.task.loss(batch)[0])
+    assert after < 0.7 * before
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    straight = Trainer(audio_config(), data_dir, tmp_path / "a", tmp_path / "run-a")
+    straight.run()
+
+    first = Trainer(audio_config(steps=2), data_dir, tmp_path / "b", tmp_path / "run-b")
+    first.run()
+    resumed = Trainer(audio_config(), data_dir, tmp_path / "b", tmp_path / "run-b")
+    resumed.resume()
+    assert resumed.step == 2
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 2
+    resumed.run()
+
+    assert resumed.step == straight.step == 4
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, msg=name)
+    assert (tmp_path / "b" / "config.json").is_file()
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_eval_reports_codec_figures_beside_jpeg_webp_and_opus(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    Trainer(image_config(steps=1), data_dir, tmp_path / "image", tmp_path / "run-i").run()
+    Trainer(audio_config(steps=1), data_dir, tmp_path / "audio", tmp_path / "run-a").run()
+
+    image = evaluate_model(tmp_path / "image", data_dir, limit=2)
+    for codec in ("tokenizer", "jpeg", "webp"):
+        assert {"psnr", "ssim", "bpp"} <= set(image[codec])
+    assert {"used_fraction", "perplexity"} <= set(image["codebook_usage"])
+
+    audio = evaluate_model(tmp_path / "audio", data_dir, limit=2)
+    for section in ("codebooks_2", "codebooks_1"):
+        assert audio[section]["speech"]["codec"].keys() >= {
+            "mel_distance",
+            "stft_distance",
+            "si_snr",
+            "stoi",
+        }
+        assert "bitrate" in audio[section]["music"]["opus"]
+    assert len(audio["codebook_usage"]) == 2
