@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import transformers
 from PIL import Image
 
 from app.cli import main
@@ -29,8 +30,6 @@ from app.config import Settings
 from app.media import decode_audio
 from app.registry import ModelLoadError, load_model
 from tests.support import png_bytes, served, settings_for
-
-transformers = pytest.importorskip("transformers")
 
 SAMPLE_RATE = 8000
 HOP = 320  # 8 * 5 * 4 * 2 for every tiny codec below
