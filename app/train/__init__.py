@@ -1,0 +1,1 @@
+"""Training and evaluation of tokserve's native tokenizers (FSQ image, RVQ audio)."""
