@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.redis_server import RedisServer
 from tests.support import served, settings_for, tiny_repo
@@ -34,3 +35,13 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Single-threaded torch: exact tokens do not depend on how a convolution was split, and
+    tiny models do not fight a busy machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

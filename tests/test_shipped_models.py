@@ -8,7 +8,6 @@ the values that the failure message shows into GOLDEN and the model card's eval 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from app.tokenizers.image import FSQImageTokenizer
 from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, center_square, split_files, to_pixels
 from app.train.evaluate import VAL_FRACTION, spread, validation_clips
 from app.train.metrics import SpectralDistances, psnr
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -56,15 +57,6 @@ MIN_IMAGE_PSNR_DB = 30.0  # these 4 images reach 32.5 dB
 MAX_MEL_DISTANCE = {8: 0.75, 4: 0.8}  # 0.61 at both
 # Allowed share of differing tokens: a float rounding tie may flip one on another CPU.
 TOLERANCE = 0.03
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Single-threaded: exact tokens do not depend on how a convolution was split over threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

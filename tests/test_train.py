@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,9 @@ from app.train.config import TrainConfig
 from app.train.evaluate import evaluate_model
 from app.train.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SAMPLE_RATE = 8000
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and do not fight a busy machine's cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

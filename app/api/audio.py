@@ -11,14 +11,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.common import (
     ServicesDep,
-    cancel_on_disconnect,
     check_token_budget,
-    deadline_of,
     key_bytes,
     media_response,
     read_media_items,
     read_token_request,
     require_api_key,
+    run_job,
     token_array,
     tokens_response,
     use_model,
@@ -26,7 +25,7 @@ from app.api.common import (
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, AudioEncodeResponse, DecodedItems
 from app.errors import Unprocessable
 from app.media import decode_audio, encode_audio
-from app.pipeline import Job
+from app.pipeline import Job, unchanged
 from app.runner import AudioRunner
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(require_api_key)])
@@ -36,10 +35,6 @@ MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
 
 def _wave_only(blob: bytes, sample_rate: int, channels: int, max_seconds: float) -> torch.Tensor:
     return decode_audio(blob, sample_rate, channels, max_seconds)[0]
-
-
-def _same(array: np.ndarray) -> np.ndarray:
-    return array
 
 
 @router.post(
@@ -79,11 +74,9 @@ async def encode_audio_route(
             max_seconds=services.settings.max_audio_seconds,
         ),
         group=AudioRunner.encode_group,
-        finish=_same,
+        finish=unchanged,
     )
-    results = await cancel_on_disconnect(
-        request, services.pipeline.run(job, blobs, blobs, deadline_of(request, services))
-    )
+    results = await run_job(request, services, job, blobs, blobs)
     frame_rate = info.frame_rate or 0.0
     items = []
     for result in results:
@@ -142,18 +135,13 @@ async def decode_audio_route(
         model=served,
         op="decode",
         batcher=services.batcher(served, "decode"),
-        prepare=_same,
+        prepare=unchanged,
         group=AudioRunner.decode_group,
         finish=to_file,
         params=f"format={fmt}",
         use_cache=services.settings.cache_decode,
     )
-    results = await cancel_on_disconnect(
-        request,
-        services.pipeline.run(
-            job, arrays, [key_bytes(a) for a in arrays], deadline_of(request, services)
-        ),
-    )
+    results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])
     hop = info.hop_length or 1
     metadata = [
         {

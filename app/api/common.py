@@ -20,6 +20,7 @@ from starlette.datastructures import UploadFile
 
 from app.errors import BadRequest, ClientGone, PayloadTooLarge, Unauthorized, Unprocessable
 from app.media import parse_base64
+from app.pipeline import ItemResult, Job
 from app.registry import LoadedModel
 from app.services import Services
 
@@ -293,6 +294,16 @@ def media_response(
     ]
     return JSONResponse(
         {"model": model.name, "version": model.version, "items": items}, headers=headers
+    )
+
+
+async def run_job(
+    request: Request, services: Services, job: Job, items: list[Any], key_bytes: list[bytes]
+) -> list[ItemResult]:
+    """Run one request's items through the pipeline under its deadline, unless the client leaves."""
+    deadline = deadline_of(request, services)
+    return await cancel_on_disconnect(
+        request, services.pipeline.run(job, items, key_bytes, deadline)
     )
 
 

@@ -11,14 +11,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.common import (
     ServicesDep,
-    cancel_on_disconnect,
     check_token_budget,
-    deadline_of,
     key_bytes,
     media_response,
     read_media_items,
     read_token_request,
     require_api_key,
+    run_job,
     token_array,
     tokens_response,
     use_model,
@@ -26,16 +25,12 @@ from app.api.common import (
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, DecodedItems, ImageEncodeResponse
 from app.errors import Unprocessable
 from app.media import decode_image, encode_image
-from app.pipeline import Job
+from app.pipeline import Job, unchanged
 from app.runner import ImageRunner
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_api_key)])
 ImageFormat = Literal["png", "webp", "jpeg"]
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-
-
-def _same(array: np.ndarray) -> np.ndarray:
-    return array
 
 
 def _shape_group(item: np.ndarray) -> tuple[int, ...]:
@@ -71,12 +66,10 @@ async def encode_images(
             decode_image, size=size, resize=resize, max_pixels=services.settings.max_image_pixels
         ),
         group=ImageRunner.group,
-        finish=_same,
+        finish=unchanged,
         params=f"resize={resize}",
     )
-    results = await cancel_on_disconnect(
-        request, services.pipeline.run(job, blobs, blobs, deadline_of(request, services))
-    )
+    results = await run_job(request, services, job, blobs, blobs)
     items = [{"tokens": r.array, "shape": list(r.array.shape), "cached": r.cached} for r in results]
     return tokens_response(request, served, items)
 
@@ -115,18 +108,13 @@ async def decode_images(
         model=served,
         op="decode",
         batcher=services.batcher(served, "decode"),
-        prepare=_same,
+        prepare=unchanged,
         group=_shape_group,
         finish=to_file,
         params=f"format={fmt}",
         use_cache=services.settings.cache_decode,
     )
-    results = await cancel_on_disconnect(
-        request,
-        services.pipeline.run(
-            job, arrays, [key_bytes(a) for a in arrays], deadline_of(request, services)
-        ),
-    )
+    results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])
     height, width = info.image_size or (0, 0)
     metadata = [{"width": width, "height": height, "cached": r.cached} for r in results]
     return media_response(
