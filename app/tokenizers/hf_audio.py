@@ -18,12 +18,16 @@ from app.tokenizers.adapters import BadOption, FramedAudioCodec, check_options
 from app.tokenizers.base import TokenizerInfo
 
 
-def _bandwidth(options: dict[str, Any], bandwidths: list[float], model: str) -> float:
-    """The ``bandwidth`` option in kbps, one of the model's target bandwidths (default: highest)."""
+def _bandwidth(model: Any, options: dict[str, Any], name: str) -> tuple[float, dict[str, int]]:
+    """The ``bandwidth`` option in kbps (default: highest), and the codebooks each one takes."""
+    bandwidths = [float(b) for b in model.config.target_bandwidths]
     bandwidth = float(options.get("bandwidth", bandwidths[-1]))
     if bandwidth not in bandwidths:
-        raise BadOption(f"{model} encodes at {bandwidths} kbps, not bandwidth={bandwidth}")
-    return bandwidth
+        raise BadOption(f"{name} encodes at {bandwidths} kbps, not bandwidth={bandwidth}")
+    per_bandwidth = {
+        str(b): model.quantizer.get_num_quantizers_for_bandwidth(b) for b in bandwidths
+    }
+    return bandwidth, per_bandwidth
 
 
 def _codebooks(options: dict[str, Any], low: int, high: int, model: str) -> int:
@@ -63,11 +67,7 @@ class EncodecCodec(FramedAudioCodec):
                 "model); the scales are not tokens, so it cannot serve as a tokenizer (the 24 kHz "
                 "model can)"
             )
-        bandwidths = [float(b) for b in config.target_bandwidths]
-        self.bandwidth = _bandwidth(options, bandwidths, "EncodecModel")
-        per_bandwidth = {
-            str(b): model.quantizer.get_num_quantizers_for_bandwidth(b) for b in bandwidths
-        }
+        self.bandwidth, per_bandwidth = _bandwidth(model, options, "EncodecModel")
         self.model = model
         self.device = device
         self.padding_safe = bool(config.use_causal_conv)
@@ -155,11 +155,7 @@ class XcodecCodec(FramedAudioCodec):
     def __init__(self, model: Any, options: dict[str, Any], device: torch.device) -> None:
         config = model.config
         check_options(options, self.OPTIONS, "XcodecModel")
-        bandwidths = [float(b) for b in config.target_bandwidths]
-        self.bandwidth = _bandwidth(options, bandwidths, "XcodecModel")
-        per_bandwidth = {
-            str(b): model.quantizer.get_num_quantizers_for_bandwidth(b) for b in bandwidths
-        }
+        self.bandwidth, per_bandwidth = _bandwidth(model, options, "XcodecModel")
         self.model = model
         self.device = device
         # the semantic model normalises and attends over the whole clip
