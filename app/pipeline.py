@@ -77,9 +77,11 @@ class Pipeline:
             try:
                 prepared = await loop.run_in_executor(self.media_pool, job.prepare, items[index])
             except ProblemError as exc:
-                if len(items) > 1:
-                    exc.detail = f"Item {index}: {exc.detail}"
-                raise
+                if len(items) == 1:
+                    raise
+                # a new error: single-flight may hand this one to other requests too
+                detail = f"Item {index}: {exc.detail}"
+                raise type(exc)(detail, headers=exc.headers, **exc.extra) from exc
             result = await job.batcher.submit(
                 prepared, group=job.group(prepared), deadline=deadline
             )
