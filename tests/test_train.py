@@ -104,6 +104,35 @@ def test_training_steps_lower_the_image_loss_on_a_fixed_batch(
     assert after < 0.7 * before
 
 
+def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    stft = {
+        "backbone": "stft",
+        "sample_rate": SAMPLE_RATE,
+        "hop_length": 80,
+        "n_fft": 320,
+        "dim": 32,
+        "encoder_blocks": 1,
+        "decoder_blocks": 2,
+        "latent_dim": 8,
+        "codebooks": 2,
+        "codebook_size": 16,
+    }
+    loss = {"stft": 1.0, "mel": 1.0, "wave_l1": 1.0, "complex_stft": 1.0}
+    config = audio_config(arch=stft, loss=loss, steps=40, lr=3e-3, quantizer={"dropout": 0.0})
+    trainer = Trainer(config, data_dir, tmp_path / "model", tmp_path / "run")
+    batch = trainer.task.batch(4)
+    with torch.no_grad():
+        before, parts = trainer.task.loss(batch)
+    assert set(parts) == {"stft", "mel", "wave_l1", "complex", "commit"}
+    for _ in range(40):
+        trainer.train_step()
+    with torch.no_grad():
+        after = float(trainer.task.loss(batch)[0])
+    assert after < 0.7 * float(before)
+
+
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(
     data_dir: Path, tmp_path: Path
 ) -> None:

@@ -1,4 +1,8 @@
-"""Native audio codec: SEANet encoder/decoder around a residual vector quantizer (EnCodec-style)."""
+"""Native audio codec: an encoder/decoder pair around a residual vector quantizer.
+
+Two backbones: ``seanet`` (EnCodec-style strided convolutions at the sample rate) and ``stft``
+(Vocos-style ConvNeXt at the frame rate, inverse STFT out), chosen by ``arch["backbone"]``.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from torch import nn
 from app.tokenizers.base import TokenizerInfo
 from app.tokenizers.rvq import ResidualVQ
 from app.tokenizers.seanet import SEANetDecoder, SEANetEncoder
+from app.tokenizers.stftnet import STFTDecoder, STFTEncoder
 
 
 class RVQAudioCodec(nn.Module):
-    """Native audio codec implementing the AudioTokenizer protocol; hop = prod(ratios)."""
+    """Native audio codec implementing the AudioTokenizer protocol."""
 
     def __init__(
         self,
@@ -25,13 +30,30 @@ class RVQAudioCodec(nn.Module):
         latent_dim: int = 128,
         codebooks: int = 8,
         codebook_size: int = 1024,
+        backbone: str = "seanet",
+        hop_length: int = 320,
+        n_fft: int = 1280,
+        dim: int = 256,
+        encoder_blocks: int = 2,
+        decoder_blocks: int = 6,
     ) -> None:
+        """``seanet`` reads base and ratios (hop = prod(ratios)); ``stft`` reads hop_length, n_fft,
+        dim and the block counts."""
         super().__init__()
         self.sample_rate = sample_rate
         self.channels = channels
-        self.hop_length = math.prod(ratios)
-        self.encoder = SEANetEncoder(channels, base, tuple(ratios), latent_dim)
-        self.decoder = SEANetDecoder(channels, base, tuple(ratios), latent_dim)
+        self.hop_length = math.prod(ratios) if backbone == "seanet" else hop_length
+        self.encoder: nn.Module
+        self.decoder: nn.Module
+        if backbone == "seanet":
+            self.encoder = SEANetEncoder(channels, base, tuple(ratios), latent_dim)
+            self.decoder = SEANetDecoder(channels, base, tuple(ratios), latent_dim)
+        elif backbone == "stft":
+            shape = (channels, self.hop_length, n_fft, dim)
+            self.encoder = STFTEncoder(*shape, encoder_blocks, latent_dim)
+            self.decoder = STFTDecoder(*shape, decoder_blocks, latent_dim)
+        else:
+            raise ValueError(f"unknown audio backbone {backbone!r}; expected 'seanet' or 'stft'")
         self.quantizer = ResidualVQ(codebooks, codebook_size, latent_dim)
 
     @classmethod

@@ -102,16 +102,48 @@ class MelLoss(nn.Module):
         return F.l1_loss(self.log_mel(recon), self.log_mel(target))
 
 
+class CompressedSpectrumLoss(nn.Module):
+    """MSE of power-compressed complex STFTs and of their magnitudes: a phase-aware target.
+
+    |S| ** 0.3 * exp(i angle S) weighs quiet bins up (as speech enhancement losses do), and the
+    complex term supervises phase where the magnitude-only losses cannot.
+    """
+
+    def __init__(self, fft_sizes: tuple[int, ...] = (1024, 512), power: float = 0.3) -> None:
+        super().__init__()
+        self.fft_sizes, self.power = fft_sizes, power
+
+    def compressed(self, wave: torch.Tensor, n_fft: int) -> torch.Tensor:
+        window = torch.hann_window(n_fft, device=wave.device)
+        spec = torch.stft(wave, n_fft, n_fft // 4, window=window, return_complex=True)
+        return spec * spec.abs().clamp(min=1e-4).pow(self.power - 1)
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        recon, target = recon.flatten(0, 1).float(), target.flatten(0, 1).float()
+        total = recon.new_zeros(())
+        for n_fft in self.fft_sizes:
+            r, t = self.compressed(recon, n_fft), self.compressed(target, n_fft)
+            complex_mse = F.mse_loss(torch.view_as_real(r), torch.view_as_real(t))
+            total = total + complex_mse + F.mse_loss(r.abs(), t.abs())
+        return total / len(self.fft_sizes)
+
+
 class AudioLoss(nn.Module):
-    """Weighted multi-resolution STFT + mel L1 + waveform L1 of waves [B, C, T]."""
+    """Weighted multi-resolution STFT + mel L1 + waveform L1 (+ compressed complex STFT)."""
 
     def __init__(
-        self, sample_rate: int, stft: float = 1.0, mel: float = 1.0, wave_l1: float = 1.0
+        self,
+        sample_rate: int,
+        stft: float = 1.0,
+        mel: float = 1.0,
+        wave_l1: float = 1.0,
+        complex_stft: float = 0.0,
     ) -> None:
         super().__init__()
-        self.weights = {"stft": stft, "mel": mel, "wave_l1": wave_l1}
+        self.weights = {"stft": stft, "mel": mel, "wave_l1": wave_l1, "complex": complex_stft}
         self.stft = MultiResolutionSTFTLoss()
         self.mel = MelLoss(sample_rate)
+        self.complex = CompressedSpectrumLoss()
 
     def forward(
         self, recon: torch.Tensor, target: torch.Tensor
@@ -121,4 +153,6 @@ class AudioLoss(nn.Module):
             "mel": self.mel(recon, target),
             "wave_l1": F.l1_loss(recon.float(), target.float()),
         }
+        if self.weights["complex"]:
+            parts["complex"] = self.complex(recon, target)
         return weighted_sum(parts, self.weights), {k: float(v.detach()) for k, v in parts.items()}
