@@ -36,6 +36,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run the HTTP server; flags override the TOKSERVE_ environment."""
     from app.main import create_app
     from app.registry import ModelLoadError, ModelRegistry
+    from app.runner import MODEL_THREAD
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     if args.model_dir:
@@ -43,8 +44,9 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     app = create_app(settings)
     try:
-        # loaded before the server starts, so a bad model folder is one line, not a traceback
-        app.state.registry = ModelRegistry.load(settings)
+        # loaded before the server starts, so a bad model folder is one line, not a traceback;
+        # on the model thread, like every other torch call of the server
+        app.state.registry = MODEL_THREAD.submit(ModelRegistry.load, settings).result()
     except (ModelLoadError, ValueError) as exc:
         print(f"tokserve: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -68,10 +68,13 @@ def _batched_vs_unbatched(ceiling: Ceiling, batched: Sweep, unbatched: Sweep) ->
     pairs = [
         (s, other)
         for s in batched.levels
-        if s.concurrency <= COMPARE_AT and (other := unbatched.at(s.concurrency)) is not None
+        if s.concurrency <= COMPARE_AT
+        and (other := unbatched.at(s.concurrency)) is not None
+        and other.throughput_rps > 0
     ]
     if not pairs:
-        return _target(None, ">= 1.5", None) | {"note": "no concurrency level measured in both"}
+        note = "no concurrency level answered requests in both runs"
+        return _target(None, ">= 1.5", None) | {"note": note}
     with_batching, without = max(pairs, key=lambda pair: pair[0].concurrency)
     concurrency = with_batching.concurrency
     ratio = with_batching.throughput_rps / without.throughput_rps

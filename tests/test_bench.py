@@ -12,8 +12,12 @@ import pytest
 from PIL import Image
 
 from app.media import decode_audio, decode_image
+from bench.ceiling import Ceiling
+from bench.loadgen import LevelStats
 from bench.media import image_file, unique_copy, wav_file
+from bench.report import op_summary
 from bench.run import main
+from bench.scenarios import Sweep
 from bench.workloads import OPS
 from tests.support import png_bytes, wav_bytes
 
@@ -98,3 +102,34 @@ def test_unique_copies_are_new_bytes_that_decode_to_the_same_media() -> None:
     copy = unique_copy(wav, 7)
     assert copy != wav
     assert (decode_audio(copy, 16000)[0] == decode_audio(wav, 16000)[0]).all()
+
+
+def level(concurrency: int, throughput_rps: float) -> LevelStats:
+    return LevelStats(
+        concurrency=concurrency,
+        elapsed_s=1.0,
+        window_s=1.0,
+        requests=int(throughput_rps),
+        throughput_rps=throughput_rps,
+        p50_ms=10.0,
+        p90_ms=11.0,
+        p99_ms=12.0,
+        mean_ms=10.0,
+        max_ms=12.0,
+        statuses={"200": int(throughput_rps)},
+        transport_errors=0,
+        unexpected=0,
+        client_cpu_cores=0.1,
+        server={"mean_batch_size": 1.0, "model_busy": 0.5},
+        complete=throughput_rps > 0,
+    )
+
+
+def test_batching_gain_skips_levels_where_the_unbatched_server_answered_nothing() -> None:
+    ceiling = Ceiling(2, 60.0, 16.0, {1: 50.0, 2: 60.0})
+    batched = Sweep([level(1, 40.0), level(2, 55.0)], [])
+    starved = Sweep([level(1, 30.0), level(2, 0.0)], [])
+    gain = op_summary(ceiling, batched, starved)["batched_over_unbatched"]
+    assert gain["value"] == pytest.approx(40.0 / 30.0, abs=1e-3) and gain["concurrency"] == 1
+    nothing = Sweep([level(1, 0.0), level(2, 0.0)], [])
+    assert op_summary(ceiling, batched, nothing)["batched_over_unbatched"]["value"] is None
