@@ -1,8 +1,9 @@
 """``tokserve models add``: put a downloaded or exported tokenizer into the model repository.
 
 The model is loaded once with the same builders the server uses, an encode -> decode round trip
-on a synthetic input must succeed, and only then is ``models/NAME/config.json`` written. The
-weights stay where they are: config.json points at them with ``source``.
+on a synthetic input must succeed, and only then are ``models/NAME/config.json`` and a model
+card (README.md) written. The weights stay where they are: config.json points at them with
+``source``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import re
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any, cast
 
@@ -99,7 +101,39 @@ def add_model(args: argparse.Namespace) -> tuple[Path, Tokenizer, str]:
     config["modality"] = tokenizer.info.modality
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(args.name, config, tokenizer.info, report))
     return folder, tokenizer, report
+
+
+def model_card(name: str, config: dict[str, Any], info: TokenizerInfo, report: str) -> str:
+    """README.md for an added model: where it comes from, its tokens, the round-trip check."""
+    kind = config.get("class") or ", ".join(
+        str(config["program"][part]) for part in ("encoder", "decoder")
+    )
+    rows = [
+        ("backend", f"{config['backend']} (`{kind}`)"),
+        ("weights", f"`{config['source']}` (not copied; config.json points at them)"),
+        ("tokens", summary(info)),
+        ("bit rate", bit_rate(info)),
+        ("round trip on a synthetic input", report),
+        ("options", f"`{json.dumps(config.get('options', {}))}`"),
+    ]
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return (
+        f"# {name}\n\nAdded with `tokserve models add` on {date.today().isoformat()}.\n\n"
+        f"| | |\n|---|---|\n{table}\n\nLicence, training data and measured quality are the "
+        "checkpoint's own: see its original model card.\n"
+    )
+
+
+def bit_rate(info: TokenizerInfo) -> str:
+    """What the tokens cost: kbit/s for audio, bits per pixel for images."""
+    bits = math.log2(info.vocab_size) * info.codebooks
+    if info.modality == "audio":
+        return f"{bits * (info.frame_rate or 0) / 1000:g} kbit/s"
+    height, width = info.image_size or (1, 1)
+    rows, cols = info.grid or (0, 0)
+    return f"{bits * rows * cols / (height * width):.3g} bits per pixel"
 
 
 def guess_backend(source: Path) -> str:

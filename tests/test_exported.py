@@ -213,6 +213,10 @@ def test_models_add_measures_an_exported_pair_and_writes_its_conventions(
     config = json.loads((tmp_path / "audio-jit" / "config.json").read_text())
     assert config["backend"] == "exported" and config["source"] == str(programs / "audio")
     assert config["program"]["codebooks"] == K and config["program"]["lengths"] is True
+    card = (tmp_path / "audio-jit" / "README.md").read_text()
+    assert "exported (`encoder.jit, decoder.jit`)" in card
+    bits = K * math.log2(64) * SAMPLE_RATE / HOP / 1000
+    assert f"| bit rate | {bits:g} kbit/s |" in card
 
 
 def test_models_add_refuses_a_pair_whose_ids_exceed_the_declared_vocabulary(

@@ -429,6 +429,9 @@ async def test_models_add_checks_a_round_trip_and_writes_a_config_naming_the_fol
     assert config["source"] == str(checkpoints["EncodecModel"])
     assert config["options"] == {"bandwidth": 0.3} and config["modality"] == "audio"
     assert not (tmp_path / "tiny-encodec" / "model.safetensors").exists()
+    card = (tmp_path / "tiny-encodec" / "README.md").read_text()
+    assert "transformers (`EncodecModel`)" in card and config["source"] in card
+    assert "| round trip on a synthetic input | ok, SNR" in card
     async with served(settings_for(tmp_path)) as client:
         models = (await client.get("/v1/models")).json()["models"]
     assert [(m["name"], m["codebooks"], m["source"]) for m in models] == [
