@@ -48,7 +48,8 @@ def test_quick_run_writes_every_field_with_sane_values(
     repo: Path, data_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "results"
-    argv = ["--quick", "--device", "cpu", "--duration-s", "0.2"]
+    # 1 s levels (3 s at most): enough for two rounds at concurrency 2 on a loaded machine
+    argv = ["--quick", "--device", "cpu", "--duration-s", "1.0"]
     argv += ["--model-dir", str(repo), "--data-dir", str(data_dir), "--out-dir", str(out)]
     assert main(argv) == 0
 
