@@ -67,6 +67,17 @@ def test_stft_framing_gives_one_frame_per_hop_and_reconstructs_the_wave_exactly(
     torch.testing.assert_close(rebuilt, wave, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backbone", sorted(TINY_ARCHS))
+@torch.inference_mode()
+def test_codec_runs_in_bfloat16_as_cuda_serving_may(backbone: str) -> None:
+    codec = tiny_codec(backbone).to(torch.bfloat16)
+    wave, lengths = padded(clips())
+    tokens, frames = codec.encode(wave.to(torch.bfloat16), lengths)
+    decoded, samples = codec.decode(tokens, frames)
+    assert tokens.shape == (3, 3, 25) and decoded.shape == (3, 1, 25 * 320)
+    assert torch.isfinite(decoded).all() and samples.tolist() == (frames * 320).tolist()
+
+
 def test_unknown_backbone_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="'seanet' or 'stft'"):
         RVQAudioCodec(backbone="wavenet")

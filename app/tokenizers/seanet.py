@@ -11,10 +11,12 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
-    """[B] valid lengths -> [B, 1, size] float mask."""
+def length_mask(
+    lengths: torch.Tensor, size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """[B] valid lengths -> [B, 1, size] mask of ones and zeros in ``dtype``."""
     positions = torch.arange(size, device=lengths.device)
-    return (positions[None, :] < lengths[:, None]).unsqueeze(1).float()
+    return (positions[None, :] < lengths[:, None]).unsqueeze(1).to(dtype)
 
 
 class ResidualUnit(nn.Module):
@@ -57,14 +59,14 @@ class SEANetEncoder(nn.Module):
         self.act = nn.ELU()
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(wave * length_mask(lengths, wave.shape[-1]))
+        x = self.conv_in(wave * length_mask(lengths, wave.shape[-1], wave.dtype))
         for ratio, res, down in zip(self.ratios, self.res, self.down, strict=True):
-            x = res(x * length_mask(lengths, x.shape[-1]))
-            x = self.act(x) * length_mask(lengths, x.shape[-1])
+            x = res(x * length_mask(lengths, x.shape[-1], x.dtype))
+            x = self.act(x) * length_mask(lengths, x.shape[-1], x.dtype)
             # kernel 2r, stride r: pad r/2 each side so T -> T / r exactly
             x = down(F.pad(x, ((ratio + 1) // 2, ratio // 2)))
             lengths = torch.div(lengths + ratio - 1, ratio, rounding_mode="floor")
-        x = self.act(x) * length_mask(lengths, x.shape[-1])
+        x = self.act(x) * length_mask(lengths, x.shape[-1], x.dtype)
         return self.conv_out(x)
 
 
@@ -94,13 +96,13 @@ class SEANetDecoder(nn.Module):
 
     def forward(self, latents: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         lengths = frames
-        x = self.conv_in(latents * length_mask(lengths, latents.shape[-1]))
+        x = self.conv_in(latents * length_mask(lengths, latents.shape[-1], latents.dtype))
         for ratio, up, res in zip(self.ratios, self.up, self.res, strict=True):
-            x = self.act(x) * length_mask(lengths, x.shape[-1])
+            x = self.act(x) * length_mask(lengths, x.shape[-1], x.dtype)
             size = x.shape[-1] * ratio
             # transposed conv yields (F + 1) * r samples; trim r/2 each side
             x = up(x)[..., (ratio + 1) // 2 : (ratio + 1) // 2 + size]
             lengths = lengths * ratio
-            x = res(x * length_mask(lengths, size))
-        x = self.act(x) * length_mask(lengths, x.shape[-1])
+            x = res(x * length_mask(lengths, size, x.dtype))
+        x = self.act(x) * length_mask(lengths, x.shape[-1], x.dtype)
         return self.conv_out(x)

@@ -43,7 +43,12 @@ class Spectrum(nn.Module):
         """wave [N, T] -> complex spectrum [N, bins, T / hop]."""
         padded = F.pad(wave.float(), (self.pad, self.pad))
         return torch.stft(
-            padded, self.n_fft, self.hop, window=self.window, center=False, return_complex=True
+            padded,
+            self.n_fft,
+            self.hop,
+            window=self.window.float(),
+            center=False,
+            return_complex=True,
         )
 
     def synthesise(self, spec: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
@@ -52,12 +57,13 @@ class Spectrum(nn.Module):
         Weighted overlap-add; each item's window envelope counts only its own valid frames.
         """
         n, _, frames = spec.shape
-        mask = frame_mask[:, None, :].to(self.window.dtype)
-        chunks = torch.fft.irfft(spec, n=self.n_fft, dim=1) * self.window[None, :, None] * mask
+        window = self.window.float()  # the FFTs run in float32 even when the model is bf16/fp16
+        mask = frame_mask[:, None, :].float()
+        chunks = torch.fft.irfft(spec, n=self.n_fft, dim=1) * window[None, :, None] * mask
         size = (1, (frames - 1) * self.hop + self.n_fft)
         fold = {"output_size": size, "kernel_size": (1, self.n_fft), "stride": (1, self.hop)}
         wave = F.fold(chunks, **fold).view(n, -1)
-        envelope = F.fold(self.window.pow(2)[None, :, None] * mask.expand(n, -1, -1), **fold)
+        envelope = F.fold(window.pow(2)[None, :, None] * mask.expand(n, -1, -1), **fold)
         wave = wave / envelope.view(n, -1).clamp(min=1e-8)
         return wave[:, self.pad : self.pad + frames * self.hop]
 
@@ -95,7 +101,7 @@ class ConvNeXtStack(nn.Module):
         self.proj = nn.Linear(dim, out_channels)
 
     def forward(self, x: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        mask = length_mask(frames, x.shape[-1])
+        mask = length_mask(frames, x.shape[-1], self.embed.weight.dtype)
         x = self.norm_in(self.embed(x).transpose(1, 2)).transpose(1, 2)
         for block in self.blocks:
             x = block(x, mask)
@@ -118,6 +124,7 @@ class STFTEncoder(nn.Module):
         spec = self.spectrum.analyse(wave.flatten(0, 1))
         spec = spec * spec.abs().clamp(min=1e-5).pow(COMPRESSION - 1)
         features = torch.cat([spec.real, spec.imag], dim=1).view(batch, -1, spec.shape[-1])
+        features = features.to(self.stack.embed.weight.dtype)
         hop = self.spectrum.hop
         return self.stack(features, torch.div(lengths + hop - 1, hop, rounding_mode="floor"))
 
