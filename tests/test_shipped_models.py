@@ -20,7 +20,7 @@ from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.image import FSQImageTokenizer
 from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, center_square, split_files, to_pixels
 from app.train.evaluate import VAL_FRACTION, spread, validation_clips
-from app.train.metrics import SpectralDistances, psnr
+from app.train.metrics import SpectralDistances, psnr, si_snr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,21 +40,22 @@ GOLDEN: dict[str, list[list[int]]] = {
         [56438, 39038, 14443, 59460, 61893, 12232, 10683, 33725],
         [51321, 53858, 59468, 62464, 10697, 63445, 47587, 44027],
     ],
-    # version 1faec76fce50fcd5
+    # version 7f83926f60158eb4
     "audio-rvq-24k": [
-        [267, 495, 423, 125, 791, 289, 85, 475, 630, 99, 315, 169, 882, 75, 388],
-        [105, 214, 693, 621, 621, 792, 523, 531, 253, 188, 101, 172, 831, 22, 711],
-        [888, 240, 396, 5, 624, 626, 902, 717, 5, 610, 901, 377, 707, 821, 149],
-        [717, 820, 670, 364, 395, 190, 649, 597, 772, 211, 996, 1009, 958, 287, 576],
-        [803, 553, 434, 721, 962, 196, 29, 250, 29, 313, 14, 1001, 979, 150, 245],
-        [52, 722, 121, 997, 760, 595, 760, 119, 115, 945, 740, 927, 782, 661, 633],
-        [874, 869, 740, 51, 740, 633, 951, 297, 757, 916, 523, 417, 157, 241, 893],
-        [540, 650, 489, 489, 329, 107, 420, 637, 1, 650, 45, 614, 755, 609, 844],
+        [432, 574, 288, 542, 187, 574, 27, 786, 721, 824, 824, 824, 585, 585, 751],
+        [832, 481, 57, 299, 773, 852, 577, 154, 385, 965, 965, 747, 741, 814, 891],
+        [699, 394, 167, 111, 335, 826, 457, 962, 63, 531, 918, 96, 144, 1002, 236],
+        [562, 843, 454, 787, 729, 885, 14, 109, 552, 276, 381, 81, 12, 901, 796],
+        [720, 865, 213, 21, 948, 849, 639, 569, 283, 195, 685, 540, 781, 529, 731],
+        [69, 101, 409, 292, 323, 407, 675, 855, 50, 941, 107, 64, 509, 133, 350],
+        [307, 304, 660, 943, 724, 764, 57, 633, 231, 562, 112, 526, 459, 313, 683],
+        [944, 806, 255, 1000, 492, 610, 132, 875, 1009, 817, 427, 861, 875, 301, 508],
     ],
 }
 # Quality floors, a little below what the exported weights reach (see the model cards).
 MIN_IMAGE_PSNR_DB = 32.0  # these 4 images reach 34.4 dB
-MAX_MEL_DISTANCE = {8: 0.75, 4: 0.8}  # 0.61 at both
+MAX_MEL_DISTANCE = {8: 0.4, 4: 0.42}  # 0.31 at both
+MIN_SI_SNR_DB = -3.0  # 1.2 dB at 8 codebooks, 0.1 dB at 4; a noise-like output gets -30 dB or less
 # Allowed share of differing tokens: a float rounding tie may flip one on another CPU.
 TOLERANCE = 0.03
 
@@ -145,14 +146,16 @@ def test_audio_round_trip_keeps_validation_clips_close_at_8_and_4_codebooks(
     distances = SpectralDistances(24000)
     codec = audio_codec(audio_model)
     for codebooks, ceiling in MAX_MEL_DISTANCE.items():
-        mel = []
+        mel, snr = [], []
         for reference in clips["speech"] + clips["music"][:1]:
             wave = torch.from_numpy(reference)[None, None]
             tokens, frames = codec.encode(wave, torch.tensor([reference.shape[0]]))
             recon, _ = codec.decode(tokens[:, :codebooks], frames)
             decoded = recon[0, 0, : reference.shape[0]].numpy()
             mel.append(distances(decoded, reference)["mel_distance"])
+            snr.append(si_snr(decoded, reference))
         assert float(np.mean(mel)) < ceiling, (codebooks, mel)
+        assert float(np.mean(snr)) > MIN_SI_SNR_DB, (codebooks, snr)
 
 
 def test_validation_media_exist_for_the_quality_checks() -> None:
