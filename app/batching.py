@@ -1,8 +1,7 @@
-"""Batcher: one queue and one worker per model × op; batch assembly, backpressure, deadlines.
+"""Batcher: one queue and one worker thread per model × op; batch assembly, backpressure, deadlines.
 
 The queue knows nothing of HTTP and nothing of models: it gathers items, hands lists of them to
-a ``run_batch`` callable on the executor it is given (the server gives every batcher the one
-model thread, runner.MODEL_THREAD), and answers each waiter with its own result.
+a ``run_batch`` callable on its own worker thread, and answers each waiter with its own result.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -52,7 +51,7 @@ class _Entry(Generic[T, R]):
 
 
 class Batcher(Generic[T, R]):
-    """Gathers items for one model × op into batches and runs them, one at a time, on ``executor``.
+    """Gathers items for one model × op into batches and runs them on one worker thread.
 
     An item arriving while the worker is idle starts at once. Items arriving while a batch runs
     gather; when the worker frees, the next batch takes up to ``max_batch_size`` items of the
@@ -60,6 +59,7 @@ class Batcher(Generic[T, R]):
     """
 
     _loop: asyncio.AbstractEventLoop
+    _executor: ThreadPoolExecutor
 
     def __init__(
         self,
@@ -67,7 +67,6 @@ class Batcher(Generic[T, R]):
         op: str,
         run_batch: Callable[[list[T]], list[R]],
         *,
-        executor: Executor,
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
@@ -84,7 +83,6 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
         self._run_batch = run_batch
-        self._executor = executor  # where forwards run; shared, so never shut down here
         self._is_oom = is_oom
         # group -> its waiting entries in arrival order; a group is deleted when it empties
         self._groups: dict[Hashable, OrderedDict[_Entry[T, R], None]] = {}
@@ -113,10 +111,13 @@ class Batcher(Generic[T, R]):
         return self._depth == 0 and self._worker_free.is_set()
 
     async def start(self) -> None:
-        """Create the dispatch task on the running loop."""
+        """Create the worker thread and the dispatch task on the running loop."""
         if self._dispatcher is not None:
             raise RuntimeError(f"the {self.model} {self.op} batcher is already started")
         self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{self.model}-{self.op}"
+        )
         self._idle_since = time.monotonic()
         self._dispatcher = asyncio.create_task(
             self._dispatch(), name=f"batcher-{self.model}-{self.op}"
@@ -167,6 +168,7 @@ class Batcher(Generic[T, R]):
             self._dispatcher.cancel()
             await asyncio.wait([self._dispatcher])
             self._fail_unfinished()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _overloaded(self, detail: str) -> Overloaded:
         return Overloaded(detail, headers={"Retry-After": RETRY_AFTER_S})

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# libgomp reads its wait policy once, when torch loads, so this precedes every torch import.
-# Passive waiting leaves the cores to HTTP and media work between a forward's parallel regions:
-# on 2 cores the image encoder served 61 req/s at saturation with it, 49 with the default spin.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import signal
 import sys
@@ -43,7 +36,6 @@ def serve(args: argparse.Namespace) -> int:
     """Run the HTTP server; flags override the TOKSERVE_ environment."""
     from app.main import create_app
     from app.registry import ModelLoadError, ModelRegistry
-    from app.runner import MODEL_THREAD
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     if args.model_dir:
@@ -51,9 +43,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     app = create_app(settings)
     try:
-        # loaded before the server starts, so a bad model folder is one line, not a traceback;
-        # on the model thread, like every other torch call of the server
-        app.state.registry = MODEL_THREAD.submit(ModelRegistry.load, settings).result()
+        # loaded before the server starts, so a bad model folder is one line, not a traceback
+        app.state.registry = ModelRegistry.load(settings)
     except (ModelLoadError, ValueError) as exc:
         print(f"tokserve: cannot start: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from app.metrics import BUILD_INFO, MODEL_INFO
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.pipeline import Pipeline
 from app.registry import ModelRegistry
-from app.runner import MODEL_THREAD, AudioRunner, ImageRunner
+from app.runner import AudioRunner, ImageRunner
 from app.services import Services
 from app.warmup import warm_up
 
@@ -50,7 +50,6 @@ def build_runners(services: Services) -> None:
                 model.name,
                 op,
                 run_batch,
-                executor=MODEL_THREAD,
                 max_batch_size=model.serving.max_batch_size,
                 max_wait_ms=model.serving.max_wait_ms,
                 max_queue=model.serving.max_queue,
@@ -70,11 +69,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load models, start batchers and connect the cache; on shutdown drain, then release."""
     settings: Settings = app.state.settings
     preloaded: ModelRegistry | None = getattr(app.state, "registry", None)
-    loop = asyncio.get_running_loop()
     registry: ModelRegistry = (
         preloaded
         if preloaded is not None
-        else await loop.run_in_executor(MODEL_THREAD, ModelRegistry.load, settings)
+        else await asyncio.to_thread(ModelRegistry.load, settings)
     )
     media_pool = ThreadPoolExecutor(
         max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="media"
@@ -92,7 +90,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     for batcher in services.batchers.values():
         await batcher.start()
     if settings.warmup:
-        await loop.run_in_executor(MODEL_THREAD, warm_up, services)
+        await asyncio.to_thread(warm_up, services)
     services.ready = True
     log.info("ready: %s", ", ".join(registry.names()) or "no models")
     try:

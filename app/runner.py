@@ -1,15 +1,14 @@
 """Batch functions between the queue and a backend: collate items, one forward, split results.
 
-They run on MODEL_THREAD, the one thread of the process that runs model code. Items arrive as
-CPU tensors or numpy arrays of one item each; results leave as numpy arrays of one item each,
-so neither the queue nor the API ever touches a device tensor.
+They run in the model's worker thread (see batching.Batcher). Items arrive as CPU tensors or
+numpy arrays of one item each; results leave as numpy arrays of one item each, so neither the
+queue nor the API ever touches a device tensor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
 import numpy as np
@@ -17,12 +16,6 @@ import torch
 
 from app.registry import LoadedModel
 from app.tokenizers.base import AudioTokenizer, ImageTokenizer
-
-# Model code (loading, warm-up and the forwards of every batcher) runs on this one thread. With
-# one OpenMP team in the process torch's intra-op threads keep spinning between ops; once a
-# second thread runs torch ops libgomp throttles them all (on 2 cores a 5 s audio encode took
-# 114 ms instead of 94 ms).
-MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
 # Audio items are batched with others of a similar length, so that padding wastes at most 25%.
 LENGTH_BUCKET_RATIO = 1.25

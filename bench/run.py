@@ -25,7 +25,6 @@ import httpx
 
 from app.config import Settings
 from app.registry import LoadedModel, ModelRegistry
-from app.runner import MODEL_THREAD
 from bench import machine
 from bench.ceiling import Ceiling, batch_sizes, best_of, measure_ceiling
 from bench.loadgen import LevelPlan
@@ -214,8 +213,7 @@ def measure(
     args: argparse.Namespace, profile: Profile, model_thread: ThreadPoolExecutor
 ) -> Measurements:
     """Prepare inputs, then the batched server (ops, cache), then the unbatched server (ops)."""
-    settings = Settings(model_dir=[str(args.model_dir)], device=args.device)
-    registry = model_thread.submit(ModelRegistry.load, settings).result()
+    registry = ModelRegistry.load(Settings(model_dir=[str(args.model_dir)], device=args.device))
     ops = [op for op in OPS if op in args.ops]
     image_wanted = {"image_encode", "image_decode", "cache"} & set(args.ops)
     image_model = first_of(registry, "image") if image_wanted else None
@@ -255,9 +253,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     profile = QUICK if args.quick else FULL
     contention = machine.Contention()
     started = datetime.now().astimezone()
-    # Model code (loading included) runs on the one model thread, as in the server: a second
-    # thread running torch ops makes libgomp throttle torch's threads (see runner.MODEL_THREAD).
-    measured = measure(args, profile, MODEL_THREAD)
+    # Model code runs on one dedicated thread, as the service's Batcher runs it: on this 2-core
+    # machine the first thread that used torch's OpenMP pool ran the models up to 30x slower.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model") as model_thread:
+        measured = measure(args, profile, model_thread)
     described = machine.describe(args.device)
     results: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
@@ -274,7 +273,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "min_samples": f"max({profile.min_samples}, 2 x concurrency)",
             "request_deadline_s": Settings().request_timeout_s,
             "warm_up": "each worker's first answer is not measured",
-            "ceiling": "in-process on the one model thread (as the server runs it), measured "
+            "ceiling": "in-process on a dedicated model thread (as the Batcher runs it), measured "
             "before each server's sweep of the op while that server idles; per batch size the "
             "better of the two passes",
         },

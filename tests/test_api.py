@@ -6,15 +6,12 @@ import asyncio
 import base64
 import io
 import math
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import msgpack
 import numpy as np
-import pytest
 import soundfile as sf
 from PIL import Image
 from prometheus_client import REGISTRY
@@ -60,27 +57,6 @@ async def test_image_encode_raw_body_returns_one_grid(client: httpx.AsyncClient)
     assert tokens.shape == (GRID, GRID)
     assert tokens.min() >= 0 and tokens.max() < VOCAB
     assert item["cached"] is False
-
-
-async def test_every_forward_runs_on_the_one_model_thread(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    threads: set[str] = set()
-    services = client.app.state.services  # type: ignore[attr-defined]
-    for runner in services.runners.values():
-        for name in ("encode", "decode"):
-            forward = getattr(runner.tokenizer, name)
-
-            def spy(*args: object, _forward: Any = forward) -> object:
-                threads.add(threading.current_thread().name)
-                return _forward(*args)
-
-            monkeypatch.setattr(runner.tokenizer, name, spy)
-    tokens = (await client.post("/v1/images/encode", content=png_bytes(seed=7))).json()
-    await client.post("/v1/images/decode", json={"tokens": tokens["items"][0]["tokens"]})
-    audio = (await client.post("/v1/audio/encode", content=wav_bytes(0.3))).json()
-    await client.post("/v1/audio/decode", json={"tokens": audio["items"][0]["tokens"]})
-    assert len(threads) == 1 and next(iter(threads)).startswith("model")
 
 
 async def test_repeated_image_encode_is_answered_from_cache(client: httpx.AsyncClient) -> None:

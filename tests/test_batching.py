@@ -8,7 +8,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -80,13 +79,10 @@ class MatmulModel:
 async def make_batcher(request: pytest.FixtureRequest) -> AsyncIterator[MakeBatcher]:
     """Started batchers named after the test, so metric labels are its own; stopped after."""
     started: list[Batcher[torch.Tensor, torch.Tensor]] = []
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=request.node.name)
 
     async def make(model: MatmulModel, **settings: Any) -> Batcher[torch.Tensor, torch.Tensor]:
         options = {"max_batch_size": 8, "max_wait_ms": 5.0, "max_queue": 64, **settings}
-        batcher = Batcher[torch.Tensor, torch.Tensor](
-            request.node.name, "encode", model, executor=executor, **options
-        )
+        batcher = Batcher[torch.Tensor, torch.Tensor](request.node.name, "encode", model, **options)
         await batcher.start()
         started.append(batcher)
         return batcher
@@ -94,7 +90,6 @@ async def make_batcher(request: pytest.FixtureRequest) -> AsyncIterator[MakeBatc
     yield make
     for batcher in started:
         await batcher.stop(drain_timeout_s=2.0)
-    executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def hold_worker(
@@ -129,15 +124,13 @@ async def test_idle_worker_dispatches_a_single_item_at_once(make_batcher: MakeBa
     assert model.batches == [[1]]
 
 
-async def test_run_batch_runs_on_the_executors_thread_never_the_loops(
-    make_batcher: MakeBatcher,
-) -> None:
+async def test_run_batch_runs_on_the_models_worker_thread(make_batcher: MakeBatcher) -> None:
     model = MatmulModel()
     batcher = await make_batcher(model)
     await batcher.submit(item(1))
     await batcher.submit(item(2))
     (thread,) = model.threads
-    assert thread.startswith(batcher.model)
+    assert thread.startswith(f"{batcher.model}-encode")
     assert thread != threading.current_thread().name
 
 
