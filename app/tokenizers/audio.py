@@ -42,14 +42,15 @@ class RVQAudioCodec(nn.Module):
         super().__init__()
         self.sample_rate = sample_rate
         self.channels = channels
-        self.hop_length = math.prod(ratios) if backbone == "seanet" else hop_length
         self.encoder: nn.Module
         self.decoder: nn.Module
         if backbone == "seanet":
+            self.hop_length = math.prod(ratios)
             self.encoder = SEANetEncoder(channels, base, tuple(ratios), latent_dim)
             self.decoder = SEANetDecoder(channels, base, tuple(ratios), latent_dim)
         elif backbone == "stft":
-            shape = (channels, self.hop_length, n_fft, dim)
+            self.hop_length = hop_length
+            shape = (channels, hop_length, n_fft, dim)
             self.encoder = STFTEncoder(*shape, encoder_blocks, latent_dim)
             self.decoder = STFTDecoder(*shape, decoder_blocks, latent_dim)
         else:

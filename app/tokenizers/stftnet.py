@@ -19,6 +19,11 @@ COMPRESSION = 0.3  # |S| ** 0.3: speech-enhancement style dynamic range compress
 MAX_LOG_MAGNITUDE = 10.0  # exp(10) is far above any real STFT bin of a [-1, 1] wave
 
 
+def compress(spec: torch.Tensor, power: float = COMPRESSION, floor: float = 1e-5) -> torch.Tensor:
+    """|S| ** power with S's phase: quiet bins weigh more; ``floor`` bounds the gradient at 0."""
+    return spec * spec.abs().clamp(min=floor).pow(power - 1)
+
+
 class Spectrum(nn.Module):
     """STFT framing with one frame per hop: T samples (a multiple of hop) <-> T / hop frames.
 
@@ -122,7 +127,7 @@ class STFTEncoder(nn.Module):
         batch = wave.shape[0]
         wave = wave * length_mask(lengths, wave.shape[-1])
         spec = self.spectrum.analyse(wave.flatten(0, 1))
-        spec = spec * spec.abs().clamp(min=1e-5).pow(COMPRESSION - 1)
+        spec = compress(spec)
         features = torch.cat([spec.real, spec.imag], dim=1).view(batch, -1, spec.shape[-1])
         features = features.to(self.stack.embed.weight.dtype)
         hop = self.spectrum.hop

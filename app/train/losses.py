@@ -7,6 +7,8 @@ from pytorch_msssim import ms_ssim
 from torch import nn
 from torch.nn import functional as F
 
+from app.tokenizers.stftnet import compress
+
 
 def weighted_sum(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """sum of weights[k] * parts[k] (scalar tensors)."""
@@ -54,11 +56,15 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
     return torch.clamp(torch.minimum(rising, falling), min=0)
 
 
+def spectrum(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """wave [B, T] -> complex STFT [B, n_fft // 2 + 1, frames] (Hann window)."""
+    window = torch.hann_window(n_fft, device=wave.device)
+    return torch.stft(wave, n_fft, hop, window=window, return_complex=True)
+
+
 def magnitude(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """wave [B, T] -> |STFT| [B, n_fft // 2 + 1, frames] (Hann window)."""
-    window = torch.hann_window(n_fft, device=wave.device)
-    spec = torch.stft(wave, n_fft, hop, window=window, return_complex=True)
-    return spec.abs()
+    return spectrum(wave, n_fft, hop).abs()
 
 
 class MultiResolutionSTFTLoss(nn.Module):
@@ -113,16 +119,14 @@ class CompressedSpectrumLoss(nn.Module):
         super().__init__()
         self.fft_sizes, self.power = fft_sizes, power
 
-    def compressed(self, wave: torch.Tensor, n_fft: int) -> torch.Tensor:
-        window = torch.hann_window(n_fft, device=wave.device)
-        spec = torch.stft(wave, n_fft, n_fft // 4, window=window, return_complex=True)
-        return spec * spec.abs().clamp(min=1e-4).pow(self.power - 1)
-
     def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         recon, target = recon.flatten(0, 1).float(), target.flatten(0, 1).float()
         total = recon.new_zeros(())
         for n_fft in self.fft_sizes:
-            r, t = self.compressed(recon, n_fft), self.compressed(target, n_fft)
+            r, t = (
+                compress(spectrum(wave, n_fft, n_fft // 4), self.power, floor=1e-4)
+                for wave in (recon, target)
+            )
             complex_mse = F.mse_loss(torch.view_as_real(r), torch.view_as_real(t))
             total = total + complex_mse + F.mse_loss(r.abs(), t.abs())
         return total / len(self.fft_sizes)
