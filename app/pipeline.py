@@ -71,11 +71,10 @@ class Pipeline:
             await self.cache.get_many(keys) if job.use_cache else [None] * len(keys)
         )
         computed: dict[int, np.ndarray] = {}
-        loop = asyncio.get_running_loop()
 
         async def compute(index: int) -> np.ndarray:
             try:
-                prepared = await loop.run_in_executor(self.media_pool, job.prepare, items[index])
+                prepared = await self._media(job.prepare, items[index])
             except ProblemError as exc:
                 if len(items) == 1:
                     raise
@@ -85,7 +84,7 @@ class Pipeline:
             result = await job.batcher.submit(
                 prepared, group=job.group(prepared), deadline=deadline
             )
-            array = await loop.run_in_executor(self.media_pool, job.finish, result)
+            array = await self._media(job.finish, result)
             # tokens produced by a computed encode, or consumed by a computed decode
             tokens = array if job.op == "encode" else prepared
             TOKENS.labels(model.name, job.op).inc(np.size(tokens))
@@ -109,6 +108,12 @@ class Pipeline:
             ItemResult(hit, True) if hit is not None else ItemResult(misses[i].result(), False)
             for i, hit in enumerate(hits)
         ]
+
+    async def _media(self, step: Callable[[Any], Any], value: Any) -> Any:
+        """Run one media step in the pool; the identity runs inline (a thread hop costs more)."""
+        if step is unchanged:
+            return value
+        return await asyncio.get_running_loop().run_in_executor(self.media_pool, step, value)
 
     def _write_behind(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Store results without delaying the response; the task is kept until it ends."""

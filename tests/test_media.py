@@ -558,3 +558,13 @@ def test_audio_of_many_channels_at_a_huge_rate_is_refused_before_decoding() -> N
     sf.write(buffer, np.zeros((76_800, 8), np.float32), 192_000, format="WAV")  # 0.4 s
     with pytest.raises(PayloadTooLarge, match="samples"):
         decode_audio(buffer.getvalue(), 24_000, 1, max_seconds=0.5)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (17, 33)])
+def test_png_encoding_is_an_rgb_png_pillow_reads_back_exactly(height: int, width: int) -> None:
+    pixels = random_pixels(height, width)
+    with Image.open(io.BytesIO(encode_image(pixels, "png"))) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        decoded = np.asarray(image)
+    expected = ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(decoded, expected)

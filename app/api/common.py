@@ -30,7 +30,8 @@ NPY = "application/x-npy"
 ResponseFormat = Literal["json", "msgpack", "npy"]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """The app's Services (async: FastAPI would run a plain function in its thread pool)."""
     services: Services = request.app.state.services
     return services
 
@@ -38,8 +39,8 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_api_key(request: Request, services: ServicesDep) -> None:
-    """When TOKSERVE_API_KEYS is set, every /v1 request carries one of them."""
+async def require_api_key(request: Request, services: ServicesDep) -> None:
+    """When TOKSERVE_API_KEYS is set, every /v1 request carries one of them (async: no thread)."""
     keys = services.settings.api_keys
     if not keys:
         return
