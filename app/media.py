@@ -181,20 +181,18 @@ def _fit(rgb: Image.Image, size: tuple[int, int], resize: ResizeMode) -> Image.I
     return canvas
 
 
-def encode_image(pixels: torch.Tensor, fmt: str = "png") -> bytes:
-    """Encode pixels [3, H, W] in [-1, 1] (clamped) as PNG, WebP or JPEG bytes; fmt ignores case."""
+def encode_image(rgb: np.ndarray, fmt: str = "png") -> bytes:
+    """Encode 8-bit RGB [H, W, 3] as PNG, WebP or JPEG bytes; fmt ignores case."""
     pil_format = _IMAGE_ENCODINGS.get(fmt.lower())
     if pil_format is None:
         raise BadRequest(
             f"Unknown image format {fmt!r}; choose one of {', '.join(IMAGE_FORMATS_OUT)}."
         )
-    values = pixels.detach().cpu().numpy().astype(np.float32, copy=False)
-    levels = np.rint((np.clip(values, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    array = np.ascontiguousarray(levels.transpose(1, 2, 0))
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if pil_format == "PNG":
-        return _png(array)
+        return _png(rgb)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, pil_format, **_IMAGE_SAVE_OPTIONS[pil_format])
+    Image.fromarray(rgb).save(buffer, pil_format, **_IMAGE_SAVE_OPTIONS[pil_format])
     return buffer.getvalue()
 
 

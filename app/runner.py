@@ -28,13 +28,19 @@ def _to_device(batch: torch.Tensor, model: LoadedModel) -> torch.Tensor:
     return batch.to(model.device, dtype=model.dtype if batch.is_floating_point() else batch.dtype)
 
 
+def to_rgb8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in [-1, 1] (clamped) -> uint8 [B, H, W, 3], rounding half to even."""
+    levels = pixels.float().clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_()
+    return levels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def length_bucket(samples: int) -> int:
     """Group key for an audio item: lengths within a factor of 1.25 share a bucket."""
     return math.ceil(math.log(max(samples, 1), LENGTH_BUCKET_RATIO))
 
 
 class ImageRunner:
-    """encode: pixels [3, H, W] in [-1, 1] -> tokens [h, w]; decode: the reverse."""
+    """encode: pixels [3, H, W] in [-1, 1] -> tokens [h, w]; decode: tokens -> RGB [H, W, 3]."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
@@ -52,10 +58,11 @@ class ImageRunner:
         return list(tokens.to("cpu", torch.int32).numpy())
 
     @torch.inference_mode()
-    def decode_batch(self, items: list[np.ndarray]) -> list[torch.Tensor]:
+    def decode_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        """Token grids -> 8-bit RGB [H, W, 3], converted on the device: one vectorised op per
+        batch, and a quarter of the bytes of float pixels to copy back from an accelerator."""
         tokens = _to_device(torch.from_numpy(np.stack(items)).long(), self.model)
-        pixels = self.tokenizer.decode(tokens)
-        return list(pixels.float().cpu())
+        return list(to_rgb8(self.tokenizer.decode(tokens)).cpu().numpy())
 
 
 class AudioRunner:

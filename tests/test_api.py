@@ -13,6 +13,7 @@ import httpx
 import msgpack
 import numpy as np
 import soundfile as sf
+import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -105,6 +106,20 @@ async def test_image_decode_of_one_grid_answers_a_png_of_model_size(
     assert response.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(response.content))
     assert image.size == (64, 64) and image.mode == "RGB"
+
+
+async def test_image_decode_png_holds_the_decoders_pixels_in_8_bits(
+    client: httpx.AsyncClient,
+) -> None:
+    grid = np.random.default_rng(1).integers(0, VOCAB, (GRID, GRID))
+    response = await client.post("/v1/images/decode", json={"tokens": grid.tolist()})
+    model = client.app.state.services.registry.get("tiny-image", "image")  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        pixels = model.tokenizer.decode(torch.from_numpy(grid)[None]).numpy()[0]
+    expected = np.rint((np.clip(pixels, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(response.content))), expected.transpose(1, 2, 0)
+    )
 
 
 async def test_image_decode_format_webp_and_jpeg(client: httpx.AsyncClient) -> None:

@@ -25,6 +25,7 @@ from app.media import (
     encode_image,
     parse_base64,
 )
+from app.runner import to_rgb8
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTO = sorted((DATA / "images").glob("*.jpg"))[0]
@@ -299,37 +300,36 @@ def test_concurrent_decodes_give_identical_pixels() -> None:
 # Images: encoding
 
 
-def random_pixels(height: int = 24, width: int = 32) -> torch.Tensor:
-    """Pixels [3, H, W] on the exact 8-bit grid of [-1, 1]."""
-    levels = torch.randint(0, 256, (3, height, width), generator=torch.Generator().manual_seed(0))
-    return levels.float() / 127.5 - 1.0
+def random_rgb(height: int = 24, width: int = 32) -> np.ndarray:
+    """8-bit RGB [H, W, 3], what the image runner hands to encode_image."""
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def as_pixels(rgb: np.ndarray) -> torch.Tensor:
+    """The model input decode_image makes of those 8-bit values: [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
 
 
 def test_png_encoding_round_trips_exactly() -> None:
-    pixels = random_pixels()
-    data = encode_image(pixels, "png")
+    rgb = random_rgb()
+    data = encode_image(rgb, "png")
     assert data.startswith(b"\x89PNG")
-    assert torch.equal(decode_image(data, (24, 32)), pixels)
+    assert torch.equal(decode_image(data, (24, 32)), as_pixels(rgb))
 
 
 @pytest.mark.parametrize(
     ("fmt", "magic"), [("webp", b"RIFF"), ("JPEG", b"\xff\xd8"), ("Jpg", b"\xff\xd8")]
 )
 def test_lossy_encodings_round_trip_closely_whatever_the_case(fmt: str, magic: bytes) -> None:
-    pixels = torch.linspace(-1.0, 1.0, 32).expand(3, 24, 32).contiguous()
-    data = encode_image(pixels, fmt)
+    rgb = np.broadcast_to(np.linspace(0, 255, 32).astype(np.uint8)[None, :, None], (24, 32, 3))
+    data = encode_image(rgb, fmt)
     assert data.startswith(magic)
-    assert (decode_image(data, (24, 32)) - pixels).abs().mean() < 0.03
-
-
-def test_encode_image_clamps_out_of_range_pixels() -> None:
-    pixels = torch.full((3, 8, 8), 3.0)
-    assert rgb_at(decode_image(encode_image(pixels), (8, 8)), 4, 4) == WHITE
+    assert (decode_image(data, (24, 32)) - as_pixels(rgb)).abs().mean() < 0.03
 
 
 def test_unknown_image_encoding_answers_400_naming_formats() -> None:
     with pytest.raises(BadRequest) as caught:
-        encode_image(random_pixels(), "gif")
+        encode_image(random_rgb(), "gif")
     assert names_all(caught.value.detail, ("png", "webp", "jpeg"))
 
 
@@ -562,9 +562,14 @@ def test_audio_of_many_channels_at_a_huge_rate_is_refused_before_decoding() -> N
 
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (17, 33)])
 def test_png_encoding_is_an_rgb_png_pillow_reads_back_exactly(height: int, width: int) -> None:
-    pixels = random_pixels(height, width)
-    with Image.open(io.BytesIO(encode_image(pixels, "png"))) as image:
+    rgb = random_rgb(height, width)
+    with Image.open(io.BytesIO(encode_image(rgb, "png"))) as image:
         assert image.format == "PNG" and image.mode == "RGB"
-        decoded = np.asarray(image)
-    expected = ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(decoded, expected)
+        assert np.array_equal(np.asarray(image), rgb)
+
+
+def test_decoder_pixels_become_8_bit_rgb_clamped_and_rounded() -> None:
+    pixels = torch.tensor([-3.0, -1.0, 0.0, 0.3, 1.0, 7.0]).expand(1, 3, 1, 6)
+    rgb = to_rgb8(pixels)  # (x + 1) * 127.5 after clamping to [-1, 1]
+    assert rgb.dtype == torch.uint8 and rgb.shape == (1, 1, 6, 3)
+    assert rgb[0, 0, :, 0].tolist() == [0, 0, 128, 166, 255, 255]

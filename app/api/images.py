@@ -6,7 +6,6 @@ from functools import partial
 from typing import Annotated, Literal
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.common import (
@@ -101,8 +100,8 @@ async def decode_images(
         arrays.append(array)
     check_token_budget(arrays, services)
 
-    def to_file(pixels: torch.Tensor) -> np.ndarray:
-        return np.frombuffer(encode_image(pixels, fmt), dtype=np.uint8)
+    def to_file(rgb: np.ndarray) -> np.ndarray:
+        return np.frombuffer(encode_image(rgb, fmt), dtype=np.uint8)
 
     job = Job(
         model=served,
