@@ -218,7 +218,7 @@ def _png(rgb: np.ndarray) -> bytes:
     filtered[:, 1 : 1 + channels] = rows[:, :channels]
     np.subtract(rows[:, channels:], rows[:, :-channels], out=filtered[:, 1 + channels :])
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    pixels = deflate.compress(filtered.tobytes()) + deflate.flush()
+    pixels = deflate.compress(filtered.data) + deflate.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_RGB, 0, 0, 0)
     return (
         _PNG_SIGNATURE
