@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -118,6 +119,9 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{self.model}-{self.op}"
         )
+        # Start the worker thread now, from the caller's thread, so it inherits the caller's
+        # scheduling priority rather than that of whichever thread submits the first batch.
+        await asyncio.wrap_future(self._executor.submit(threading.get_native_id))
         self._idle_since = time.monotonic()
         self._dispatcher = asyncio.create_task(
             self._dispatch(), name=f"batcher-{self.model}-{self.op}"

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_queue: int | None = None
     warmup: bool = True
     drain_timeout_s: float = 30.0
+    # Nice value of the threads that parse requests and media (event loop, media pool); above the
+    # model threads' 0 so a forward's OpenMP threads are not preempted when cores are contended.
+    request_nice: int = Field(default=5, ge=0, le=19)
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"

@@ -64,6 +64,13 @@ def build_runners(services: Services) -> None:
         )
 
 
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux: per thread; never lowers it)."""
+    if hasattr(os, "setpriority"):
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, max(current, nice))
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load models, start batchers and connect the cache; on shutdown drain, then release."""
@@ -75,7 +82,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else await asyncio.to_thread(ModelRegistry.load, settings)
     )
     media_pool = ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="media"
+        max_workers=max(2, os.cpu_count() or 2),
+        thread_name_prefix="media",
+        initializer=lower_priority,
+        initargs=(settings.request_nice,),
     )
     cache = create_cache(settings)
     services = Services(
@@ -89,6 +99,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.services = services
     for batcher in services.batchers.values():
         await batcher.start()
+    lower_priority(settings.request_nice)  # the event loop's thread, once the model threads exist
     if settings.warmup:
         await asyncio.to_thread(warm_up, services)
     services.ready = True

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import io
 import math
+import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -410,3 +412,19 @@ async def test_a_client_that_disconnects_has_its_queued_item_dropped(
         "tokserve_batch_size_count", {"model": "tiny-image", "op": "encode"}
     )
     assert after == batches
+
+
+async def test_request_threads_run_at_lower_priority_than_model_threads(repo: Path) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = min(base + 3, 19)
+    async with served(settings_for(repo, request_nice=nice)) as http:
+        assert (await http.post("/v1/images/encode", content=png_bytes(seed=5))).status_code == 200
+        niceness = {
+            t.name: os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in threading.enumerate()
+        }
+        model_threads = [n for n in niceness if n.startswith(("tiny-image-", "tiny-audio-"))]
+        media_threads = [n for n in niceness if n.startswith("media")]
+        assert len(model_threads) == 4 and media_threads
+        assert {niceness[n] for n in model_threads} == {base}
+        assert {niceness[n] for n in media_threads} == {nice}
+        assert os.getpriority(os.PRIO_PROCESS, 0) == nice  # the event loop's thread
