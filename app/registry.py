@@ -1,8 +1,9 @@
 """The model repository: finds models/<name>/config.json, builds their backends, owns them.
 
 A model folder holds ``config.json`` (backend, modality, architecture, serving options),
-``model.safetensors`` and a README.md model card. Its version is a hash of config and
-weights, so a cache entry can never outlive the weights that produced it.
+``model.safetensors`` and a README.md model card. Its version is a hash of config, weights and
+dtype, so a cache entry can never outlive the weights that produced it; batching options are
+left out of it, so tuning them keeps the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger("tokserve.registry")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+_WEIGHT_SUFFIXES = {".safetensors", ".pt2", ".jit", ".bin"}
 
 NATIVE_ARCHITECTURES: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "fsq_image": FSQImageTokenizer.from_config,
@@ -99,12 +101,18 @@ class LoadedModel:
         }
 
 
-def model_version(*folders: Path) -> str:
-    """blake2b of config.json and the weight files of the model folder (then its source), 16 hex."""
+def model_version(config: dict[str, Any], dtype: torch.dtype, *folders: Path) -> str:
+    """blake2b of what decides the tokens, 16 hex: config.json less its ``serving`` options
+    (batching never changes a token), the dtype the model runs in, and the weight files of the
+    model folder and its source folder (with the source's own config), if any."""
     digest = hashlib.blake2b(digest_size=8)
-    for folder in folders:
+    model_config = {key: value for key, value in config.items() if key != "serving"}
+    digest.update(json.dumps(model_config, sort_keys=True).encode())
+    digest.update(str(dtype).encode())
+    for index, folder in enumerate(folders):
         for path in sorted(folder.iterdir()):
-            if path.name == CONFIG_FILE or path.suffix in {".safetensors", ".pt2", ".jit", ".bin"}:
+            own_config = path.name == CONFIG_FILE and index == 0
+            if path.suffix in _WEIGHT_SUFFIXES or (path.name == CONFIG_FILE and not own_config):
                 digest.update(path.name.encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -174,7 +182,7 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
         backend=backend,
         path=folder,
         config=config,
-        version=model_version(folder, *([source] if source else [])),
+        version=model_version(config, dtype, folder, *([source] if source else [])),
         tokenizer=tokenizer,
         serving=serving,
         device=device,

@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
+import torch
 from prometheus_client import REGISTRY
 
 from app.cache import (
@@ -24,7 +26,9 @@ from app.cache import (
     unpack_array,
 )
 from app.config import Settings
+from app.registry import load_model, model_version
 from tests.redis_server import RedisServer
+from tests.support import TINY_IMAGE, write_model
 
 TIMEOUT_MS = 50.0
 BREAKER_FAILURES = 3
@@ -535,3 +539,21 @@ async def test_single_flight_computes_again_once_the_previous_run_finished() -> 
 
     assert await flight.run(KEY, compute) == 1
     assert await flight.run(KEY, compute) == 2
+
+
+def test_model_version_is_kept_when_only_batching_options_change(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "a", TINY_IMAGE)
+    before = load_model(folder, Settings(device="cpu")).version
+    retuned = {**TINY_IMAGE, "serving": {"max_batch_size": 2, "max_wait_ms": 50, "max_queue": 4}}
+    write_model(tmp_path / "a", retuned)
+    assert load_model(folder, Settings(device="cpu", max_batch_size=1)).version == before
+
+
+def test_model_version_changes_with_weights_architecture_or_dtype(tmp_path: Path) -> None:
+    config = TINY_IMAGE
+    base = model_version(config, torch.float32, write_model(tmp_path / "a", config))
+    reseeded = model_version(config, torch.float32, write_model(tmp_path / "b", config, seed=1))
+    levels = {**config, "arch": {**config["arch"], "levels": [5, 5, 5, 5]}}
+    relevelled = model_version(levels, torch.float32, write_model(tmp_path / "c", levels))
+    bf16 = model_version(config, torch.bfloat16, tmp_path / "a" / config["name"])
+    assert len({base, reseeded, relevelled, bf16}) == 4

@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 # Tokens of golden_pixels() ([8, 8] grid) and golden_wave() ([8, 15] codes), row by row.
 GOLDEN: dict[str, list[list[int]]] = {
-    # version 67cd538996b9dc1b
+    # version e2ae97b4b4b95fdd
     "image-fsq-256": [
         [20076, 12829, 12819, 13333, 61939, 11212, 37338, 49132],
         [57896, 1715, 686, 38939, 36232, 20965, 11210, 12259],
@@ -40,7 +40,7 @@ GOLDEN: dict[str, list[list[int]]] = {
         [56429, 39038, 14443, 46724, 61893, 11712, 10620, 31164],
         [51321, 53794, 58964, 61952, 10697, 62932, 47587, 56826],
     ],
-    # version 48a867a3a4d6dc20
+    # version 54ac0f70d22a48d9
     "audio-rvq-24k": [
         [624, 115, 288, 288, 721, 574, 27, 574, 574, 252, 824, 824, 824, 348, 751],
         [127, 87, 479, 791, 677, 880, 271, 465, 1022, 491, 704, 48, 570, 228, 363],
