@@ -134,3 +134,12 @@ def test_batching_gain_skips_levels_where_the_unbatched_server_answered_nothing(
     assert gain["value"] == pytest.approx(40.0 / 30.0, abs=1e-3) and gain["concurrency"] == 1
     nothing = Sweep([level(1, 0.0), level(2, 0.0)], [])
     assert op_summary(ceiling, batched, nothing)["batched_over_unbatched"]["value"] is None
+
+
+def test_a_batching_gain_below_target_says_how_much_of_the_models_own_gain_it_kept() -> None:
+    ceiling = Ceiling(8, 80.0, 20.0, {1: 50.0, 8: 80.0})
+    batched = Sweep([level(32, 60.0)], [])
+    unbatched = Sweep([level(32, 50.0)], [])
+    gain = op_summary(ceiling, batched, unbatched)["batched_over_unbatched"]
+    assert gain["value"] == pytest.approx(1.2) and gain["met"] is False
+    assert "gives 1.60x" in gain["note"] and "shows 75% of that gain" in gain["note"]
