@@ -159,7 +159,7 @@ async def run_level(
                 level.record(_Answer(index, sent, answered, got.status, ok))
 
         server_before = await server_totals(probe)
-        started = time.perf_counter()
+        started = time.perf_counter()  # also when the server's "before" totals arrived
         client_cpu_started = time.process_time()
         workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
         while True:
@@ -176,7 +176,10 @@ async def run_level(
         await asyncio.gather(*workers, return_exceptions=True)
         elapsed_s = time.perf_counter() - started
         client_cpu_cores = (time.process_time() - client_cpu_started) / elapsed_s
-        server = _server_view(server_before, await server_totals(probe), elapsed_s)
+        server_after = await server_totals(probe)
+        # the server's totals span from "before" to "after" arriving, which on a busy server can
+        # be well past the level's end: batches still running finish into them
+        server = _server_view(server_before, server_after, time.perf_counter() - started)
     return _stats(level, elapsed_s, client_cpu_cores, server, plan)
 
 
