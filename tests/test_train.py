@@ -12,7 +12,7 @@ from PIL import Image
 
 from app.train.config import TrainConfig
 from app.train.evaluate import evaluate_model
-from app.train.trainer import Trainer
+from app.train.trainer import BUDGET_PROBE_STEPS, BUDGET_WARMUP_STEPS, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,6 +131,17 @@ def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(
     with torch.no_grad():
         after = float(trainer.task.loss(batch)[0])
     assert after < 0.7 * float(before)
+
+
+def test_a_minutes_budget_fits_the_cosine_length_from_the_measured_step_rate(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    config = image_config(steps=10**9, checkpoint_minutes=60)
+    trainer = Trainer(config, data_dir, tmp_path / "model", tmp_path / "run", minutes=0.05)
+    trainer.run()
+    assert BUDGET_WARMUP_STEPS + BUDGET_PROBE_STEPS < config.steps < 10**9
+    assert trainer.step == config.steps
+    assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(

@@ -21,6 +21,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", action="store_true", help="continue from runs/NAME/")
     train.add_argument("--init", type=Path, help="warm-start from an exported model folder")
     train.add_argument("--steps", type=int, help="total steps = cosine length (default: config)")
+    train.add_argument(
+        "--minutes", type=float, help="wall-clock budget: fit the cosine length to end on time"
+    )
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.set_defaults(handler=run_train)
@@ -47,7 +50,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         config.steps = args.steps
     run_dir = args.runs / args.out.name
-    trainer = Trainer(config, args.data, args.out, run_dir, pick_device(args.device))
+    trainer = Trainer(
+        config, args.data, args.out, run_dir, pick_device(args.device), minutes=args.minutes
+    )
     if args.resume and trainer.checkpoint_path.is_file():
         trainer.resume()
     elif args.resume:

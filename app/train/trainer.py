@@ -25,6 +25,8 @@ from app.train.export import export_model
 from app.train.tasks import Task, build_task
 
 CHECKPOINT_FILE = "checkpoint.pt"
+BUDGET_WARMUP_STEPS = 10  # steps a --minutes run leaves untimed (CUDA and cuDNN warm up)
+BUDGET_PROBE_STEPS = 50  # steps then timed before a --minutes run fixes its cosine length
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -52,11 +54,14 @@ class Trainer:
         out: Path,
         run_dir: Path,
         device: torch.device | None = None,
+        minutes: float | None = None,
     ) -> None:
         self.config = config
+        self.minutes = minutes
         self.out = out
         self.run_dir = run_dir
         self.device = device or pick_device("auto")
+        torch.backends.cudnn.benchmark = True  # fixed crop/segment shapes: pick the fastest kernels
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.rng = random.Random(config.seed)
@@ -144,9 +149,26 @@ class Trainer:
         self.ema.model.load_state_dict(weights)
         self.task.warm_started()
 
+    def fit_steps_to_budget(self, probe_s: float, elapsed_s: float) -> None:
+        """Set the cosine length so that training ends ``minutes`` after it started.
+
+        Called once ``BUDGET_PROBE_STEPS`` steps (after the warm-up ones) took ``probe_s``: a
+        fixed device lease (a GPU borrowed for ten minutes) then still ends on an annealed model.
+        """
+        assert self.minutes is not None
+        rate = BUDGET_PROBE_STEPS / max(probe_s, 1e-9)
+        remaining = max(0.0, self.minutes * 60 - elapsed_s)
+        self.config.steps = self.step + int(rate * remaining)
+
     def run(self) -> None:
-        """Train until ``config.steps``; checkpoint every ``checkpoint_minutes`` and at the end."""
+        """Train until ``config.steps``; checkpoint every ``checkpoint_minutes`` and at the end.
+
+        With ``minutes`` set, ``config.steps`` is refitted from the measured step rate after
+        ``BUDGET_PROBE_STEPS`` steps so the run ends on time (see ``fit_steps_to_budget``).
+        """
         cfg = self.config
+        started, first_step = time.monotonic(), self.step
+        probe_start = started
         bar = tqdm(
             total=cfg.steps, initial=self.step, desc=cfg.name, mininterval=5.0, dynamic_ncols=True
         )
@@ -155,6 +177,14 @@ class Trainer:
         window_items, window_start = 0.0, time.monotonic()
         while self.step < cfg.steps:
             loss, parts, items = self.train_step()
+            if self.minutes is not None:
+                done = self.step - first_step
+                if done == BUDGET_WARMUP_STEPS:
+                    probe_start = time.monotonic()
+                elif done == BUDGET_WARMUP_STEPS + BUDGET_PROBE_STEPS:
+                    now = time.monotonic()
+                    self.fit_steps_to_budget(now - probe_start, now - started)
+                    bar.total = cfg.steps
             smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
             window_items += items
             bar.update(1)
