@@ -175,6 +175,7 @@ def test_eval_reports_codec_figures_beside_jpeg_webp_and_opus(
     for codec in ("tokenizer", "jpeg", "webp"):
         assert {"psnr", "ssim", "bpp"} <= set(image[codec])
     assert {"used_fraction", "perplexity"} <= set(image["codebook_usage"])
+    assert image["codebook_usage_full_size"]["tokens"] > image["codebook_usage"]["tokens"]
 
     audio = evaluate_model(tmp_path / "audio", data_dir, limit=2)
     for section in ("codebooks_2", "codebooks_1"):

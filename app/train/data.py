@@ -68,6 +68,15 @@ def center_square(path: Path, side: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def whole_image(path: Path, multiple: int) -> Image.Image:
+    """An RGB image at its own size, centre-cropped to sides divisible by ``multiple``."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    width, height = rgb.width - rgb.width % multiple, rgb.height - rgb.height % multiple
+    left, top = (rgb.width - width) // 2, (rgb.height - height) // 2
+    return rgb.crop((left, top, left + width, top + height))
+
+
 class ImageCrops:
     """Random crops of training images: random scale (short side in [min, max]), crop, flip."""
 

@@ -29,6 +29,7 @@ from app.train.data import (
     read_segment,
     split_files,
     to_pixels,
+    whole_image,
 )
 from app.train.metrics import SpectralDistances, image_ssim, psnr, si_snr, usage
 
@@ -69,8 +70,9 @@ def evaluate_image(
     side = model.image_size
     vocab = model.quantizer.vocab_size
     rows: dict[str, list[dict[str, float]]] = {"tokenizer": [], "jpeg": [], "webp": []}
-    all_tokens = []
+    all_tokens, full_size_tokens = [], []
     for path in files:
+        full_size_tokens.append(model.encode(to_pixels(whole_image(path, multiple=8))[None]))
         image = center_square(path, side)
         reference = np.asarray(image)
         tokens = model.encode(to_pixels(image)[None])
@@ -102,6 +104,10 @@ def evaluate_image(
         "vocab_size": vocab,
         **{key: mean_of(values) for key, values in rows.items()},
         "codebook_usage": usage(torch.cat([t.flatten() for t in all_tokens]), vocab),
+        # the same images whole: ~10x the tokens, enough to tell rare codes from dead ones
+        "codebook_usage_full_size": usage(
+            torch.cat([t.flatten() for t in full_size_tokens]), vocab
+        ),
         "encode_decode_ms": median_ms(
             lambda: model.decode(model.encode(torch.zeros(1, 3, side, side)))
         ),
