@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from app.train.config import TrainConfig
+from app.train.data import AudioSegments
 from app.train.evaluate import evaluate_model
 from app.train.trainer import BUDGET_PROBE_STEPS, BUDGET_WARMUP_STEPS, Trainer
 
@@ -131,6 +133,20 @@ def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(
     with torch.no_grad():
         after = float(trainer.task.loss(batch)[0])
     assert after < 0.7 * float(before)
+
+
+def test_audio_segments_come_from_the_groups_in_their_weighted_shares(data_dir: Path) -> None:
+    groups = [sorted((data_dir / "audio" / g).iterdir()) for g in ("speech", "music")]
+    segments = AudioSegments(groups, SAMPLE_RATE, 0.25, random.Random(0), weights=[3.0, 1.0])
+    picks = [segments.pick()[0] for _ in range(4000)]
+    speech_share = sum(p.parent.name == "speech" for p in picks) / len(picks)
+    assert 0.72 < speech_share < 0.78
+
+
+def test_audio_group_weights_must_match_the_groups(data_dir: Path) -> None:
+    groups = [sorted((data_dir / "audio" / "speech").iterdir())]
+    with pytest.raises(ValueError, match="2 group weights for 1 groups"):
+        AudioSegments(groups, SAMPLE_RATE, 0.25, random.Random(0), weights=[3.0, 1.0])
 
 
 def test_a_minutes_budget_fits_the_cosine_length_from_the_measured_step_rate(

@@ -121,7 +121,7 @@ def read_segment(path: Path, start: int, frames: int) -> np.ndarray:
 
 
 class AudioSegments:
-    """Random fixed-length segments, equally from each group (speech, music), random level."""
+    """Random fixed-length segments from groups (speech, music) in given shares, random level."""
 
     def __init__(
         self,
@@ -130,10 +130,16 @@ class AudioSegments:
         segment_s: float,
         rng: random.Random,
         peak_db: tuple[float, float] = (-18.0, 0.0),
+        weights: list[float] | None = None,
     ) -> None:
-        self.groups = [g for g in groups if g]
-        if not self.groups:
+        weights = weights or [1.0] * len(groups)
+        if len(weights) != len(groups):
+            raise ValueError(f"{len(weights)} group weights for {len(groups)} groups")
+        kept = [(g, w) for g, w in zip(groups, weights, strict=True) if g]
+        if not kept:
             raise ValueError("no training audio found")
+        self.groups = [g for g, _ in kept]
+        self.weights = [w for _, w in kept]
         self.sample_rate = sample_rate
         self.frames = round(segment_s * sample_rate)
         self.rng = rng
@@ -145,12 +151,16 @@ class AudioSegments:
                 raise ValueError(f"{path} is at {info.samplerate} Hz, not {sample_rate} Hz")
             self.lengths[path] = info.frames
 
+    def pick(self) -> tuple[Path, int]:
+        """Where the next segment starts: a group by weight, a file in it, a start frame."""
+        group = self.rng.choices(self.groups, weights=self.weights)[0]
+        path = group[self.rng.randrange(len(group))]
+        return path, self.rng.randint(0, max(0, self.lengths[path] - self.frames))
+
     def sample(self) -> torch.Tensor:
         """One segment: wave [1, frames] with its peak set to a random level in ``peak_db``."""
         for _ in range(10):
-            group = self.groups[self.rng.randrange(len(self.groups))]
-            path = group[self.rng.randrange(len(group))]
-            start = self.rng.randint(0, max(0, self.lengths[path] - self.frames))
+            path, start = self.pick()
             samples = read_segment(path, start, self.frames)
             peak = float(np.abs(samples).max())
             if peak > 1e-3:  # skip silent stretches: nothing to learn there

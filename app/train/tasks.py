@@ -92,7 +92,13 @@ class AudioTask:
         codec = RVQAudioCodec(**config.arch)
         self.model: nn.Module = codec
         self.codec = codec
-        self.segments = AudioSegments(groups, codec.sample_rate, data.get("segment_s", 1.0), rng)
+        self.segments = AudioSegments(
+            groups,
+            codec.sample_rate,
+            data.get("segment_s", 1.0),
+            rng,
+            weights=data.get("group_weights"),
+        )
         self.criterion = AudioLoss(codec.sample_rate, **config.loss)
         quantizer = config.quantizer
         self.rvq = EMAResidualVQ(
