@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from app.train.config import TrainConfig
-from app.train.data import AudioSegments
+from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, AudioSegments, split_files
 from app.train.evaluate import evaluate_model
+from app.train.pack import pack_audio, pack_images
 from app.train.trainer import BUDGET_PROBE_STEPS, BUDGET_WARMUP_STEPS, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,6 +159,39 @@ def test_a_minutes_budget_fits_the_cosine_length_from_the_measured_step_rate(
     assert BUDGET_WARMUP_STEPS + BUDGET_PROBE_STEPS < config.steps < 10**9
     assert trainer.step == config.steps
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_pack_keeps_the_training_images_at_their_largest_training_scale(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    config = image_config()
+    pack_images(config, data_dir, tmp_path / "packed")
+    train = split_files(data_dir / "images", IMAGE_SUFFIXES, 0.1, validation=False)
+    packed = sorted((tmp_path / "packed" / "images").iterdir())
+    assert [p.stem for p in packed] == sorted(p.stem for p in train)
+    with Image.open(packed[0]) as image:
+        assert min(image.size) == 64  # short_side [48, 64]
+    packed_config = image_config(data={**config.data, "val_fraction": 0.0})
+    trainer = Trainer(packed_config, tmp_path / "packed", tmp_path / "m", tmp_path / "r")
+    assert trainer.task.batch(2).shape == (2, 3, 32, 32)
+
+
+def test_pack_copies_at_most_the_audio_budget_per_group(data_dir: Path, tmp_path: Path) -> None:
+    one_clip_mb = (data_dir / "audio" / "speech" / "speech-0.wav").stat().st_size / 1e6
+    pack_audio(audio_config(), data_dir, tmp_path / "packed", max_mb=3.5 * one_clip_mb)
+    for group in ("speech", "music"):
+        copied = list((tmp_path / "packed" / "audio" / group).iterdir())
+        assert len(copied) == 3
+        assert not set(p.name for p in copied) & {
+            p.name
+            for p in split_files(data_dir / "audio" / group, AUDIO_SUFFIXES, 0.1, validation=True)
+        }
+
+
+def test_pack_refuses_a_config_that_holds_nothing_out(data_dir: Path, tmp_path: Path) -> None:
+    config = image_config(data={"crop": 32, "short_side": [48, 64], "val_fraction": 0.0})
+    with pytest.raises(ValueError, match="val_fraction > 0"):
+        pack_images(config, data_dir, tmp_path / "packed")
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(

@@ -28,6 +28,14 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.set_defaults(handler=run_train)
 
+    pack = subparsers.add_parser("pack", help="copy the training split, small, for a GPU machine")
+    pack.add_argument("modality", choices=["image", "audio"])
+    pack.add_argument("--data", type=Path, required=True, help="the shared data folder")
+    pack.add_argument("--config", type=Path, required=True, help="training config JSON")
+    pack.add_argument("--out", type=Path, required=True, help="folder to write (data layout)")
+    pack.add_argument("--max-mb", type=float, help="audio: at most this many MB per group")
+    pack.set_defaults(handler=run_pack)
+
     evaluate = subparsers.add_parser("eval", help="measure a model folder against JPEG/WebP/Opus")
     evaluate.add_argument("model", type=Path, help="model folder (config.json + model.safetensors)")
     evaluate.add_argument("--data", type=Path, required=True, help="the shared data folder")
@@ -60,6 +68,23 @@ def run_train(args: argparse.Namespace) -> int:
     elif args.init:
         trainer.warm_start(args.init)
     trainer.run()
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """Pack the training split of one modality and say how large it came out."""
+    from app.train.config import TrainConfig
+    from app.train.pack import pack_audio, pack_images
+
+    config = TrainConfig.load(args.config)
+    try:
+        if args.modality == "image":
+            size = pack_images(config, args.data, args.out)
+        else:
+            size = pack_audio(config, args.data, args.out, args.max_mb)
+    except ValueError as error:
+        raise SystemExit(f"{args.config}: {error}") from None
+    print(f"{args.out}: {size / 1e6:.1f} MB of {args.modality}; train on it with val_fraction 0")
     return 0
 
 
