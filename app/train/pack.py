@@ -1,9 +1,9 @@
 """`tokserve pack`: the training split, small enough to copy to a rented GPU machine.
 
-Images are stored at their largest training scale as JPEG (quality 95, no chroma subsampling,
-about 44 dB PSNR against the originals); audio files are copied unchanged, a seeded random
-subset per group when a size budget is given. Validation files are left out, so a run on the
-packed folder sets ``data.val_fraction`` to 0.
+Images are stored at their largest training scale as JPEG (quality 95, no chroma subsampling:
+PSNR against the originals 43.5 dB median, 39.7 dB at worst on the shared images); audio files
+are copied unchanged, a seeded random subset per group when a size budget is given. Validation
+files are left out, so a run on the packed folder sets ``data.val_fraction`` to 0.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def pack_images(config: TrainConfig, data_dir: Path, out: Path) -> int:
 def pack_audio(config: TrainConfig, data_dir: Path, out: Path, max_mb: float | None) -> int:
     """Copy the training audio of each group, at most ``max_mb`` per group; returns bytes."""
     rng = random.Random(config.seed)
+    budget = max_mb * 1e6 if max_mb is not None else float("inf")
     total = 0
     for group in config.data.get("groups", ["speech", "music"]):
         folder = out / "audio" / group
         folder.mkdir(parents=True, exist_ok=True)
         files = training_split(config, data_dir / "audio" / group, AUDIO_SUFFIXES)
         rng.shuffle(files)
-        budget = max_mb * 1e6 if max_mb is not None else float("inf")
         used = 0
         for path in files:
             size = path.stat().st_size
