@@ -26,7 +26,7 @@ from app.train.tasks import Task, build_task
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BUDGET_WARMUP_STEPS = 10  # steps a --minutes run leaves untimed (CUDA and cuDNN warm up)
-BUDGET_PROBE_STEPS = 50  # steps then timed before a --minutes run fixes its cosine length
+BUDGET_PROBE_STEPS = 50  # steps then timed before a --minutes run first fits its cosine length
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -149,26 +149,27 @@ class Trainer:
         self.ema.model.load_state_dict(weights)
         self.task.warm_started()
 
-    def fit_steps_to_budget(self, probe_s: float, elapsed_s: float) -> None:
+    def fit_steps_to_budget(self, steps_timed: int, timed_s: float, elapsed_s: float) -> None:
         """Set the cosine length so that training ends ``minutes`` after it started.
 
-        Called once ``BUDGET_PROBE_STEPS`` steps (after the warm-up ones) took ``probe_s``: a
-        fixed device lease (a GPU borrowed for ten minutes) then still ends on an annealed model.
+        ``steps_timed`` steps (counted from just after the warm-up ones) took ``timed_s``: a fixed
+        device lease (a GPU borrowed for ten minutes) then still ends on an annealed model.
         """
         assert self.minutes is not None
-        rate = BUDGET_PROBE_STEPS / max(probe_s, 1e-9)
+        rate = steps_timed / max(timed_s, 1e-9)
         remaining = max(0.0, self.minutes * 60 - elapsed_s)
         self.config.steps = self.step + int(rate * remaining)
 
     def run(self) -> None:
         """Train until ``config.steps``; checkpoint every ``checkpoint_minutes`` and at the end.
 
-        With ``minutes`` set, ``config.steps`` is refitted from the measured step rate after
-        ``BUDGET_PROBE_STEPS`` steps so the run ends on time (see ``fit_steps_to_budget``).
+        With ``minutes`` set, ``config.steps`` is fitted from the measured step rate after
+        ``BUDGET_PROBE_STEPS`` steps and refitted at every log line, the rate then timed over
+        all steps since the warm-up, so the run ends on time (see ``fit_steps_to_budget``).
         """
         cfg = self.config
         started, first_step = time.monotonic(), self.step
-        probe_start = started
+        probe_start, probe_step = started, self.step
         bar = tqdm(
             total=cfg.steps, initial=self.step, desc=cfg.name, mininterval=5.0, dynamic_ncols=True
         )
@@ -180,10 +181,13 @@ class Trainer:
             if self.minutes is not None:
                 done = self.step - first_step
                 if done == BUDGET_WARMUP_STEPS:
-                    probe_start = time.monotonic()
-                elif done == BUDGET_WARMUP_STEPS + BUDGET_PROBE_STEPS:
+                    probe_start, probe_step = time.monotonic(), self.step
+                probed = done - BUDGET_WARMUP_STEPS - BUDGET_PROBE_STEPS
+                if probed == 0 or (probed > 0 and self.step % cfg.log_every == 0):
                     now = time.monotonic()
-                    self.fit_steps_to_budget(now - probe_start, now - started)
+                    self.fit_steps_to_budget(
+                        self.step - probe_step, now - probe_start, now - started
+                    )
                     bar.total = cfg.steps
             smoothed = loss if smoothed is None else 0.95 * smoothed + 0.05 * loss
             window_items += items
