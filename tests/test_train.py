@@ -12,7 +12,13 @@ import torch
 from PIL import Image
 
 from app.train.config import TrainConfig
-from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, AudioSegments, split_files
+from app.train.data import (
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    AudioSegments,
+    ImageCrops,
+    split_files,
+)
 from app.train.evaluate import evaluate_model
 from app.train.pack import pack_audio, pack_images
 from app.train.trainer import BUDGET_PROBE_STEPS, BUDGET_WARMUP_STEPS, Trainer
@@ -139,9 +145,29 @@ def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(
 def test_audio_segments_come_from_the_groups_in_their_weighted_shares(data_dir: Path) -> None:
     groups = [sorted((data_dir / "audio" / g).iterdir()) for g in ("speech", "music")]
     segments = AudioSegments(groups, SAMPLE_RATE, 0.25, random.Random(0), weights=[3.0, 1.0])
-    picks = [segments.pick()[0] for _ in range(4000)]
+    picks = [segments.pick(segments.rng)[0] for _ in range(4000)]
     speech_share = sum(p.parent.name == "speech" for p in picks) / len(picks)
     assert 0.72 < speech_share < 0.78
+
+
+def test_image_batches_are_the_same_for_any_number_of_workers(data_dir: Path) -> None:
+    files = sorted((data_dir / "images").iterdir())
+    one, four = (ImageCrops(files, 32, (48, 80), random.Random(7), workers=n) for n in (1, 4))
+    for _ in range(3):
+        batch = one.batch(8)
+        assert batch.shape == (8, 3, 32, 32)
+        assert torch.equal(batch, four.batch(8))
+
+
+def test_audio_batches_are_the_same_for_any_number_of_workers(data_dir: Path) -> None:
+    groups = [sorted((data_dir / "audio" / g).iterdir()) for g in ("speech", "music")]
+    one, four = (
+        AudioSegments(groups, SAMPLE_RATE, 0.25, random.Random(7), workers=n) for n in (1, 4)
+    )
+    for _ in range(3):
+        batch = one.batch(8)
+        assert batch.shape == (8, 1, SAMPLE_RATE // 4)
+        assert torch.equal(batch, four.batch(8))
 
 
 def test_audio_group_weights_must_match_the_groups(data_dir: Path) -> None:

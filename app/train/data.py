@@ -1,13 +1,18 @@
 """Training media from the shared data folder: a deterministic split and random crops/segments.
 
 Everything runs in the training process (no worker processes): images are decoded once and kept
-downscaled in memory; audio segments are read straight from the Ogg files by seeking.
+downscaled in memory; audio segments are read straight from the Ogg files by seeking. The items
+of a batch are made by a thread pool (Pillow and libsndfile release the GIL), each from its own
+seed drawn in order from the run's generator, so batches do not depend on the number of threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,37 +82,60 @@ def whole_image(path: Path, multiple: int) -> Image.Image:
     return rgb.crop((left, top, left + width, top + height))
 
 
-class ImageCrops:
+def default_workers() -> int:
+    """Threads that make batch items: the machine's cores, at most 16."""
+    return min(16, os.cpu_count() or 1)
+
+
+class RandomBatches(ABC):
+    """Batches of random items made in parallel; subclasses say how one item is made."""
+
+    def __init__(self, rng: random.Random, workers: int | None = None) -> None:
+        self.rng = rng
+        self.pool = ThreadPoolExecutor(max_workers=workers or default_workers())
+
+    @abstractmethod
+    def sample(self, rng: random.Random) -> torch.Tensor:
+        """One item, drawing all its randomness from ``rng``."""
+
+    def batch(self, size: int) -> torch.Tensor:
+        """``size`` items stacked; the same for any number of workers."""
+        seeds = [self.rng.getrandbits(64) for _ in range(size)]
+        return torch.stack(list(self.pool.map(lambda s: self.sample(random.Random(s)), seeds)))
+
+
+class ImageCrops(RandomBatches):
     """Random crops of training images: random scale (short side in [min, max]), crop, flip."""
 
     def __init__(
-        self, files: list[Path], crop: int, short_side: tuple[int, int], rng: random.Random
+        self,
+        files: list[Path],
+        crop: int,
+        short_side: tuple[int, int],
+        rng: random.Random,
+        workers: int | None = None,
     ) -> None:
         if not files:
             raise ValueError("no training images found")
+        super().__init__(rng, workers)
         self.crop = crop
         self.short_side = short_side
-        self.rng = rng
         # Kept at the largest scale; smaller scales are taken by resizing a larger crop window.
         self.images = [load_rgb(p, short_side[1]) for p in files]
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, rng: random.Random) -> torch.Tensor:
         """One augmented crop: pixels [3, crop, crop] in [-1, 1]."""
-        image = self.images[self.rng.randrange(len(self.images))]
-        scale = self.rng.uniform(self.short_side[0], self.short_side[1]) / self.short_side[1]
+        image = self.images[rng.randrange(len(self.images))]
+        scale = rng.uniform(self.short_side[0], self.short_side[1]) / self.short_side[1]
         window = min(round(self.crop / scale), image.width, image.height)
-        left = self.rng.randint(0, image.width - window)
-        top = self.rng.randint(0, image.height - window)
+        left = rng.randint(0, image.width - window)
+        top = rng.randint(0, image.height - window)
         patch = image.crop((left, top, left + window, top + window))
         if window != self.crop:
             patch = patch.resize((self.crop, self.crop), Image.Resampling.BICUBIC)
-        if self.rng.random() < 0.5:
+        if rng.random() < 0.5:
             patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_pixels(patch)
-
-    def batch(self, size: int) -> torch.Tensor:
-        """pixels [size, 3, crop, crop]."""
-        return torch.stack([self.sample() for _ in range(size)])
 
 
 def read_segment(path: Path, start: int, frames: int) -> np.ndarray:
@@ -120,7 +148,7 @@ def read_segment(path: Path, start: int, frames: int) -> np.ndarray:
     return samples
 
 
-class AudioSegments:
+class AudioSegments(RandomBatches):
     """Random fixed-length segments from groups (speech, music) in given shares, random level."""
 
     def __init__(
@@ -131,6 +159,7 @@ class AudioSegments:
         rng: random.Random,
         peak_db: tuple[float, float] = (-18.0, 0.0),
         weights: list[float] | None = None,
+        workers: int | None = None,
     ) -> None:
         weights = weights or [1.0] * len(groups)
         if len(weights) != len(groups):
@@ -138,11 +167,11 @@ class AudioSegments:
         kept = [(g, w) for g, w in zip(groups, weights, strict=True) if g]
         if not kept:
             raise ValueError("no training audio found")
+        super().__init__(rng, workers)
         self.groups = [g for g, _ in kept]
         self.weights = [w for _, w in kept]
         self.sample_rate = sample_rate
         self.frames = round(segment_s * sample_rate)
-        self.rng = rng
         self.peak_db = peak_db
         self.lengths: dict[Path, int] = {}
         for path in (p for g in self.groups for p in g):
@@ -151,25 +180,21 @@ class AudioSegments:
                 raise ValueError(f"{path} is at {info.samplerate} Hz, not {sample_rate} Hz")
             self.lengths[path] = info.frames
 
-    def pick(self) -> tuple[Path, int]:
-        """Where the next segment starts: a group by weight, a file in it, a start frame."""
-        group = self.rng.choices(self.groups, weights=self.weights)[0]
-        path = group[self.rng.randrange(len(group))]
-        return path, self.rng.randint(0, max(0, self.lengths[path] - self.frames))
+    def pick(self, rng: random.Random) -> tuple[Path, int]:
+        """Where a segment starts: a group by weight, a file in it, a start frame."""
+        group = rng.choices(self.groups, weights=self.weights)[0]
+        path = group[rng.randrange(len(group))]
+        return path, rng.randint(0, max(0, self.lengths[path] - self.frames))
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, rng: random.Random) -> torch.Tensor:
         """One segment: wave [1, frames] with its peak set to a random level in ``peak_db``."""
         for _ in range(10):
-            path, start = self.pick()
+            path, start = self.pick(rng)
             samples = read_segment(path, start, self.frames)
             peak = float(np.abs(samples).max())
             if peak > 1e-3:  # skip silent stretches: nothing to learn there
                 break
-        samples = samples * (10 ** (self.rng.uniform(*self.peak_db) / 20) / max(peak, 1e-3))
-        if self.rng.random() < 0.5:
+        samples = samples * (10 ** (rng.uniform(*self.peak_db) / 20) / max(peak, 1e-3))
+        if rng.random() < 0.5:
             samples = -samples
         return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)).unsqueeze(0)
-
-    def batch(self, size: int) -> torch.Tensor:
-        """wave [size, 1, frames]."""
-        return torch.stack([self.sample() for _ in range(size)])

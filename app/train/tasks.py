@@ -49,12 +49,18 @@ class ImageTask:
             data_dir / "images", IMAGE_SUFFIXES, data.get("val_fraction", 0.1), validation=False
         )
         short_side = data.get("short_side", [256, 384])
-        self.crops = ImageCrops(files, data.get("crop", 128), (short_side[0], short_side[1]), rng)
+        self.sampler = ImageCrops(
+            files,
+            data.get("crop", 128),
+            (short_side[0], short_side[1]),
+            rng,
+            workers=data.get("workers"),
+        )
         self.model: nn.Module = FSQImageTokenizer(**config.arch)
         self.criterion = ImageLoss(**config.loss)
 
     def batch(self, size: int) -> torch.Tensor:
-        return self.crops.batch(size)
+        return self.sampler.batch(size)
 
     def items(self, batch: torch.Tensor) -> float:
         return float(batch.shape[0])
@@ -92,12 +98,13 @@ class AudioTask:
         codec = RVQAudioCodec(**config.arch)
         self.model: nn.Module = codec
         self.codec = codec
-        self.segments = AudioSegments(
+        self.sampler = AudioSegments(
             groups,
             codec.sample_rate,
             data.get("segment_s", 1.0),
             rng,
             weights=data.get("group_weights"),
+            workers=data.get("workers"),
         )
         self.criterion = AudioLoss(codec.sample_rate, **config.loss)
         quantizer = config.quantizer
@@ -111,7 +118,7 @@ class AudioTask:
         self.rng = rng
 
     def batch(self, size: int) -> torch.Tensor:
-        return self.segments.batch(size)
+        return self.sampler.batch(size)
 
     def items(self, batch: torch.Tensor) -> float:
         return batch.shape[0] * batch.shape[-1] / self.codec.sample_rate
