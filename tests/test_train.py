@@ -142,6 +142,47 @@ def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(
     assert after < 0.7 * float(before)
 
 
+def test_a_frozen_encoder_keeps_every_image_token_while_the_decoder_learns(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(
+        image_config(freeze=["encoder"]), data_dir, tmp_path / "model", tmp_path / "run"
+    )
+    batch = trainer.task.batch(8)
+    with torch.no_grad():
+        tokens = trainer.ema.model.encode(batch)
+        before = float(trainer.task.loss(batch)[0])
+    for _ in range(30):
+        trainer.train_step()
+    with torch.no_grad():
+        assert torch.equal(trainer.ema.model.encode(batch), tokens)
+        assert torch.equal(trainer.model.encode(batch), tokens)
+        assert float(trainer.task.loss(batch)[0]) < 0.95 * before
+
+
+def test_a_frozen_encoder_and_quantizer_keep_every_audio_token(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    config = audio_config(freeze=["encoder", "quantizer"], steps=10)
+    trainer = Trainer(config, data_dir, tmp_path / "model", tmp_path / "run")
+    wave = trainer.task.batch(4)
+    lengths = torch.full((4,), wave.shape[-1])
+    decoder = [p.detach().clone() for p in trainer.model.decoder.parameters()]
+    with torch.no_grad():
+        tokens, _ = trainer.ema.model.encode(wave, lengths)
+    for _ in range(10):
+        trainer.train_step()
+    with torch.no_grad():
+        assert torch.equal(trainer.ema.model.encode(wave, lengths)[0], tokens)
+    after = trainer.model.decoder.parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(decoder, after, strict=True))
+
+
+def test_freezing_an_unknown_part_names_the_parts(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'decoder', 'encoder', 'quantizer'"):
+        Trainer(image_config(freeze=["encodr"]), data_dir, tmp_path / "model", tmp_path / "run")
+
+
 def test_audio_segments_come_from_the_groups_in_their_weighted_shares(data_dir: Path) -> None:
     groups = [sorted((data_dir / "audio" / g).iterdir()) for g in ("speech", "music")]
     segments = AudioSegments(groups, SAMPLE_RATE, 0.25, random.Random(0), weights=[3.0, 1.0])

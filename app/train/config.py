@@ -20,6 +20,9 @@ class TrainConfig:
     data: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)
     quantizer: dict[str, float] = field(default_factory=dict)
+    # Model parts kept as they are: ["encoder"] (image) or ["encoder", "quantizer"] (audio) keeps
+    # every token id, so a better decoder can replace the shipped one without re-tokenizing.
+    freeze: list[str] = field(default_factory=list)
     batch_size: int = 16
     steps: int = 100_000
     lr: float = 5e-4

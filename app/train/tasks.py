@@ -115,6 +115,7 @@ class AudioTask:
         )
         self.commitment = quantizer.get("commitment", 1.0)
         self.dropout = quantizer.get("dropout", 0.5)
+        self.update_codebooks = "quantizer" not in config.freeze
         self.rng = rng
 
     def batch(self, size: int) -> torch.Tensor:
@@ -125,7 +126,7 @@ class AudioTask:
 
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """wave [B, 1, T] (T a multiple of the hop) -> (loss, its parts)."""
-        self.rvq.train(self.model.training)
+        self.rvq.train(self.model.training and self.update_codebooks)
         codebooks = self.codec.quantizer.codebooks
         n_q = self.rng.randint(1, codebooks) if self.rng.random() < self.dropout else codebooks
         lengths = torch.full((batch.shape[0],), batch.shape[-1], device=batch.device)

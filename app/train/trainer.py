@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from tqdm import tqdm
 
 from app.train.config import TrainConfig
@@ -44,6 +45,15 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def freeze_parts(model: nn.Module, names: list[str]) -> None:
+    """Stop gradients to the named child modules (e.g. ``encoder``) so they stay as they are."""
+    parts = dict(model.named_children())
+    for name in names:
+        if name not in parts:
+            raise ValueError(f"cannot freeze {name!r}: the model's parts are {sorted(parts)}")
+        parts[name].requires_grad_(False)
+
+
 class Trainer:
     """Trains one task; ``run()`` goes until ``config.steps``, checkpointing every few minutes."""
 
@@ -68,8 +78,9 @@ class Trainer:
         self.task: Task = build_task(config, data_dir, self.rng)
         self.task.to(self.device)
         self.model = self.task.model
+        freeze_parts(self.model, config.freeze)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],
             lr=config.lr,
             betas=config.betas,
             weight_decay=config.weight_decay,
