@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from app.train.codecs import opus_at_bitrate
 from app.train.config import TrainConfig
 from app.train.data import (
     AUDIO_SUFFIXES,
@@ -280,6 +281,32 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(
         torch.testing.assert_close(resumed.model.state_dict()[name], value, msg=name)
     assert (tmp_path / "b" / "config.json").is_file()
     assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def tone_24k() -> np.ndarray:
+    """2 s of a modulated 220 Hz tone in light noise at 24 kHz."""
+    t = np.arange(48000) / 24000
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)
+    noise = 0.05 * np.random.default_rng(0).standard_normal(t.size)
+    return (tone + noise).astype(np.float32)
+
+
+@pytest.mark.parametrize("target_bps", [8000, 16000, 32000])
+def test_opus_takes_the_largest_payload_that_fits_a_reachable_bitrate(
+    tone_24k: np.ndarray, target_bps: int
+) -> None:
+    decoded, bps = opus_at_bitrate(tone_24k, 24000, target_bps)
+    assert 0.9 * target_bps < bps <= target_bps
+    assert decoded.shape == tone_24k.shape
+
+
+def test_opus_below_its_floor_answers_the_floor_for_any_lower_target(
+    tone_24k: np.ndarray,
+) -> None:
+    floors = {opus_at_bitrate(tone_24k, 24000, target)[1] for target in (500, 1000, 3000)}
+    assert len(floors) == 1
+    assert 3000 < floors.pop() < 6500
 
 
 def test_eval_reports_codec_figures_beside_jpeg_webp_and_opus(
