@@ -1,4 +1,4 @@
-"""Token cache: key derivation, compact array packing, Redis and in-process backends, single-flight.
+"""Token cache: key derivation, Redis and in-process backends (values: app/cache_format.py).
 
 The cache may only make the service faster: every failure (Redis down, slow, answering garbage)
 reads as a miss and is counted, never raised to the request.
@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -26,12 +25,12 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from app.cache_format import pack_array, unpack_array
 from app.config import Settings
 from app.metrics import CACHE_BYTES, CACHE_DURATION, CACHE_REQUESTS
 
 log = logging.getLogger("tokserve.cache")
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 _HITS = CACHE_REQUESTS.labels(result="hit")
@@ -39,7 +38,7 @@ _MISSES = CACHE_REQUESTS.labels(result="miss")
 _ERRORS = CACHE_REQUESTS.labels(result="error")
 
 # ---------------------------------------------------------------------------------------------
-# keys and values
+# keys
 
 
 def cache_key(model: str, version: str, op: str, params: str, data: bytes) -> str:
@@ -55,73 +54,6 @@ def cache_key(model: str, version: str, op: str, params: str, data: bytes) -> st
 def canonical_params(**params: object) -> str:
     """Result-changing parameters as sorted ``k=v`` pairs: ``n_q=8,resize=crop``."""
     return ",".join(f"{name}={params[name]}" for name in sorted(params))
-
-
-# One byte names the stored dtype; always little-endian on the wire.
-_DTYPE_BY_CODE: dict[int, np.dtype[Any]] = {
-    1: np.dtype("<u1"),
-    2: np.dtype("<u2"),
-    3: np.dtype("<i4"),
-    4: np.dtype("<i8"),
-    5: np.dtype("<f2"),
-    6: np.dtype("<f4"),
-    7: np.dtype("<f8"),
-}
-_CODE_BY_DTYPE = {dtype: code for code, dtype in _DTYPE_BY_CODE.items()}
-_MAX_NDIM = 32
-_MAX_DIM = 2**32 - 1
-
-
-def _stored_dtype(array: np.ndarray) -> np.dtype[Any]:
-    """The narrowest wire dtype that holds every value of ``array`` exactly."""
-    if array.dtype.kind == "f":
-        return np.dtype(array.dtype.newbyteorder("<"))
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"cannot pack arrays of dtype {array.dtype}")
-    if array.dtype == np.uint8:
-        return np.dtype("<u1")
-    if array.size == 0:
-        return np.dtype("<u2")
-    low, high = int(array.min()), int(array.max())
-    if low >= 0 and high < 2**16:
-        return np.dtype("<u2")
-    if low >= -(2**31) and high < 2**31:
-        return np.dtype("<i4")
-    if low >= -(2**63) and high < 2**63:
-        return np.dtype("<i8")
-    raise ValueError("integer values do not fit in int64")
-
-
-def pack_array(tokens: np.ndarray) -> bytes:
-    """``[dtype u8][ndim u8][shape u32 LE × ndim][data LE]``; ints stored as uint16 if they fit."""
-    dtype = _stored_dtype(tokens)
-    code = _CODE_BY_DTYPE.get(dtype)
-    if code is None:
-        raise TypeError(f"cannot pack arrays of dtype {tokens.dtype}")
-    if tokens.ndim > _MAX_NDIM or any(dim > _MAX_DIM for dim in tokens.shape):
-        raise ValueError(f"cannot pack an array of shape {tokens.shape}")
-    header = struct.pack(f"<BB{tokens.ndim}I", code, tokens.ndim, *tokens.shape)
-    return header + np.ascontiguousarray(tokens, dtype=dtype).tobytes()
-
-
-def unpack_array(blob: bytes) -> np.ndarray:
-    """Read-only array view of a :func:`pack_array` blob; ValueError on anything else."""
-    if len(blob) < 2:
-        raise ValueError("cached value shorter than its header")
-    code, ndim = blob[0], blob[1]
-    dtype = _DTYPE_BY_CODE.get(code)
-    if dtype is None:
-        raise ValueError(f"cached value has unknown dtype code {code}")
-    if ndim > _MAX_NDIM:
-        raise ValueError(f"cached value claims {ndim} dimensions")
-    offset = 2 + 4 * ndim
-    if len(blob) < offset:
-        raise ValueError("cached value shorter than its shape")
-    shape = struct.unpack_from(f"<{ndim}I", blob, 2)
-    count = math.prod(shape)
-    if len(blob) != offset + count * dtype.itemsize:
-        raise ValueError(f"cached value length {len(blob)} does not match shape {shape}")
-    return np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 def _pack_items(items: list[tuple[str, np.ndarray]]) -> list[tuple[str, bytes]]:
@@ -464,50 +396,3 @@ def create_cache(settings: Settings) -> TokenCache:
             breaker_cooldown_s=settings.redis_breaker_cooldown_s,
         )
     return MemoryCache(settings.cache_max_bytes, settings.cache_ttl_s)
-
-
-# ---------------------------------------------------------------------------------------------
-# single-flight
-
-
-class _LeaderGone(Exception):
-    """The leader was cancelled before finishing; followers must compute for themselves."""
-
-
-class SingleFlight:
-    """Identical computations in flight run once; followers share the leader's outcome."""
-
-    def __init__(self) -> None:
-        self._inflight: dict[str, asyncio.Future[Any]] = {}
-
-    def __len__(self) -> int:
-        """Keys being computed now."""
-        return len(self._inflight)
-
-    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
-        """``await compute()``, or share the outcome of the one already running for ``key``."""
-        while (leader := self._inflight.get(key)) is not None:
-            try:
-                # shield: a cancelled follower must not cancel the shared future.
-                result: T = await asyncio.shield(leader)
-                return result
-            except _LeaderGone:
-                continue
-        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = outcome
-        try:
-            value = await compute()
-        except asyncio.CancelledError:
-            outcome.set_exception(_LeaderGone())
-            raise
-        except BaseException as exc:
-            outcome.set_exception(exc)
-            raise
-        else:
-            outcome.set_result(value)
-            return value
-        finally:
-            del self._inflight[key]
-            # Followers already hold the outcome; retrieving it keeps asyncio from logging
-            # "exception was never retrieved" when there were none.
-            outcome.exception()

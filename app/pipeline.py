@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from app.batching import Batcher
-from app.cache import SingleFlight, TokenCache, cache_key
+from app.cache import TokenCache, cache_key
 from app.errors import ProblemError
 from app.metrics import TOKENS
 from app.registry import LoadedModel
+from app.single_flight import SingleFlight
 
 log = logging.getLogger("tokserve.pipeline")
 

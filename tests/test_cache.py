@@ -15,18 +15,11 @@ import redis
 import torch
 from prometheus_client import REGISTRY
 
-from app.cache import (
-    MemoryCache,
-    RedisCache,
-    SingleFlight,
-    cache_key,
-    canonical_params,
-    create_cache,
-    pack_array,
-    unpack_array,
-)
+from app.cache import MemoryCache, RedisCache, cache_key, canonical_params, create_cache
+from app.cache_format import pack_array, unpack_array
 from app.config import Settings
 from app.registry import load_model, model_version
+from app.single_flight import SingleFlight
 from tests.redis_server import RedisServer
 from tests.support import TINY_IMAGE, write_model
 

@@ -23,6 +23,7 @@ from app.api.common import (
     use_model,
 )
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, AudioEncodeResponse, DecodedItems
+from app.cache import canonical_params
 from app.errors import Unprocessable
 from app.media import decode_audio, encode_audio
 from app.pipeline import Job, unchanged
@@ -138,7 +139,7 @@ async def decode_audio_route(
         prepare=unchanged,
         group=AudioRunner.decode_group,
         finish=to_file,
-        params=f"format={fmt}",
+        params=canonical_params(format=fmt),
         use_cache=services.settings.cache_decode,
     )
     results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])

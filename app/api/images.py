@@ -22,6 +22,7 @@ from app.api.common import (
     use_model,
 )
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, DecodedItems, ImageEncodeResponse
+from app.cache import canonical_params
 from app.errors import Unprocessable
 from app.media import decode_image, encode_image
 from app.pipeline import Job, unchanged
@@ -66,7 +67,7 @@ async def encode_images(
         ),
         group=ImageRunner.group,
         finish=unchanged,
-        params=f"resize={resize}",
+        params=canonical_params(resize=resize),
     )
     results = await run_job(request, services, job, blobs, blobs)
     items = [{"tokens": r.array, "shape": list(r.array.shape), "cached": r.cached} for r in results]
@@ -110,7 +111,7 @@ async def decode_images(
         prepare=unchanged,
         group=_shape_group,
         finish=to_file,
-        params=f"format={fmt}",
+        params=canonical_params(format=fmt),
         use_cache=services.settings.cache_decode,
     )
     results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])

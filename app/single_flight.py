@@ -1,0 +1,52 @@
+"""Single-flight: identical computations in flight at the same moment run once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class _LeaderGone(Exception):
+    """The leader was cancelled before finishing; followers must compute for themselves."""
+
+
+class SingleFlight:
+    """Identical computations in flight run once; followers share the leader's outcome."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+
+    def __len__(self) -> int:
+        """Keys being computed now."""
+        return len(self._inflight)
+
+    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        """``await compute()``, or share the outcome of the one already running for ``key``."""
+        while (leader := self._inflight.get(key)) is not None:
+            try:
+                # shield: a cancelled follower must not cancel the shared future.
+                result: T = await asyncio.shield(leader)
+                return result
+            except _LeaderGone:
+                continue
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = outcome
+        try:
+            value = await compute()
+        except asyncio.CancelledError:
+            outcome.set_exception(_LeaderGone())
+            raise
+        except BaseException as exc:
+            outcome.set_exception(exc)
+            raise
+        else:
+            outcome.set_result(value)
+            return value
+        finally:
+            del self._inflight[key]
+            # Followers already hold the outcome; retrieving it keeps asyncio from logging
+            # "exception was never retrieved" when there were none.
+            outcome.exception()
