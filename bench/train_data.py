@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.train.config import TrainConfig
 from app.train.data import RandomBatches
-from app.train.tasks import AudioTask, ImageTask
+from app.train.tasks import build_task
 
 
 def items_per_s(sampler: RandomBatches, batch_size: int, seconds: float) -> float:
@@ -40,8 +40,7 @@ def main() -> None:
     results: dict[str, float] = {}
     for workers in args.workers:
         config.data["workers"] = workers
-        task = ImageTask if config.modality == "image" else AudioTask
-        sampler = task(config, args.data, random.Random(config.seed)).sampler
+        sampler = build_task(config, args.data, random.Random(config.seed)).sampler
         results[str(workers)] = items_per_s(sampler, config.batch_size, args.seconds)
     base = results[str(args.workers[0])]
     print(

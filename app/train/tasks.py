@@ -12,7 +12,14 @@ from torch import nn
 from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.image import FSQImageTokenizer
 from app.train.config import TrainConfig
-from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, AudioSegments, ImageCrops, split_files
+from app.train.data import (
+    AUDIO_SUFFIXES,
+    IMAGE_SUFFIXES,
+    AudioSegments,
+    ImageCrops,
+    RandomBatches,
+    split_files,
+)
 from app.train.losses import AudioLoss, ImageLoss
 from app.train.rvq import EMAResidualVQ
 
@@ -21,6 +28,7 @@ class Task(Protocol):
     """A model with its data and loss; the trainer only sees this."""
 
     model: nn.Module
+    sampler: RandomBatches  # makes the training batches
     unit: str  # what throughput counts: "img" or "audio_s"
 
     def batch(self, size: int) -> torch.Tensor: ...
@@ -49,7 +57,7 @@ class ImageTask:
             data_dir / "images", IMAGE_SUFFIXES, data.get("val_fraction", 0.1), validation=False
         )
         short_side = data.get("short_side", [256, 384])
-        self.sampler = ImageCrops(
+        self.sampler: RandomBatches = ImageCrops(
             files,
             data.get("crop", 128),
             (short_side[0], short_side[1]),
@@ -98,7 +106,7 @@ class AudioTask:
         codec = RVQAudioCodec(**config.arch)
         self.model: nn.Module = codec
         self.codec = codec
-        self.sampler = AudioSegments(
+        self.sampler: RandomBatches = AudioSegments(
             groups,
             codec.sample_rate,
             data.get("segment_s", 1.0),
