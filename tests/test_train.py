@@ -104,7 +104,7 @@ def test_training_steps_lower_the_image_loss_on_a_fixed_batch(
     data_dir: Path, tmp_path: Path
 ) -> None:
     trainer = Trainer(image_config(), data_dir, tmp_path / "model", tmp_path / "run")
-    batch = trainer.task.batch(8)
+    batch = trainer.task.sampler.batch(8)
     with torch.no_grad():
         before = float(trainer.task.loss(batch)[0])
     for _ in range(30):
@@ -132,7 +132,7 @@ def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(
     loss = {"stft": 1.0, "mel": 1.0, "wave_l1": 1.0, "complex_stft": 1.0}
     config = audio_config(arch=stft, loss=loss, steps=40, lr=3e-3, quantizer={"dropout": 0.0})
     trainer = Trainer(config, data_dir, tmp_path / "model", tmp_path / "run")
-    batch = trainer.task.batch(4)
+    batch = trainer.task.sampler.batch(4)
     with torch.no_grad():
         before, parts = trainer.task.loss(batch)
     assert set(parts) == {"stft", "mel", "wave_l1", "complex", "commit"}
@@ -149,7 +149,7 @@ def test_a_frozen_encoder_keeps_every_image_token_while_the_decoder_learns(
     trainer = Trainer(
         image_config(freeze=["encoder"]), data_dir, tmp_path / "model", tmp_path / "run"
     )
-    batch = trainer.task.batch(8)
+    batch = trainer.task.sampler.batch(8)
     with torch.no_grad():
         tokens = trainer.ema.model.encode(batch)
         before = float(trainer.task.loss(batch)[0])
@@ -166,7 +166,7 @@ def test_a_frozen_encoder_and_quantizer_keep_every_audio_token(
 ) -> None:
     config = audio_config(freeze=["encoder", "quantizer"], steps=10)
     trainer = Trainer(config, data_dir, tmp_path / "model", tmp_path / "run")
-    wave = trainer.task.batch(4)
+    wave = trainer.task.sampler.batch(4)
     lengths = torch.full((4,), wave.shape[-1])
     decoder = [p.detach().clone() for p in trainer.model.decoder.parameters()]
     with torch.no_grad():
@@ -241,7 +241,7 @@ def test_pack_keeps_the_training_images_at_their_largest_training_scale(
         assert min(image.size) == 64  # short_side [48, 64]
     packed_config = image_config(data={**config.data, "val_fraction": 0.0})
     trainer = Trainer(packed_config, tmp_path / "packed", tmp_path / "m", tmp_path / "r")
-    assert trainer.task.batch(2).shape == (2, 3, 32, 32)
+    assert trainer.task.sampler.batch(2).shape == (2, 3, 32, 32)
 
 
 def test_pack_copies_at_most_the_audio_budget_per_group(data_dir: Path, tmp_path: Path) -> None:

@@ -31,8 +31,6 @@ class Task(Protocol):
     sampler: RandomBatches  # makes the training batches
     unit: str  # what throughput counts: "img" or "audio_s"
 
-    def batch(self, size: int) -> torch.Tensor: ...
-
     def items(self, batch: torch.Tensor) -> float: ...
 
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]: ...
@@ -66,9 +64,6 @@ class ImageTask:
         )
         self.model: nn.Module = FSQImageTokenizer(**config.arch)
         self.criterion = ImageLoss(**config.loss)
-
-    def batch(self, size: int) -> torch.Tensor:
-        return self.sampler.batch(size)
 
     def items(self, batch: torch.Tensor) -> float:
         return float(batch.shape[0])
@@ -125,9 +120,6 @@ class AudioTask:
         self.dropout = quantizer.get("dropout", 0.5)
         self.update_codebooks = "quantizer" not in config.freeze
         self.rng = rng
-
-    def batch(self, size: int) -> torch.Tensor:
-        return self.sampler.batch(size)
 
     def items(self, batch: torch.Tensor) -> float:
         return batch.shape[0] * batch.shape[-1] / self.codec.sample_rate

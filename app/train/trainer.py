@@ -109,7 +109,7 @@ class Trainer:
     def train_step(self) -> tuple[float, dict[str, float], float]:
         """One optimizer step -> (loss, loss parts, items in the batch)."""
         self.model.train()
-        batch = self.task.batch(self.config.batch_size).to(self.device, non_blocking=True)
+        batch = self.task.sampler.batch(self.config.batch_size).to(self.device, non_blocking=True)
         self.set_lr()
         with self.autocast():
             loss, parts = self.task.loss(batch)
