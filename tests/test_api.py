@@ -287,6 +287,28 @@ async def test_body_over_the_limit_answers_413_while_streaming(repo: Path) -> No
         assert_problem(streamed, 413, "10000")
 
 
+async def test_more_items_than_the_limit_answer_413_however_they_are_sent(repo: Path) -> None:
+    async with served(settings_for(repo, max_items=2)) as client:
+        for count in (3, 5):
+            files = [("files", (f"{i}.png", png_bytes(seed=i), "image/png")) for i in range(count)]
+            response = await client.post("/v1/images/encode", files=files)
+            assert_problem(response, 413, "at most 2", "TOKSERVE_MAX_ITEMS")
+        encoded = [base64.b64encode(png_bytes(seed=i)).decode() for i in range(5)]
+        response = await client.post("/v1/images/encode", json={"images": encoded})
+        assert_problem(response, 413, "at most 2", "TOKSERVE_MAX_ITEMS")
+
+
+async def test_malformed_multipart_body_answers_400_naming_the_problem(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        "/v1/images/encode",
+        content=b"not multipart at all",
+        headers={"content-type": "multipart/form-data"},
+    )
+    assert_problem(response, 400, "multipart")
+
+
 async def test_audio_too_long_zero_samples_and_nan_are_refused(repo: Path) -> None:
     async with served(settings_for(repo, max_audio_seconds=1.0)) as client:
         long = await client.post("/v1/audio/encode", content=wav_bytes(seconds=2.0))

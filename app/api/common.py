@@ -16,7 +16,8 @@ import msgpack
 import numpy as np
 from fastapi import Depends, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 
 from app.errors import BadRequest, ClientGone, PayloadTooLarge, Unauthorized, Unprocessable
 from app.media import parse_base64
@@ -98,8 +99,7 @@ async def read_media_items(request: Request, services: Services, what: str) -> l
     """Raw media of every item: the body itself, each multipart file, or JSON base64 strings."""
     content_type = _content_type(request)
     if content_type == "multipart/form-data":
-        limit = services.settings.max_items + 1
-        form = await request.form(max_files=limit, max_fields=limit)
+        form = await _read_form(request, services, what)
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         _check_count(len(files), services, what)
         blobs = [await upload.read() for upload in files]
@@ -119,6 +119,23 @@ async def read_media_items(request: Request, services: Services, what: str) -> l
             where = "The request body" if len(blobs) == 1 else f"Item {index}"
             raise BadRequest(f"{where} is empty; send the {what[:-1]} file's bytes.")
     return blobs
+
+
+async def _read_form(request: Request, services: Services, what: str) -> FormData:
+    """The multipart form, parsing at most one part more than the item limit allows."""
+    max_items = services.settings.max_items
+    try:
+        return await request.form(max_files=max_items + 1, max_fields=max_items + 1)
+    except HTTPException as exc:  # Starlette's parser reports its limits and errors as a 400
+        if str(exc.detail).startswith("Too many"):
+            raise PayloadTooLarge(
+                f"More than {max_items + 1} parts in one multipart request; at most {max_items} "
+                f"{what} (TOKSERVE_MAX_ITEMS) are accepted."
+            ) from exc
+        raise BadRequest(
+            f"The multipart body could not be parsed ({exc.detail}); send multipart/form-data "
+            "with one file part per item."
+        ) from exc
 
 
 def _parse_json(body: bytes) -> Any:

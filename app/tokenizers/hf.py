@@ -85,7 +85,7 @@ def check_checkpoint(name: str, class_name: str, expected_type: str, source: Pat
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(
             f"{name}: {source} is not a checkpoint folder with a readable config.json ({exc}); "
-            "download it first, e.g. `huggingface-cli download facebook/encodec_24khz "
+            "download it first, e.g. `hf download facebook/encodec_24khz "
             "--local-dir PATH`"
         ) from exc
     found = checkpoint.get("model_type")
