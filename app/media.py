@@ -84,10 +84,10 @@ def decode_image(
         raise BadRequest(f"resize must be one of crop, pad or stretch, not {resize!r}.")
     if not data:
         raise BadRequest(f"The image is empty (0 bytes); send the bytes of a {_ACCEPTED_IMAGES}.")
-    image_format = "image"
+    what = "image"
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS_IN) as img:
-            image_format = img.format or image_format
+            what = f"{img.format} image" if img.format else what
             _check_pixels(img.size, max_pixels)
             if isinstance(img, JpegImageFile):
                 _draft_jpeg(img, size, resize)
@@ -105,7 +105,7 @@ def decode_image(
         ) from None
     except _PILLOW_DECODE_ERRORS as exc:
         raise UnsupportedMedia(
-            f"The {image_format} image could not be decoded: it is truncated or corrupt ({exc}); "
+            f"The {what} could not be decoded: it is truncated or corrupt ({exc}); "
             f"send a complete {_ACCEPTED_IMAGES}."
         ) from None
     levels = np.asarray(_fit(rgb, size, resize)).transpose(2, 0, 1)
@@ -270,7 +270,9 @@ def decode_audio(
                     f"accepted ({max_seconds:g} s of {_BUDGET_CHANNELS}-channel "
                     f"{_BUDGET_RATE // 1000} kHz audio)."
                 )
-            samples = sound.read(dtype="float32", always_2d=True)  # [T, C]
+            # libsndfile cannot seek in GSM 6.10 or G.721 audio: read() then needs the length
+            frames = -1 if sound.seekable() else declared_frames
+            samples = sound.read(frames, dtype="float32", always_2d=True)  # [T, C]
     except sf.LibsndfileError as exc:
         raise UnsupportedMedia(
             f"The audio could not be decoded ({exc.error_string}); send a complete "

@@ -20,7 +20,7 @@ import numpy as np
 
 from app.batching import Batcher
 from app.cache import TokenCache, cache_key
-from app.errors import ProblemError
+from app.errors import DeadlineExceeded, ProblemError
 from app.metrics import TOKENS
 from app.registry import LoadedModel
 from app.single_flight import SingleFlight
@@ -47,6 +47,14 @@ def unchanged(array: np.ndarray) -> np.ndarray:
     return array
 
 
+class _BadItem(Exception):
+    """An item's media could not be prepared; ``error`` says why, for whichever request sent it."""
+
+    def __init__(self, error: ProblemError) -> None:
+        super().__init__(error.detail)
+        self.error = error
+
+
 @dataclass(frozen=True)
 class ItemResult:
     array: np.ndarray
@@ -59,7 +67,8 @@ class Pipeline:
     def __init__(self, cache: TokenCache, media_pool: Executor) -> None:
         self.cache = cache
         self.media_pool = media_pool
-        self.flights = SingleFlight()
+        # a request's deadline is its own: those sharing its computation go on without it
+        self.flights = SingleFlight(leader_only=(DeadlineExceeded,))
         self._writes: set[asyncio.Task[None]] = set()
 
     async def run(
@@ -77,11 +86,7 @@ class Pipeline:
             try:
                 prepared = await self._media(job.prepare, items[index])
             except ProblemError as exc:
-                if len(items) == 1:
-                    raise
-                # a new error: single-flight may hand this one to other requests too
-                detail = f"Item {index}: {exc.detail}"
-                raise type(exc)(detail, headers=exc.headers, **exc.extra) from exc
+                raise _BadItem(exc) from exc
             result = await job.batcher.submit(
                 prepared, group=job.group(prepared), deadline=deadline
             )
@@ -92,10 +97,17 @@ class Pipeline:
             computed[index] = array
             return array
 
-        def flight(index: int) -> asyncio.Task[np.ndarray]:
-            return asyncio.ensure_future(self.flights.run(keys[index], lambda: compute(index)))
+        async def flight(index: int) -> np.ndarray:
+            try:
+                return await self.flights.run(keys[index], lambda: compute(index))
+            except _BadItem as bad:  # shared by every request with this item: name it per request
+                exc = bad.error
+                if len(items) == 1:
+                    raise exc from None
+                detail = f"Item {index}: {exc.detail}"
+                raise type(exc)(detail, headers=exc.headers, **exc.extra) from None
 
-        misses = {i: flight(i) for i, hit in enumerate(hits) if hit is None}
+        misses = {i: asyncio.ensure_future(flight(i)) for i, hit in enumerate(hits) if hit is None}
         if misses:
             try:
                 await asyncio.gather(*misses.values())

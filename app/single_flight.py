@@ -10,14 +10,19 @@ T = TypeVar("T")
 
 
 class _LeaderGone(Exception):
-    """The leader was cancelled before finishing; followers must compute for themselves."""
+    """The leader was cancelled, or failed for a reason of its own; followers compute themselves."""
 
 
 class SingleFlight:
-    """Identical computations in flight run once; followers share the leader's outcome."""
+    """Identical computations in flight run once; followers share the leader's outcome.
 
-    def __init__(self) -> None:
+    ``leader_only`` names exceptions that concern the leader's caller alone (its deadline passed,
+    say): the leader raises them, and its followers compute for themselves instead of sharing them.
+    """
+
+    def __init__(self, leader_only: tuple[type[BaseException], ...] = ()) -> None:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._leader_only = leader_only
 
     def __len__(self) -> int:
         """Keys being computed now."""
@@ -37,6 +42,9 @@ class SingleFlight:
         try:
             value = await compute()
         except asyncio.CancelledError:
+            outcome.set_exception(_LeaderGone())
+            raise
+        except self._leader_only:
             outcome.set_exception(_LeaderGone())
             raise
         except BaseException as exc:

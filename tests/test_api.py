@@ -10,10 +10,12 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from PIL import Image
@@ -309,6 +311,48 @@ async def test_malformed_multipart_body_answers_400_naming_the_problem(
     assert_problem(response, 400, "multipart")
 
 
+async def _while_in_flight(
+    client: httpx.AsyncClient, first: Any, *then: Any
+) -> tuple[httpx.Response, ...]:
+    """Send ``first``, and ``then`` once first's computation is in flight (others join it)."""
+    leader = asyncio.create_task(first)
+    flights = client.app.state.services.pipeline.flights  # type: ignore[attr-defined]
+    async with asyncio.timeout(10):
+        while not len(flights):
+            await asyncio.sleep(0.001)
+    return await asyncio.gather(leader, *then)
+
+
+async def test_an_identical_request_outlives_the_deadline_of_the_one_it_joined(
+    client: httpx.AsyncClient,
+) -> None:
+    big = png_bytes(2000, 2000, seed=11)  # decoding takes long enough for the second to join
+    hurried, patient = await _while_in_flight(
+        client,
+        client.post("/v1/images/encode", content=big, headers={"X-Request-Timeout": "0.001"}),
+        client.post("/v1/images/encode", content=big),
+    )
+    assert_problem(hurried, 504, "deadline")
+    assert patient.status_code == 200, patient.text
+    assert np.array(patient.json()["items"][0]["tokens"]).shape == (GRID, GRID)
+
+
+async def test_a_bad_item_is_named_by_each_request_sharing_it(client: httpx.AsyncClient) -> None:
+    broken = png_bytes(2000, 2000, seed=12)[:-5000]
+    files = [
+        ("files", ("good.png", png_bytes(seed=13), "image/png")),
+        ("files", ("bad.png", broken)),
+    ]
+    in_list, alone = await _while_in_flight(
+        client,
+        client.post("/v1/images/encode", files=files),
+        client.post("/v1/images/encode", content=broken),
+    )
+    assert_problem(in_list, 415, "Item 1: ")
+    assert_problem(alone, 415, "truncated")
+    assert not alone.json()["detail"].startswith("Item")
+
+
 async def test_audio_too_long_zero_samples_and_nan_are_refused(repo: Path) -> None:
     async with served(settings_for(repo, max_audio_seconds=1.0)) as client:
         long = await client.post("/v1/audio/encode", content=wav_bytes(seconds=2.0))
@@ -365,6 +409,52 @@ async def test_malformed_json_answers_400(client: httpx.AsyncClient) -> None:
         "/v1/images/decode", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert_problem(response, 400, "json")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"tokens": [[' + b"9" * 5000 + b"]]}", ("not valid json",)),
+        (b'{"tokens": ' + b"[" * 5000 + b"]" * 5000 + b"}", ("nested too deeply",)),
+    ],
+    ids=["integer-over-the-digit-limit", "deep-nesting"],
+)
+async def test_json_python_cannot_parse_answers_400(
+    client: httpx.AsyncClient, body: bytes, words: tuple[str, ...]
+) -> None:
+    for route in ("/v1/images/decode", "/v1/images/encode"):
+        response = await client.post(
+            route, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert_problem(response, 400, *words)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "words"),
+    [
+        ([[]], ("no token ids",)),
+        ([[1, None]], ("integer token ids", "nulls")),
+        ({"dtype": "uint16", "shape": [GRID, GRID], "data": "AAAA"}, ("msgpack",)),
+    ],
+    ids=["empty-row", "null-id", "binary-item-in-json"],
+)
+async def test_token_payloads_that_are_not_id_grids_answer_422_saying_why(
+    client: httpx.AsyncClient, tokens: Any, words: tuple[str, ...]
+) -> None:
+    response = await client.post("/v1/images/decode", json={"tokens": tokens})
+    assert_problem(response, 422, *words)
+
+
+@pytest.mark.parametrize("shape", [[math.inf, GRID], [GRID + 0.9, GRID], [True, GRID]])
+async def test_binary_item_with_a_shape_of_non_integers_answers_422(
+    client: httpx.AsyncClient, shape: list[Any]
+) -> None:
+    grid = np.zeros((GRID, GRID), dtype="<u2")
+    body = msgpack.packb({"tokens": {"dtype": "uint16", "shape": shape, "data": grid.tobytes()}})
+    response = await client.post(
+        "/v1/images/decode", content=body, headers={"Content-Type": "application/msgpack"}
+    )
+    assert_problem(response, 422, "shape", "integers")
 
 
 async def test_server_keeps_answering_after_bad_requests(client: httpx.AsyncClient) -> None:

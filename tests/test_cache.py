@@ -502,6 +502,30 @@ async def test_single_flight_followers_compute_themselves_when_the_leader_is_can
     assert calls == 2
 
 
+async def test_single_flight_followers_compute_themselves_when_the_leader_fails_for_itself() -> (
+    None
+):
+    flight = SingleFlight(leader_only=(TimeoutError,))
+    calls = 0
+
+    async def compute() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)
+        if calls == 1:
+            raise TimeoutError("the leader's own deadline passed")
+        return "tokens"
+
+    leader = asyncio.create_task(flight.run(KEY, compute))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(flight.run(KEY, compute)) for _ in range(5)]
+    async with asyncio.timeout(1):
+        assert await asyncio.gather(*followers) == ["tokens"] * 5
+    with pytest.raises(TimeoutError):
+        await leader
+    assert calls == 2
+
+
 async def test_single_flight_cancelled_follower_leaves_the_leader_running() -> None:
     flight = SingleFlight()
     release = asyncio.Event()

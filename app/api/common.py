@@ -141,7 +141,9 @@ async def _read_form(request: Request, services: Services, what: str) -> FormDat
 def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError as exc:
+        raise BadRequest("The JSON body is nested too deeply to parse.") from exc
+    except ValueError as exc:  # also UnicodeDecodeError, and integers over Python's digit limit
         raise BadRequest(f"The body is not valid JSON ({exc}).") from exc
 
 
@@ -173,7 +175,8 @@ async def read_token_request(request: Request, item_ndim: int, layout: str) -> T
         try:
             payload = msgpack.unpackb(body, raw=False)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise BadRequest(f"The body is not valid msgpack ({exc}).") from exc
+            reason = str(exc) or type(exc).__name__
+            raise BadRequest(f"The body is not valid msgpack ({reason}).") from exc
     else:
         payload = _parse_json(body)
     if not isinstance(payload, dict) or "tokens" not in payload:
@@ -203,21 +206,28 @@ def token_array(item: Any, index: int | None, vocab_size: int) -> np.ndarray:
     """One item of a decode request as an int64 array; refuses non-integers and ids out of range."""
     where = "tokens" if index is None else f"tokens[{index}]"
     if isinstance(item, dict):
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not all(type(n) is int for n in shape):
+            raise Unprocessable(f"{where}: a binary item's 'shape' must be a list of integers.")
         try:
             array = np.frombuffer(item["data"], dtype=np.dtype(item["dtype"]).newbyteorder("<"))
-            array = array.reshape([int(n) for n in item["shape"]])
+            array = array.reshape(shape)
         except (KeyError, TypeError, ValueError) as exc:
             raise Unprocessable(
-                f"{where}: a binary item needs 'dtype', 'shape' and 'data' that agree ({exc})."
+                f"{where}: a binary item needs 'dtype', 'shape' and 'data' (bytes: binary items "
+                f"come in msgpack bodies) that agree ({exc})."
             ) from exc
     else:
         try:
             array = np.asarray(item)
         except ValueError as exc:
             raise Unprocessable(f"{where} is ragged: every row must have the same length.") from exc
+    if array.size == 0:
+        raise Unprocessable(f"{where} holds no token ids; send at least one.")
     if array.dtype.kind not in "iu":
-        raise Unprocessable(f"{where} must hold integer token ids, not {array.dtype.name} values.")
-    if array.size and (array.min() < 0 or array.max() >= vocab_size):
+        found = "nulls or integers beyond 64 bits" if array.dtype.kind == "O" else array.dtype.name
+        raise Unprocessable(f"{where} must hold integer token ids, not {found}.")
+    if array.min() < 0 or array.max() >= vocab_size:
         raise Unprocessable(
             f"{where} holds ids from {array.min()} to {array.max()}; "
             f"this model accepts 0 to {vocab_size - 1}."
