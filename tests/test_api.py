@@ -404,6 +404,16 @@ async def test_decode_more_tokens_than_the_limit_answers_413(repo: Path) -> None
         assert_problem(response, 413, "100")
 
 
+async def test_decode_to_more_audio_than_the_limit_answers_413(repo: Path) -> None:
+    frames_per_second = 16000 // HOP
+    async with served(settings_for(repo, max_audio_seconds=1.0)) as client:
+        fits = await client.post("/v1/audio/decode", json={"tokens": [[1] * frames_per_second]})
+        assert fits.status_code == 200, fits.text
+        longer = [[1] * (frames_per_second + 1)]
+        response = await client.post("/v1/audio/decode", json={"tokens": longer})
+        assert_problem(response, 413, "at most 1 s", "TOKSERVE_MAX_AUDIO_SECONDS")
+
+
 async def test_malformed_json_answers_400(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v1/images/decode", content=b"{not json", headers={"Content-Type": "application/json"}

@@ -24,7 +24,7 @@ from app.api.common import (
 )
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, AudioEncodeResponse, DecodedItems
 from app.cache import canonical_params
-from app.errors import Unprocessable
+from app.errors import PayloadTooLarge, Unprocessable
 from app.media import decode_audio, encode_audio
 from app.pipeline import Job, unchanged
 from app.runner import AudioRunner
@@ -117,6 +117,9 @@ async def decode_audio_route(
     # a decoder that needs every codebook declares it (exported programs do)
     fewest = int(info.extra.get("decode_codebooks", 1))
     rows = f"{fewest} to {info.codebooks}" if fewest < info.codebooks else f"{fewest}"
+    sample_rate = info.sample_rate or 24000
+    hop = info.hop_length or 1
+    max_seconds = services.settings.max_audio_seconds
     arrays = []
     for index, item in enumerate(body.items):
         array = token_array(item, None if body.single else index, info.vocab_size)
@@ -125,9 +128,14 @@ async def decode_audio_route(
                 f"Tokens of shape {list(array.shape)} do not fit model {served.name}: send "
                 f"[k][F] with {rows} codebooks (rows) and at least one frame."
             )
+        if array.shape[1] * hop > max_seconds * sample_rate:
+            raise PayloadTooLarge(
+                f"{array.shape[1]} frames decode to {array.shape[1] * hop / sample_rate:.1f} s of "
+                f"audio; at most {max_seconds:g} s (TOKSERVE_MAX_AUDIO_SECONDS, "
+                f"{int(max_seconds * sample_rate / hop)} frames) per item."
+            )
         arrays.append(array)
     check_token_budget(arrays, services)
-    sample_rate = info.sample_rate or 24000
 
     def to_file(wave: torch.Tensor) -> np.ndarray:
         return np.frombuffer(encode_audio(wave, sample_rate, fmt), dtype=np.uint8)
@@ -143,7 +151,6 @@ async def decode_audio_route(
         use_cache=services.settings.cache_decode,
     )
     results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])
-    hop = info.hop_length or 1
     metadata = [
         {
             "sample_rate": sample_rate,
