@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,20 +101,28 @@ class LoadedModel:
         }
 
 
-def model_version(config: dict[str, Any], dtype: torch.dtype, *folders: Path) -> str:
+def model_version(
+    config: dict[str, Any], dtype: torch.dtype, *folders: Path, files: Sequence[Path] = ()
+) -> str:
     """blake2b of what decides the tokens, 16 hex: config.json less its ``serving`` options
-    (batching never changes a token), the dtype the model runs in, and the weight files of the
-    model folder and its source folder (with the source's own config), if any."""
+    (batching never changes a token), the dtype the model runs in, the weight files of the
+    model folder and its source folder (with the source's own config), if any, and ``files``
+    (weights the config names elsewhere, such as an exported program in a subfolder)."""
     digest = hashlib.blake2b(digest_size=8)
     model_config = {key: value for key, value in config.items() if key != "serving"}
     digest.update(json.dumps(model_config, sort_keys=True).encode())
     digest.update(str(dtype).encode())
+    hashed: list[Path] = []
     for index, folder in enumerate(folders):
         for path in sorted(folder.iterdir()):
             own_config = path.name == CONFIG_FILE and index == 0
             if path.suffix in _WEIGHT_SUFFIXES or (path.name == CONFIG_FILE and not own_config):
-                digest.update(path.name.encode())
-                digest.update(path.read_bytes())
+                hashed.append(path)
+    seen = {path.resolve() for path in hashed}
+    hashed += [path for path in files if path.resolve() not in seen]
+    for path in hashed:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -159,7 +167,14 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     serving = ServingOptions.resolve(config, settings)
     device = resolve_device(settings.device)
     dtype = DTYPES[serving.dtype] if device.type == "cuda" else torch.float32
+    name = config.get("name", folder.name)
+    if ":" in str(name):
+        raise ModelLoadError(
+            f"{folder.name}: model name {name!r} contains ':', which cache keys use as their "
+            "separator; choose a name without it."
+        )
     tokenizer: Tokenizer
+    files: list[Path] = []  # weights outside the folders' top level, for the version
     if backend == "native":
         module = build_native(folder, config).to(device=device, dtype=dtype).eval()
         tokenizer = module  # type: ignore[assignment]
@@ -169,20 +184,21 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
 
         tokenizer = build_transformers(folder, config, device, dtype)
     elif backend == "exported":
-        from app.tokenizers.exported import build_exported
+        from app.tokenizers.exported import build_exported, program_paths
 
         tokenizer = build_exported(folder, config, device)
+        files = program_paths(folder, config)
     else:
         raise ModelLoadError(
             f"{folder.name}: unknown backend {backend!r}; known: native, transformers, exported"
         )
     source = source_of(folder, config)
     return LoadedModel(
-        name=config.get("name", folder.name),
+        name=name,
         backend=backend,
         path=folder,
         config=config,
-        version=model_version(config, dtype, folder, *([source] if source else [])),
+        version=model_version(config, dtype, folder, *([source] if source else []), files=files),
         tokenizer=tokenizer,
         serving=serving,
         device=device,

@@ -155,6 +155,20 @@ async def test_image_decode_accepts_msgpack_binary_tokens(client: httpx.AsyncCli
     assert response.headers["content-type"] == "image/png"
 
 
+async def test_binary_tokens_of_either_byte_order_decode_alike(client: httpx.AsyncClient) -> None:
+    grid = np.arange(GRID * GRID).reshape(GRID, GRID) % VOCAB
+    images = []
+    for dtype in ("uint16", "<u2", ">u2", ">i8"):
+        data = grid.astype(dtype).tobytes()
+        body = msgpack.packb({"tokens": {"dtype": dtype, "shape": [GRID, GRID], "data": data}})
+        response = await client.post(
+            "/v1/images/decode", content=body, headers={"Content-Type": "application/msgpack"}
+        )
+        assert response.status_code == 200, (dtype, response.text)
+        images.append(response.content)
+    assert len(set(images)) == 1
+
+
 async def test_image_round_trip_keeps_the_encoded_tokens(client: httpx.AsyncClient) -> None:
     tokens = (await client.post("/v1/images/encode", content=png_bytes(seed=9))).json()
     grid = tokens["items"][0]["tokens"]

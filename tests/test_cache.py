@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from app.cache import MemoryCache, RedisCache, cache_key, canonical_params, create_cache
 from app.cache_format import pack_array, unpack_array
 from app.config import Settings
-from app.registry import load_model, model_version
+from app.registry import ModelLoadError, load_model, model_version
 from app.single_flight import SingleFlight
 from tests.redis_server import RedisServer
 from tests.support import TINY_IMAGE, write_model
@@ -564,6 +564,14 @@ def test_model_version_is_kept_when_only_batching_options_change(tmp_path: Path)
     retuned = {**TINY_IMAGE, "serving": {"max_batch_size": 2, "max_wait_ms": 50, "max_queue": 4}}
     write_model(tmp_path / "a", retuned)
     assert load_model(folder, Settings(device="cpu", max_batch_size=1)).version == before
+
+
+def test_model_named_with_a_colon_is_refused_at_load_not_at_its_first_request(
+    tmp_path: Path,
+) -> None:
+    folder = write_model(tmp_path / "a", {**TINY_IMAGE, "name": "acme:image"})
+    with pytest.raises(ModelLoadError, match="':'"):
+        load_model(folder, Settings(device="cpu"))
 
 
 def test_model_version_changes_with_weights_architecture_or_dtype(tmp_path: Path) -> None:

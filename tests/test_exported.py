@@ -22,8 +22,9 @@ from torch import nn
 from torch.export import Dim
 
 from app.cli import main
+from app.config import Settings
 from app.media import decode_audio
-from app.registry import NATIVE_ARCHITECTURES
+from app.registry import NATIVE_ARCHITECTURES, load_model
 from tests.support import TINY_AUDIO, TINY_IMAGE, png_bytes, served, settings_for, tiny_repo
 from tests.support import wav_bytes as make_wav
 
@@ -200,6 +201,27 @@ async def test_exported_audio_decode_with_fewer_codebooks_answers_422(repo: Path
         )
     assert response.status_code == 422
     assert f"with {K} codebooks" in response.json()["detail"]
+
+
+def test_version_changes_with_a_program_kept_in_a_subfolder(programs: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "image-sub"
+    (folder / "programs").mkdir(parents=True)
+    for role in ("encoder", "decoder"):
+        source = programs / "image" / f"{role}.jit"
+        (folder / "programs" / source.name).write_bytes(source.read_bytes())
+    config = exported_config("image", "jit", folder)
+    del config["source"]
+    config["program"].update(encoder="programs/encoder.jit", decoder="programs/decoder.jit")
+    (folder / "config.json").write_text(json.dumps(config))
+    before = load_model(folder, Settings(device="cpu")).version
+
+    retrained = native(TINY_IMAGE)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.1)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    traced = torch.jit.trace(Method(retrained, "encode"), (pixels,), check_trace=False)
+    traced.save(str(folder / "programs" / "encoder.jit"))
+    assert load_model(folder, Settings(device="cpu")).version != before
 
 
 def test_models_add_measures_an_exported_pair_and_writes_its_conventions(

@@ -210,7 +210,10 @@ def token_array(item: Any, index: int | None, vocab_size: int) -> np.ndarray:
         if not isinstance(shape, list) or not all(type(n) is int for n in shape):
             raise Unprocessable(f"{where}: a binary item's 'shape' must be a list of integers.")
         try:
-            array = np.frombuffer(item["data"], dtype=np.dtype(item["dtype"]).newbyteorder("<"))
+            dtype = np.dtype(item["dtype"])
+            if dtype.byteorder == "=":  # unstated: binary tokens are little-endian
+                dtype = dtype.newbyteorder("<")
+            array = np.frombuffer(item["data"], dtype=dtype)
             array = array.reshape(shape)
         except (KeyError, TypeError, ValueError) as exc:
             raise Unprocessable(

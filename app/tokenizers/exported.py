@@ -147,6 +147,13 @@ class ExportedAudioCodec(FramedAudioCodec):
         return _pick(self.decoder(*inputs), self.output_index).float()
 
 
+def program_paths(folder: Path, config: dict[str, Any]) -> list[Path]:
+    """The encoder and decoder files config.json's ``program`` section names."""
+    spec = config.get("program", {})
+    base = source_of(folder, config) or folder
+    return [base / str(_required(spec, role)) for role in ("encoder", "decoder")]
+
+
 def build_exported(folder: Path, config: dict[str, Any], device: torch.device) -> Tokenizer:
     """The program pair config.json's ``program`` section names, as a Tokenizer."""
     name = folder.name
@@ -154,7 +161,7 @@ def build_exported(folder: Path, config: dict[str, Any], device: torch.device) -
     base = source_of(folder, config) or folder
     modality = config.get("modality")
     try:
-        paths = [base / str(_required(spec, role)) for role in ("encoder", "decoder")]
+        paths = program_paths(folder, config)
         for path in paths:
             if path.suffix not in FORMATS or not path.is_file():
                 raise BadOption(f"{path} is not a .pt2 or .jit file")
