@@ -151,6 +151,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         peak = 1.0 if img.mode == "F" else 65535.0
         levels = np.asarray(img, dtype=np.float32) * (255.0 / peak)
+        if not np.isfinite(levels).all():
+            raise Unprocessable(
+                "The image holds NaN or infinite pixel values; send finite values "
+                "(float greyscale is read as 0..1)."
+            )
         grey = np.clip(np.rint(levels), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if img.has_transparency_data:

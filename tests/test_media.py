@@ -178,6 +178,15 @@ def test_16bit_greyscale_png_is_scaled_to_8_bits_not_clipped() -> None:
     assert rgb_at(decode_image(image_bytes(img, "PNG"), (16, 16)), 8, 8) == (128, 128, 128)
 
 
+def test_float_greyscale_tiff_reads_0_to_1_and_refuses_nan() -> None:
+    half = Image.fromarray(np.full((16, 16), 0.5, np.float32))
+    assert rgb_at(decode_image(image_bytes(half, "TIFF"), (16, 16)), 8, 8) == (128, 128, 128)
+    levels = np.full((16, 16), 0.5, np.float32)
+    levels[3, 3] = np.nan
+    with pytest.raises(Unprocessable, match="NaN"):
+        decode_image(image_bytes(Image.fromarray(levels), "TIFF"), (16, 16))
+
+
 def test_cmyk_jpeg_converts_to_rgb() -> None:
     data = image_bytes(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95)
     assert near(rgb_at(decode_image(data, (16, 16)), 8, 8), RED, 10)
