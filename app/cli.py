@@ -54,6 +54,7 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
     )
     GracefulServer(config, app).run()
     return 0

@@ -12,9 +12,9 @@ DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "models")
 
 
 def _split_list(value: object) -> object:
-    """Accept ``a,b`` / ``a:b`` strings from the environment as lists."""
+    """Accept ``a,b`` strings from the environment as lists (an API key may contain ':')."""
     if isinstance(value, str):
-        return [part.strip() for part in value.replace(",", ":").split(":") if part.strip()]
+        return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
 
@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_queue: int | None = None
     warmup: bool = True
     drain_timeout_s: float = 30.0
+    # Idle HTTP connections stay open this long: longer than load balancers keep theirs (nginx
+    # and cloud LBs: 60 s), so a proxy never reuses a connection the server has just closed.
+    keep_alive_s: int = Field(default=75, ge=1)
     # Nice value of the threads that parse requests and media (event loop, media pool); above the
     # model threads' 0 so a forward's OpenMP threads are not preempted when cores are contended.
     request_nice: int = Field(default=5, ge=0, le=19)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from app.config import Settings
 from bench.server import server_process
 from tests.support import REPO_ROOT, png_bytes, wav_bytes
 
@@ -33,6 +37,25 @@ def test_sigterm_exits_zero_after_answering_in_flight_requests(repo: Path) -> No
         assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+def test_idle_connections_close_after_the_keep_alive_setting(repo: Path) -> None:
+    with server_process(repo, TOKSERVE_KEEP_ALIVE_S="1") as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b'{"status":"ok"}'
+        time.sleep(2.5)  # past 1 s; uvicorn's own default would keep it for 5 s
+        assert connection.sock is not None
+        connection.sock.settimeout(0.5)  # an open connection would time out here, not end
+        assert connection.sock.recv(1) == b"", "the server should have closed the idle connection"
+        connection.close()
+
+
+def test_api_keys_are_split_on_commas_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKSERVE_API_KEYS", "team:a1b2, ci-key")
+    assert Settings().api_keys == ["team:a1b2", "ci-key"]
 
 
 def test_a_broken_model_folder_stops_start_up_with_one_clear_line(tmp_path: Path) -> None:
