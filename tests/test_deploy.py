@@ -395,7 +395,11 @@ def test_gpu_overlay_asks_for_one_gpu_on_gpu_nodes_with_the_cuda_image():
     spec = pod_spec(find(manifests, "Deployment", "tokserve"))
     container = tokserve_container(manifests)
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # the GPU limit places pods; a GPU Operator node label would leave device-plugin pools empty
+    assert "nodeSelector" not in spec
+    # no spare GPU for a surge pod: updates replace pods one at a time
+    rolling = find(manifests, "Deployment", "tokserve")["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 0, "maxUnavailable": 1}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
         "tolerations"
     ]
