@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import platform
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
@@ -29,6 +31,25 @@ from app.services import Services
 from app.warmup import warm_up
 
 log = logging.getLogger("tokserve")
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2).
+
+    os.cpu_count() is the node's cores: a pod limited to 4 CPUs on a 64-core node would decode
+    64 images at once within a memory limit sized for a few.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity is the limit
+    return cpus
 
 
 def package_version() -> str:
@@ -82,7 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else await asyncio.to_thread(ModelRegistry.load, settings)
     )
     media_pool = ThreadPoolExecutor(
-        max_workers=max(2, os.cpu_count() or 2),
+        max_workers=max(2, usable_cpus()),
         thread_name_prefix="media",
         initializer=lower_priority,
         initargs=(settings.request_nice,),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from app.config import Settings
+from app.main import usable_cpus
 from bench.server import server_process
 from tests.support import REPO_ROOT, png_bytes, wav_bytes
 
@@ -72,3 +74,18 @@ def test_a_broken_model_folder_stops_start_up_with_one_clear_line(tmp_path: Path
     assert result.returncode == 2
     assert "broken: unknown native architecture 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), (None, None)],
+    ids=["1.5-cpus", "half-a-cpu", "no-quota", "no-cgroup-v2"],
+)
+def test_media_threads_follow_the_containers_cpu_quota(
+    tmp_path: Path, cpu_max: str | None, expected: int | None
+) -> None:
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == (affinity if expected is None else min(affinity, expected))
