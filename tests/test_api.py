@@ -134,6 +134,28 @@ async def test_image_decode_format_webp_and_jpeg(client: httpx.AsyncClient) -> N
         assert Image.open(io.BytesIO(response.content)).format == pil_name
 
 
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        ("application/msgpack", "application/msgpack"),
+        ("application/json, application/msgpack;q=0", "application/json"),
+        ("application/json, application/msgpack;q=0.5", "application/json"),
+        ("application/json;q=0.5, application/msgpack", "application/msgpack"),
+        ("application/x-npy;q=0.9, application/msgpack;q=0.8", "application/x-npy"),
+        ("*/*", "application/json"),
+        ("", "application/json"),
+    ],
+)
+async def test_encode_answers_the_format_accept_prefers(
+    client: httpx.AsyncClient, accept: str, content_type: str
+) -> None:
+    response = await client.post(
+        "/v1/images/encode", content=png_bytes(seed=21), headers={"Accept": accept}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(content_type)
+
+
 async def test_image_decode_of_many_grids_answers_json_items(client: httpx.AsyncClient) -> None:
     grids = [[[i] * GRID] * GRID for i in range(3)]
     response = await client.post("/v1/images/decode", json={"model": "tiny-image", "tokens": grids})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import secrets
@@ -252,14 +253,39 @@ def key_bytes(array: np.ndarray) -> bytes:
     return np.asarray(array.shape, "<u4").tobytes() + array.astype("<i4").tobytes()
 
 
+_FORMAT_TYPES: dict[ResponseFormat, tuple[str, ...]] = {
+    "msgpack": (MSGPACK, "application/x-msgpack"),
+    "npy": (NPY,),
+    "json": ("application/json",),
+}
+
+
+def _accept_ranges(accept: str) -> dict[str, float]:
+    """``Accept`` as {media range: q}; a range without a q, or with an unreadable one, is 1."""
+    ranges = {}
+    for part in accept.lower().split(","):
+        media_range, *params = (piece.strip() for piece in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                with contextlib.suppress(ValueError):
+                    q = float(value)
+        if media_range:
+            ranges[media_range] = q
+    return ranges
+
+
 def response_format(request: Request) -> ResponseFormat:
-    """Content negotiation on Accept: msgpack or npy when asked, JSON otherwise."""
-    accept = request.headers.get("accept", "")
-    if MSGPACK in accept or "application/x-msgpack" in accept:
-        return "msgpack"
-    if NPY in accept:
-        return "npy"
-    return "json"
+    """Content negotiation on Accept: msgpack or npy when named with a q above 0 and not below
+    JSON's (msgpack on a tie with npy), JSON otherwise."""
+    ranges = _accept_ranges(request.headers.get("accept", ""))
+
+    def q_of(fmt: ResponseFormat) -> float:
+        return max((ranges[t] for t in _FORMAT_TYPES[fmt] if t in ranges), default=0.0)
+
+    binary: ResponseFormat = max(("msgpack", "npy"), key=q_of)  # max keeps the first on a tie
+    return binary if q_of(binary) > 0 and q_of(binary) >= q_of("json") else "json"
 
 
 def compact(tokens: np.ndarray) -> np.ndarray:
