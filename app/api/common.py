@@ -30,6 +30,12 @@ T = TypeVar("T")
 MSGPACK = "application/msgpack"
 NPY = "application/x-npy"
 ResponseFormat = Literal["json", "msgpack", "npy"]
+# the media types that name each format, in Accept and (msgpack) in Content-Type
+_FORMAT_TYPES: dict[ResponseFormat, tuple[str, ...]] = {
+    "msgpack": (MSGPACK, "application/x-msgpack"),
+    "npy": (NPY,),
+    "json": ("application/json",),
+}
 
 
 async def get_services(request: Request) -> Services:
@@ -172,7 +178,7 @@ async def read_token_request(request: Request, item_ndim: int, layout: str) -> T
     body = await request.body()
     if not body:
         raise BadRequest(f'The body is empty; send {{"model": ..., "tokens": {layout}}}.')
-    if _content_type(request) in (MSGPACK, "application/x-msgpack"):
+    if _content_type(request) in _FORMAT_TYPES["msgpack"]:
         try:
             payload = msgpack.unpackb(body, raw=False)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
@@ -251,13 +257,6 @@ def check_token_budget(arrays: list[np.ndarray], services: Services) -> None:
 def key_bytes(array: np.ndarray) -> bytes:
     """Cache identity of a token array: its shape and little-endian int32 ids."""
     return np.asarray(array.shape, "<u4").tobytes() + array.astype("<i4").tobytes()
-
-
-_FORMAT_TYPES: dict[ResponseFormat, tuple[str, ...]] = {
-    "msgpack": (MSGPACK, "application/x-msgpack"),
-    "npy": (NPY,),
-    "json": ("application/json",),
-}
 
 
 def _accept_ranges(accept: str) -> dict[str, float]:
