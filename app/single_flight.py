@@ -22,7 +22,8 @@ class SingleFlight:
 
     def __init__(self, leader_only: tuple[type[BaseException], ...] = ()) -> None:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
-        self._leader_only = leader_only
+        # the leader's own endings: its followers compute for themselves
+        self._leader_gone: tuple[type[BaseException], ...] = (asyncio.CancelledError, *leader_only)
 
     def __len__(self) -> int:
         """Keys being computed now."""
@@ -41,10 +42,7 @@ class SingleFlight:
         self._inflight[key] = outcome
         try:
             value = await compute()
-        except asyncio.CancelledError:
-            outcome.set_exception(_LeaderGone())
-            raise
-        except self._leader_only:
+        except self._leader_gone:
             outcome.set_exception(_LeaderGone())
             raise
         except BaseException as exc:
