@@ -234,6 +234,10 @@ class CircuitBreaker:
         self._probing = False
 
 
+# No single read waits longer than this, whatever the bytes (see RedisCache._deadline_s).
+_SOCKET_TIMEOUT_S = 10.0
+
+
 def _host_port(address: str, default_port: int) -> tuple[str, int]:
     """``host[:port]`` or ``[v6]:port`` to a (host, port) pair."""
     if address.startswith("["):
@@ -246,7 +250,8 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
 def _redis_client(url: str, timeout_s: float) -> tuple[Redis | RedisCluster, list[Redis]]:
     """Client for a redis[s]://, unix://, redis+sentinel://, redis+cluster:// URL (+ sentinels)."""
     options: dict[str, Any] = {
-        "socket_timeout": timeout_s,
+        # A backstop only: each call's own deadline (timeout plus its bytes' transfer) is shorter.
+        "socket_timeout": _SOCKET_TIMEOUT_S,
         "socket_connect_timeout": timeout_s,
         # One immediate retry on a dead pooled socket (Redis restarted); timeouts are not retried.
         "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
@@ -285,18 +290,25 @@ def _redis_client(url: str, timeout_s: float) -> tuple[Redis | RedisCluster, lis
 
 
 class RedisCache:
-    """Cache shared by every replica; Redis down, slow (> timeout_ms) or garbled reads as a miss."""
+    """Cache shared by every replica; Redis down, slow or garbled reads as a miss.
+
+    Each call's deadline is ``timeout_ms`` plus the time its bytes take at ``min_mb_per_s``: a
+    10-minute audio result (720 kB) is not "slow" for taking longer than a 1 kB one. Reads
+    learn the values' sizes first (STRLEN of every key, one pipeline), then MGET the keys present.
+    """
 
     def __init__(
         self,
         url: str,
         *,
         timeout_ms: float = 50.0,
+        min_mb_per_s: float = 25.0,
         ttl_s: float = 7 * 24 * 3600,
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 2.0,
     ) -> None:
         self._timeout_s = timeout_ms / 1000
+        self._bytes_per_s = min_mb_per_s * 1e6
         self._ttl_ms = int(ttl_s * 1000) if ttl_s > 0 else None
         self._client, self._extra_clients = _redis_client(url, self._timeout_s)
         self._breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
@@ -308,11 +320,11 @@ class RedisCache:
         return self._breaker.is_open
 
     async def get_many(self, keys: list[str]) -> list[np.ndarray | None]:
-        """One MGET; every key a miss (counted as error) when Redis fails or is skipped."""
+        """STRLEN of every key, then one MGET of those present; all misses when Redis fails."""
         if not keys:
             return []
         start = time.perf_counter()
-        blobs = await self._guarded("get", lambda: self._mget(keys))
+        blobs = await self._fetch(keys)
         CACHE_DURATION.labels("redis", "get").observe(time.perf_counter() - start)
         if blobs is None:
             _ERRORS.inc(len(keys))
@@ -325,7 +337,8 @@ class RedisCache:
         if not blobs:
             return
         start = time.perf_counter()
-        written = await self._guarded("set", lambda: self._write(blobs))
+        size = sum(len(blob) for _, blob in blobs)
+        written = await self._guarded("set", lambda: self._write(blobs), size)
         CACHE_DURATION.labels("redis", "set").observe(time.perf_counter() - start)
         if written is None:
             _ERRORS.inc(len(blobs))
@@ -343,6 +356,27 @@ class RedisCache:
         for client in (self._client, *self._extra_clients):
             await client.aclose()
 
+    async def _fetch(self, keys: list[str]) -> list[bytes | None] | None:
+        """Values of ``keys`` (None where absent); None when Redis failed or is skipped."""
+        sizes = await self._guarded("get", lambda: self._strlen(keys))
+        if sizes is None:
+            return None
+        present = [key for key, size in zip(keys, sizes, strict=True) if size]
+        if not present:
+            return [None] * len(keys)
+        values = await self._guarded("get", lambda: self._mget(present), sum(sizes))
+        if values is None:
+            return None
+        found = dict(zip(present, values, strict=True))
+        return [found.get(key) for key in keys]
+
+    async def _strlen(self, keys: list[str]) -> list[int]:
+        """Byte length of each key's value (0 when absent), in one pipeline."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.strlen(key)
+            return [int(size) for size in await pipe.execute()]
+
     async def _mget(self, keys: list[str]) -> list[Any]:
         """MGET; across slots in a cluster (one request per node, concurrently)."""
         if isinstance(self._client, RedisCluster):
@@ -356,16 +390,20 @@ class RedisCache:
                 pipe.set(key, blob, px=self._ttl_ms)
             return await pipe.execute()
 
-    async def _guarded(self, op: str, call: Callable[[], Awaitable[R]]) -> R | None:
-        """Run ``call`` under the deadline and the breaker; None when skipped or failed."""
+    async def _guarded(self, op: str, call: Callable[[], Awaitable[R]], size: int = 0) -> R | None:
+        """Run ``call`` (moving ``size`` bytes) under its deadline and the breaker.
+
+        None when skipped or failed. The deadline is the timeout plus the bytes' transfer time.
+        """
         if not self._breaker.allow():
             return None
+        deadline_s = min(self._timeout_s + size / self._bytes_per_s, _SOCKET_TIMEOUT_S)
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(deadline_s):
                 result = await call()
         except Exception as exc:
             # asyncio's deadline raises a bare TimeoutError; say what it means.
-            reason = str(exc) or f"no answer within {self._timeout_s * 1000:g} ms"
+            reason = str(exc) or f"no answer within {deadline_s * 1000:.0f} ms"
             if self._breaker.record_failure():
                 log.warning(
                     "Redis cache %s failed (%s: %s); skipping Redis for %g s",
@@ -391,6 +429,7 @@ def create_cache(settings: Settings) -> TokenCache:
         return RedisCache(
             settings.redis_url,
             timeout_ms=settings.redis_timeout_ms,
+            min_mb_per_s=settings.redis_min_mb_per_s,
             ttl_s=settings.cache_ttl_s,
             breaker_failures=settings.redis_breaker_failures,
             breaker_cooldown_s=settings.redis_breaker_cooldown_s,

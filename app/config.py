@@ -32,6 +32,8 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     redis_timeout_ms: float = 50.0
+    # Each Redis call also gets its bytes' transfer time at this rate: large values are not slow.
+    redis_min_mb_per_s: float = Field(default=25.0, gt=0)
     redis_breaker_failures: int = 5
     redis_breaker_cooldown_s: float = 2.0
     cache_ttl_s: int = 7 * 24 * 3600

@@ -257,7 +257,7 @@ async def test_get_many_counts_one_hit_or_miss_per_key() -> None:
 # --- redis cache ---------------------------------------------------------------------------
 
 
-async def test_redis_cache_answers_hits_and_misses_for_several_keys_with_one_mget(
+async def test_redis_cache_answers_hits_and_misses_with_one_strlen_pipeline_and_one_mget(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:
     other = np.array([[1, 2, 3]], dtype=np.int64)
@@ -268,8 +268,34 @@ async def test_redis_cache_answers_hits_and_misses_for_several_keys_with_one_mge
     assert found[1] is None
     np.testing.assert_array_equal(found[2], other)
     stats = redis_server.client().info("commandstats")
+    assert stats["cmdstat_strlen"]["calls"] == 3
     assert stats["cmdstat_mget"]["calls"] == 1
     assert "cmdstat_get" not in stats
+
+
+async def test_redis_cache_skips_the_mget_when_no_key_is_present(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    redis_server.client().config_resetstat()
+    assert await cache.get_many(["tok:a", "tok:b"]) == [None, None]
+    assert "cmdstat_mget" not in redis_server.client().info("commandstats")
+
+
+async def test_large_values_are_written_and_read_within_a_deadline_that_grows_with_their_bytes(
+    cache: RedisCache,
+) -> None:
+    # 32 x 2 MB cannot move in the 50 ms timeout; at the 25 MB/s floor they get 2.6 s.
+    rng = np.random.default_rng(0)
+    items = [
+        (f"tok:big{i}", rng.integers(0, 2**16, (8, 125_000), dtype=np.int64)) for i in range(32)
+    ]
+    errors = cache_requests("error")
+    await cache.set_many(items)
+    found = await cache.get_many([key for key, _ in items])
+    for (_, tokens), value in zip(items, found, strict=True):
+        np.testing.assert_array_equal(value, tokens)
+    assert cache_requests("error") == errors
+    assert not cache.breaker_open
 
 
 async def test_redis_cache_sets_the_configured_ttl_on_every_key(
