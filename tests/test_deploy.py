@@ -522,6 +522,15 @@ def test_every_tokserve_variable_set_anywhere_is_a_real_setting():
         assert names <= known, f"not settings in app/config.py: {names - known}"
 
 
+def test_pods_get_no_service_link_variables_that_would_read_as_settings():
+    assert "TOKSERVE_PORT" in settings_env_names()
+    for name in RENDERINGS:
+        resources = _rendered(name)
+        # The Service named tokserve would inject TOKSERVE_PORT=tcp://10.x.y.z:8000.
+        assert find(resources, "Service", "tokserve")
+        assert pod_spec(find(resources, "Deployment", "tokserve"))["enableServiceLinks"] is False
+
+
 def test_body_limit_is_the_same_at_the_ingress_nginx_and_the_service():
     configmap = find(_rendered("cpu"), "ConfigMap", "tokserve")["data"]
     limit = int(configmap["TOKSERVE_MAX_BODY_BYTES"])
