@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -334,6 +335,22 @@ async def test_more_items_than_the_limit_answer_413_however_they_are_sent(repo: 
         encoded = [base64.b64encode(png_bytes(seed=i)).decode() for i in range(5)]
         response = await client.post("/v1/images/encode", json={"images": encoded})
         assert_problem(response, 413, "at most 2", "TOKSERVE_MAX_ITEMS")
+
+
+async def test_multipart_files_over_a_megabyte_need_no_writable_temporary_directory(
+    client: httpx.AsyncClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Starlette spools file parts over 1 MB to disk; a full /tmp volume failed every upload.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    big = png_bytes(800, 800)
+    assert len(big) > 1024 * 1024
+    files = [("files", (f"{i}.png", big, "image/png")) for i in range(2)]
+    response = await client.post("/v1/images/encode", files=files)
+    assert response.status_code == 200, response.text
+    as_json = await client.post(
+        "/v1/images/encode", json={"images": [base64.b64encode(big).decode()]}
+    )
+    assert response.json()["items"][0]["tokens"] == as_json.json()["items"][0]["tokens"]
 
 
 async def test_malformed_multipart_body_answers_400_naming_the_problem(

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import secrets
+import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 from fastapi import Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.errors import BadRequest, ClientGone, PayloadTooLarge, Unauthorized, Unprocessable
 from app.media import parse_base64
@@ -110,6 +111,7 @@ async def read_media_items(request: Request, services: Services, what: str) -> l
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         _check_count(len(files), services, what)
         blobs = [await upload.read() for upload in files]
+        await form.close()
     elif content_type == "application/json":
         payload = _parse_json(await request.body())
         encoded = payload.get(what) if isinstance(payload, dict) else None
@@ -128,19 +130,31 @@ async def read_media_items(request: Request, services: Services, what: str) -> l
     return blobs
 
 
+class _InMemoryMultiPartParser(MultiPartParser):
+    """Keeps file parts in memory, as JSON bodies are: each is read whole right after parsing
+    and the body limit bounds them. Starlette spools parts over 1 MB to the temporary directory,
+    which concurrent uploads fill (a container's /tmp is a small volume), failing every request."""
+
+    spool_max_size = sys.maxsize
+
+
 async def _read_form(request: Request, services: Services, what: str) -> FormData:
     """The multipart form, parsing at most one part more than the item limit allows."""
     max_items = services.settings.max_items
     try:
-        return await request.form(max_files=max_items + 1, max_fields=max_items + 1)
-    except HTTPException as exc:  # Starlette's parser reports its limits and errors as a 400
-        if str(exc.detail).startswith("Too many"):
+        async with contextlib.aclosing(request.stream()) as stream:
+            parser = _InMemoryMultiPartParser(
+                request.headers, stream, max_files=max_items + 1, max_fields=max_items + 1
+            )
+            return await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many"):
             raise PayloadTooLarge(
                 f"More than {max_items + 1} parts in one multipart request; at most {max_items} "
                 f"{what} (TOKSERVE_MAX_ITEMS) are accepted."
             ) from exc
         raise BadRequest(
-            f"The multipart body could not be parsed ({exc.detail}); send multipart/form-data "
+            f"The multipart body could not be parsed ({exc.message}); send multipart/form-data "
             "with one file part per item."
         ) from exc
 
