@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from app.tokenizers.fsq import FSQ
 from app.train.codecs import opus_at_bitrate
 from app.train.config import TrainConfig
 from app.train.data import (
@@ -21,6 +23,7 @@ from app.train.data import (
     split_files,
 )
 from app.train.evaluate import evaluate_model
+from app.train.losses import ImageLoss
 from app.train.pack import pack_audio, pack_images
 from app.train.trainer import BUDGET_PROBE_STEPS, BUDGET_WARMUP_STEPS, Trainer
 
@@ -112,6 +115,67 @@ def test_training_steps_lower_the_image_loss_on_a_fixed_batch(
     with torch.no_grad():
         after = float(trainer.task.loss(batch)[0])
     assert after < 0.7 * before
+
+
+def test_log_mse_is_the_mean_over_images_of_log10_of_each_images_mse() -> None:
+    target = torch.zeros(2, 3, 8, 8)
+    recon = torch.stack([torch.full((3, 8, 8), 0.1), torch.full((3, 8, 8), 0.01)])
+    _, parts = ImageLoss(l1=0.0, mse=0.0, msssim=0.0, log_mse=1.0)(recon, target)
+    # MSEs 1e-2 and 1e-4 (plus the 1e-5 floor): not log10 of their mean, -2.3
+    assert parts["log_mse"] == pytest.approx((np.log10(1.001e-2) + np.log10(1.1e-4)) / 2, abs=1e-4)
+
+
+def test_log_mse_gives_a_smooth_image_the_gradient_a_detailed_one_gets_from_mse() -> None:
+    target = torch.zeros(2, 3, 8, 8)
+    recon = torch.stack([torch.full((3, 8, 8), 0.3), torch.full((3, 8, 8), 0.01)])
+    grads = {}
+    for name, weights in {"mse": {"mse": 1.0}, "log_mse": {"mse": 0.0, "log_mse": 1.0}}.items():
+        pixels = recon.clone().requires_grad_()
+        ImageLoss(l1=0.0, msssim=0.0, **weights)(pixels, target)[0].backward()
+        assert pixels.grad is not None
+        grads[name] = pixels.grad.flatten(1).norm(dim=1)
+    assert grads["mse"][1] < 0.05 * grads["mse"][0]  # MSE: the smooth image barely counts
+    assert grads["log_mse"][1] > 5 * grads["log_mse"][0]  # log-MSE: it counts more
+
+
+def latents_at(quantizer: FSQ, digits: torch.Tensor) -> torch.Tensor:
+    """Pre-quantizer latents [1, D, N] that the quantizer rounds to ``digits`` [D, N] exactly."""
+    levels = torch.tensor(quantizer.levels, dtype=torch.float64)[:, None]
+    half = (levels - 1) * (1 + quantizer.eps) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    bounded = digits - levels // 2  # the level each digit stands for
+    return (torch.atanh((bounded + offset) / half) - torch.atanh(offset / half)).float()[None]
+
+
+def test_collision_entropy_gap_is_near_log2_vocab_for_one_code_and_small_for_spread_codes() -> None:
+    quantizer = FSQ([8, 8, 8, 5, 5, 5])
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randperm(quantizer.vocab_size, generator=generator)[:1024]
+    basis = np.cumprod([1, *quantizer.levels[:-1]])
+    digits = torch.stack(
+        [(codes // int(b)) % n for b, n in zip(basis, quantizer.levels, strict=True)]
+    )
+    assert torch.equal(quantizer.encode(latents_at(quantizer, digits))[0], codes)
+    one_code = latents_at(quantizer, digits[:, :1].expand(-1, 1024))
+    vocab_bits = math.log2(quantizer.vocab_size)
+    assert quantizer.collision_entropy_gap(one_code) > vocab_bits - 1
+    assert quantizer.collision_entropy_gap(latents_at(quantizer, digits)) < 1
+
+
+def test_training_with_the_entropy_term_uses_more_codes_than_without(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    held_out = split_files(data_dir / "images", IMAGE_SUFFIXES, 0.1, validation=True)
+    crops = ImageCrops(held_out, 32, (48, 64), random.Random(1)).batch(8)
+    used = {}
+    for weight in (0.0, 1.0):
+        config = image_config(quantizer={"entropy": weight})
+        trainer = Trainer(config, data_dir, tmp_path / f"model{weight}", tmp_path / f"run{weight}")
+        for _ in range(30):
+            trainer.train_step()
+        with torch.no_grad():
+            used[weight] = len(trainer.task.model.encode(crops).unique())
+    assert used[1.0] > 1.5 * used[0.0]
 
 
 def test_training_steps_lower_the_stft_codec_loss_on_a_fixed_batch(

@@ -52,6 +52,30 @@ class FSQ(nn.Module):
         half_width = self._view(self._levels, z) // 2
         return rounded / half_width
 
+    def collision_entropy_gap(
+        self, z: torch.Tensor, temperature: float = 0.25, sample: int = 1024
+    ) -> torch.Tensor:
+        """Bits by which the batch's codes fall short of a uniform spread over the vocabulary.
+
+        Each channel is softly assigned to its levels (softmax of -distance^2 / temperature), so
+        two positions share a code with probability prod_d <soft_d(n), soft_d(m)>. The mean of
+        that over pairs of distinct positions is the codes' collision probability; the gap is
+        log2(vocab) plus its log2 (Renyi-2 entropy's shortfall), which a few heavily used codes
+        dominate. Up to ``sample`` positions of z: [B, D, ...] are used. Returns a scalar.
+        """
+        bounded = self._bound(z.float()).transpose(0, 1).flatten(1)  # [D, N]
+        if bounded.shape[1] > sample:
+            keep = torch.randperm(bounded.shape[1], device=z.device)[:sample]
+            bounded = bounded[:, keep]
+        positions = bounded.shape[1]
+        same_code = torch.ones(positions, positions, device=z.device)
+        for channel, levels in enumerate(self.levels):
+            grid = torch.arange(levels, device=z.device, dtype=bounded.dtype) - levels // 2
+            soft = torch.softmax(-((bounded[channel, :, None] - grid) ** 2) / temperature, dim=-1)
+            same_code = same_code * (soft @ soft.T)
+        collisions = (same_code.sum() - same_code.diagonal().sum()) / (positions * (positions - 1))
+        return math.log2(self.vocab_size) + torch.log2(collisions)
+
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, D, ...] -> indices [B, ...] int64 in [0, vocab_size)."""
         levels = self._view(self._levels, z)

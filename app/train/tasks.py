@@ -45,7 +45,11 @@ class Task(Protocol):
 
 
 class ImageTask:
-    """FSQ image tokenizer on random crops; L1 + MSE + MS-SSIM (FSQ has no quantizer loss)."""
+    """FSQ image tokenizer on random crops; L1 + MSE + MS-SSIM, optionally a code-spread term.
+
+    FSQ needs no quantizer loss to train; ``quantizer.entropy`` (a weight) adds the collision
+    entropy gap of the batch's codes, so that more of the vocabulary is used.
+    """
 
     unit = "img"
 
@@ -62,15 +66,25 @@ class ImageTask:
             rng,
             workers=data.get("workers"),
         )
-        self.model: nn.Module = FSQImageTokenizer(**config.arch)
+        self.tokenizer = FSQImageTokenizer(**config.arch)
+        self.model: nn.Module = self.tokenizer
         self.criterion = ImageLoss(**config.loss)
+        self.entropy = config.quantizer.get("entropy", 0.0)
+        self.temperature = config.quantizer.get("temperature", 0.25)
 
     def items(self, batch: torch.Tensor) -> float:
         return float(batch.shape[0])
 
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """pixels [B, 3, H, W] -> (loss, its parts)."""
-        return self.criterion(self.model(batch), batch)
+        tokenizer = self.tokenizer
+        latents = tokenizer.encoder(batch)
+        total, parts = self.criterion(tokenizer.decoder(tokenizer.quantizer(latents)), batch)
+        if self.entropy:
+            gap = tokenizer.quantizer.collision_entropy_gap(latents, self.temperature)
+            parts["entropy_gap"] = float(gap.detach())
+            total = total + self.entropy * gap
+        return total, parts
 
     def state_dict(self) -> dict[str, Any]:
         return {}
