@@ -497,9 +497,10 @@ async def test_json_python_cannot_parse_answers_400(
     [
         ([[]], ("no token ids",)),
         ([[1, None]], ("integer token ids", "nulls")),
+        ([[1, True]], ("integer token ids", "true or false")),
         ({"dtype": "uint16", "shape": [GRID, GRID], "data": "AAAA"}, ("msgpack",)),
     ],
-    ids=["empty-row", "null-id", "binary-item-in-json"],
+    ids=["empty-row", "null-id", "true-among-ids", "binary-item-in-json"],
 )
 async def test_token_payloads_that_are_not_id_grids_answer_422_saying_why(
     client: httpx.AsyncClient, tokens: Any, words: tuple[str, ...]

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import json
 import secrets
 import sys
@@ -251,12 +252,22 @@ def token_array(item: Any, index: int | None, vocab_size: int) -> np.ndarray:
     if array.dtype.kind not in "iu":
         found = "nulls or integers beyond 64 bits" if array.dtype.kind == "O" else array.dtype.name
         raise Unprocessable(f"{where} must hold integer token ids, not {found}.")
+    if not isinstance(item, dict) and _holds_bool(item):
+        raise Unprocessable(f"{where} must hold integer token ids, not true or false.")
     if array.min() < 0 or array.max() >= vocab_size:
         raise Unprocessable(
             f"{where} holds ids from {array.min()} to {array.max()}; "
             f"this model accepts 0 to {vocab_size - 1}."
         )
     return array.astype(np.int64)
+
+
+def _holds_bool(rows: list[Any]) -> bool:
+    """Whether nested lists hold true/false anywhere (numpy reads them as 1 and 0 among ints)."""
+    values = rows
+    while values and isinstance(values[0], list):
+        values = list(itertools.chain.from_iterable(values))
+    return any(type(value) is bool for value in values)
 
 
 def check_token_budget(arrays: list[np.ndarray], services: Services) -> None:
