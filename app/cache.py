@@ -234,7 +234,7 @@ class CircuitBreaker:
         self._probing = False
 
 
-# No single read waits longer than this, whatever the bytes (see RedisCache._deadline_s).
+# No single call waits longer than this, whatever its bytes (see RedisCache._guarded).
 _SOCKET_TIMEOUT_S = 10.0
 
 

@@ -65,8 +65,9 @@ class FSQ(nn.Module):
         """
         bounded = self._bound(z.float()).transpose(0, 1).flatten(1)  # [D, N]
         if bounded.shape[1] > sample:
-            keep = torch.randperm(bounded.shape[1], device=z.device)[:sample]
-            bounded = bounded[:, keep]
+            # drawn on the CPU generator, whose state training checkpoints (resume is exact)
+            keep = torch.randperm(bounded.shape[1])[:sample]
+            bounded = bounded[:, keep.to(z.device)]
         positions = bounded.shape[1]
         same_code = torch.ones(positions, positions, device=z.device)
         for channel, levels in enumerate(self.levels):
