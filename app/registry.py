@@ -142,7 +142,8 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
-    """Instantiate a native architecture from config.json and load model.safetensors."""
+    """Instantiate a native architecture from config.json and load model.safetensors: the
+    folder's own, or that of the folder ``source`` names (one set of weights, two configs)."""
     arch_name = config.get("architecture")
     if arch_name not in NATIVE_ARCHITECTURES:
         raise ModelLoadError(
@@ -150,9 +151,9 @@ def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
             f"known: {sorted(NATIVE_ARCHITECTURES)}"
         )
     model = NATIVE_ARCHITECTURES[arch_name](config.get("arch", {}))
-    weights = folder / WEIGHTS_FILE
+    weights = (source_of(folder, config) or folder) / WEIGHTS_FILE
     if not weights.is_file():
-        raise ModelLoadError(f"{folder.name}: {WEIGHTS_FILE} is missing")
+        raise ModelLoadError(f"{folder.name}: {weights} is missing")
     model.load_state_dict(load_file(str(weights)))
     return model
 

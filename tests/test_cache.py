@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from app.cache_format import pack_array, unpack_array
 from app.config import Settings
 from app.registry import ModelLoadError, load_model, model_version
 from app.single_flight import SingleFlight
+from app.tokenizers.image import FSQImageTokenizer
 from tests.redis_server import RedisServer
 from tests.support import TINY_IMAGE, write_model
 
@@ -597,6 +599,35 @@ def test_model_named_with_a_colon_is_refused_at_load_not_at_its_first_request(
 ) -> None:
     folder = write_model(tmp_path / "a", {**TINY_IMAGE, "name": "acme:image"})
     with pytest.raises(ModelLoadError, match="':'"):
+        load_model(folder, Settings(device="cpu"))
+
+
+def test_a_native_model_with_a_source_serves_its_weights_and_versions_them(
+    tmp_path: Path,
+) -> None:
+    base = write_model(tmp_path, TINY_IMAGE)
+    refining = tmp_path / "tiny-image-hq"
+    refining.mkdir()
+    config = {**TINY_IMAGE, "name": "tiny-image-hq", "source": "../tiny-image"}
+    config["arch"] = {**TINY_IMAGE["arch"], "refine_steps": 2}
+    (refining / "config.json").write_text(json.dumps(config))
+    loaded = load_model(refining, Settings(device="cpu"))
+    weights = load_model(base, Settings(device="cpu")).tokenizer
+    assert isinstance(loaded.tokenizer, FSQImageTokenizer)
+    assert isinstance(weights, FSQImageTokenizer)
+    assert loaded.tokenizer.refine_steps == 2
+    for name, tensor in loaded.tokenizer.state_dict().items():
+        assert torch.equal(tensor, weights.state_dict()[name]), name
+    write_model(tmp_path, TINY_IMAGE, seed=1)
+    assert load_model(refining, Settings(device="cpu")).version != loaded.version
+
+
+def test_a_native_source_without_weights_names_the_file_it_looked_for(tmp_path: Path) -> None:
+    folder = tmp_path / "orphan"
+    folder.mkdir()
+    config = {**TINY_IMAGE, "name": "orphan", "source": "../gone"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"gone/model\.safetensors is missing"):
         load_model(folder, Settings(device="cpu"))
 
 

@@ -130,7 +130,11 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
             exit_code = process.wait(timeout=60)
         log.seek(0)
         first_line = log.readline()
-    assert {m["name"] for m in models_answer["models"]} == {"image-fsq-256", "audio-rvq-24k"}
+    assert {m["name"] for m in models_answer["models"]} == {
+        "image-fsq-256",
+        "image-fsq-256-hq",
+        "audio-rvq-24k",
+    }
     assert probe.returncode == 0
     assert exit_code == 0
     assert json.loads(first_line)["level"] in {"info", "warning"}

@@ -40,6 +40,17 @@ GOLDEN: dict[str, list[list[int]]] = {
         [53869, 38526, 1123, 46725, 61828, 11208, 10611, 33724],
         [51321, 53794, 59020, 62464, 10696, 62347, 47066, 56809],
     ],
+    # version 87a7f081deaa4fac (image-fsq-256's weights, encoding refined)
+    "image-fsq-256-hq": [
+        [22708, 29, 12818, 13397, 59307, 11723, 50130, 44515],
+        [57904, 13492, 13494, 38491, 49032, 46565, 11209, 12250],
+        [51430, 61474, 58969, 59458, 11174, 49609, 59355, 59196],
+        [56437, 1192, 4714, 26120, 49091, 34202, 10596, 24509],
+        [15418, 39449, 49812, 16905, 36289, 37284, 24524, 56306],
+        [41085, 27232, 33361, 17472, 61891, 23450, 62885, 53757],
+        [53876, 38526, 1642, 46212, 61828, 11208, 10619, 33660],
+        [51385, 53794, 58955, 62464, 10696, 62867, 47578, 59370],
+    ],
     # version fc9930f56f0437f5
     "audio-rvq-24k": [
         [319, 28, 629, 667, 299, 882, 340, 987, 299, 538, 538, 637, 405, 90, 207],
@@ -54,6 +65,7 @@ GOLDEN: dict[str, list[list[int]]] = {
 }
 # Quality floors, a little below what the exported weights reach (see the model cards).
 MIN_IMAGE_PSNR_DB = 32.0  # these 4 images reach 36.6 dB
+MIN_REFINE_GAIN_DB = 0.4  # image-fsq-256-hq gains 0.7 to 2.4 dB on these 4 images
 MAX_MEL_DISTANCE = {8: 0.4, 4: 0.42}  # 0.24 and 0.26
 MIN_SI_SNR_DB = -3.0  # 4.9 dB at 8 codebooks, 3.6 dB at 4; a noise-like output gets -30 dB or less
 # Allowed share of differing tokens: a float rounding tie may flip one on another CPU.
@@ -63,6 +75,11 @@ TOLERANCE = 0.03
 @pytest.fixture(scope="module")
 def image_model() -> LoadedModel:
     return load_model(MODELS / "image-fsq-256", Settings(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def refining_image_model() -> LoadedModel:
+    return load_model(MODELS / "image-fsq-256-hq", Settings(device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +141,51 @@ def test_audio_codec_gives_the_golden_tokens_for_a_fixed_sweep(audio_model: Load
     assert_golden("audio-rvq-24k", tokens[0], audio_model.version)
 
 
-@torch.no_grad()
-def test_image_round_trip_keeps_validation_photos_recognisable(image_model: LoadedModel) -> None:
+@torch.inference_mode()
+def test_refining_image_tokenizer_gives_the_golden_tokens_for_a_fixed_pattern(
+    refining_image_model: LoadedModel,
+) -> None:
+    tokens = image_tokenizer(refining_image_model).encode(golden_pixels())
+    assert_golden("image-fsq-256-hq", tokens[0], refining_image_model.version)
+
+
+def test_refining_image_tokenizer_is_image_fsq_256_with_its_weights(
+    image_model: LoadedModel, refining_image_model: LoadedModel
+) -> None:
+    plain, refining = image_tokenizer(image_model), image_tokenizer(refining_image_model)
+    assert (plain.refine_steps, refining.refine_steps) == (0, 12)
+    weights = plain.state_dict()
+    for name, tensor in refining.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    assert refining_image_model.version != image_model.version
+
+
+def validation_psnr(tokenizer: FSQImageTokenizer) -> list[float]:
+    """PSNR in dB of four held-out photos (256 x 256) after encode and decode."""
     files = spread(split_files(DATA / "images", IMAGE_SUFFIXES, VAL_FRACTION, True), 4)
-    tokenizer = image_tokenizer(image_model)
     scores = []
     for path in files:
         image = center_square(path, 256)
-        pixels = tokenizer.decode(tokenizer.encode(to_pixels(image)[None]))
+        with torch.inference_mode():
+            pixels = tokenizer.decode(tokenizer.encode(to_pixels(image)[None]))
         recon = np.clip(np.round((pixels[0].permute(1, 2, 0).numpy() + 1) * 127.5), 0, 255)
         scores.append(psnr(recon.astype(np.uint8), np.asarray(image)))
     assert len(scores) == 4
+    return scores
+
+
+def test_image_round_trip_keeps_validation_photos_recognisable(image_model: LoadedModel) -> None:
+    scores = validation_psnr(image_tokenizer(image_model))
     assert float(np.mean(scores)) > MIN_IMAGE_PSNR_DB, scores
+
+
+def test_refined_encoding_reconstructs_every_validation_photo_better(
+    image_model: LoadedModel, refining_image_model: LoadedModel
+) -> None:
+    one_pass = validation_psnr(image_tokenizer(image_model))
+    refined = validation_psnr(image_tokenizer(refining_image_model))
+    gains = [after - before for before, after in zip(one_pass, refined, strict=True)]
+    assert min(gains) > MIN_REFINE_GAIN_DB, gains
 
 
 @torch.no_grad()

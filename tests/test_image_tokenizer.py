@@ -1,0 +1,64 @@
+"""The native image tokenizer's encode-time refinement: better codes, same weights, per image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.tokenizers.image import FSQImageTokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_tokenizer(refine_steps: int) -> FSQImageTokenizer:
+    torch.manual_seed(0)
+    arch = {"image_size": 32, "channels": [8, 16], "res_blocks": 1, "levels": [5, 5, 3]}
+    return FSQImageTokenizer(**arch, refine_steps=refine_steps, refine_lr=0.05).eval()
+
+
+def smooth_images() -> torch.Tensor:
+    """Three 32 x 32 gradients with a little noise: pixels [3, 3, 32, 32] in [-1, 1]."""
+    generator = torch.Generator().manual_seed(1)
+    ramp = torch.linspace(-0.8, 0.8, 32)
+    base = torch.stack([ramp[None, :].expand(32, 32), ramp[:, None].expand(32, 32)])
+    images = [base[i % 2].expand(3, 32, 32) * (0.5 + 0.25 * i) for i in range(3)]
+    return torch.stack(images) + 0.05 * torch.randn(3, 3, 32, 32, generator=generator)
+
+
+def errors(tokenizer: FSQImageTokenizer, pixels: torch.Tensor) -> torch.Tensor:
+    """Each image's mean squared error after encode and decode, run as the service runs them
+    (under inference mode, on weights loaded outside it): [B]."""
+    with torch.inference_mode():
+        recon = tokenizer.decode(tokenizer.encode(pixels))
+    return (recon - pixels).square().flatten(1).mean(dim=1)
+
+
+def test_refined_codes_decode_closer_to_each_image_than_one_pass_codes() -> None:
+    pixels = smooth_images()
+    one_pass = errors(tiny_tokenizer(0), pixels)
+    refined = errors(tiny_tokenizer(8), pixels)
+    assert bool((refined < one_pass - 1e-4).all()), (refined, one_pass)
+
+
+def test_refining_under_inference_mode_leaves_the_weights_and_their_gradients_alone() -> None:
+    tokenizer = tiny_tokenizer(4)
+    before = {name: p.detach().clone() for name, p in tokenizer.named_parameters()}
+    with torch.inference_mode():
+        tokenizer.encode(smooth_images())
+    for name, parameter in tokenizer.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+        assert parameter.grad is None, name
+
+
+def test_an_image_refines_to_the_same_tokens_alone_as_in_a_batch() -> None:
+    tokenizer = tiny_tokenizer(8)
+    pixels = smooth_images()
+    with torch.inference_mode():
+        batch = tokenizer.encode(pixels)
+        for i in range(len(pixels)):
+            assert torch.equal(tokenizer.encode(pixels[i : i + 1])[0], batch[i]), i
+
+
+def test_refinement_settings_out_of_range_are_refused_with_their_values() -> None:
+    with pytest.raises(ValueError, match="refine_steps -1"):
+        tiny_tokenizer(-1)
