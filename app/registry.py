@@ -35,6 +35,7 @@ NATIVE_ARCHITECTURES: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "fsq_image": FSQImageTokenizer.from_config,
     "rvq_audio": RVQAudioCodec.from_config,
 }
+LOAD_ATTEMPTS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,17 +102,10 @@ class LoadedModel:
         }
 
 
-def model_version(
-    config: dict[str, Any], dtype: torch.dtype, *folders: Path, files: Sequence[Path] = ()
-) -> str:
-    """blake2b of what decides the tokens, 16 hex: config.json less its ``serving`` options
-    (batching never changes a token), the dtype the model runs in, the weight files of the
-    model folder and its source folder (with the source's own config), if any, and ``files``
-    (weights the config names elsewhere, such as an exported program in a subfolder)."""
-    digest = hashlib.blake2b(digest_size=8)
-    model_config = {key: value for key, value in config.items() if key != "serving"}
-    digest.update(json.dumps(model_config, sort_keys=True).encode())
-    digest.update(str(dtype).encode())
+def version_files(*folders: Path, files: Sequence[Path] = ()) -> list[Path]:
+    """What a version hashes besides the config: the weight files of the model folder and its
+    source folder (with the source's own config), if any, and ``files`` (weights the config
+    names elsewhere, such as an exported program in a subfolder)."""
     hashed: list[Path] = []
     for index, folder in enumerate(folders):
         for path in sorted(folder.iterdir()):
@@ -119,11 +113,47 @@ def model_version(
             if path.suffix in _WEIGHT_SUFFIXES or (path.name == CONFIG_FILE and not own_config):
                 hashed.append(path)
     seen = {path.resolve() for path in hashed}
-    hashed += [path for path in files if path.resolve() not in seen]
-    for path in hashed:
+    return hashed + [path for path in files if path.resolve() not in seen]
+
+
+def model_version(
+    config: dict[str, Any], dtype: torch.dtype, *folders: Path, files: Sequence[Path] = ()
+) -> str:
+    """blake2b of what decides the tokens, 16 hex: config.json less its ``serving`` options
+    (batching never changes a token), the dtype the model runs in and ``version_files``."""
+    digest = hashlib.blake2b(digest_size=8)
+    model_config = {key: value for key, value in config.items() if key != "serving"}
+    digest.update(json.dumps(model_config, sort_keys=True).encode())
+    digest.update(str(dtype).encode())
+    for path in version_files(*folders, files=files):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def hashed_inputs(folder: Path, config: dict[str, Any]) -> tuple[list[Path], list[Path]]:
+    """The folders and extra files a model folder's version hashes (see ``version_files``)."""
+    source = source_of(folder, config)
+    files: list[Path] = []
+    if config.get("backend") == "exported":
+        from app.tokenizers.exported import program_paths  # it imports this module
+
+        files = program_paths(folder, config)
+    return [folder, *([source] if source else [])], files
+
+
+def weight_states(folder: Path, config: dict[str, Any]) -> list[tuple[str, int, int, int]] | None:
+    """(path, inode, size, mtime in ns) of each file the version hashes: replacing or rewriting
+    one changes them. None while some are missing (loading then says which)."""
+    try:
+        folders, files = hashed_inputs(folder, config)
+        states = []
+        for path in version_files(*folders, files=files):
+            stat = path.stat()
+            states.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    except (OSError, ValueError):
+        return None
+    return states
 
 
 def source_of(folder: Path, config: dict[str, Any]) -> Path | None:
@@ -174,37 +204,53 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
             f"{folder.name}: model name {name!r} contains ':', which cache keys use as their "
             "separator; choose a name without it."
         )
-    tokenizer: Tokenizer
-    files: list[Path] = []  # weights outside the folders' top level, for the version
-    if backend == "native":
-        module = build_native(folder, config).to(device=device, dtype=dtype).eval()
-        tokenizer = module  # type: ignore[assignment]
-    elif backend == "transformers":
-        # imported here: they import ModelLoadError from this module, and transformers is optional
-        from app.tokenizers.hf import build_transformers
-
-        tokenizer = build_transformers(folder, config, device, dtype)
-    elif backend == "exported":
-        from app.tokenizers.exported import build_exported, program_paths
-
-        tokenizer = build_exported(folder, config, device)
-        files = program_paths(folder, config)
+    # A trainer exporting new weights while the server starts must not leave the old weights
+    # served under the new weights' version: load again until no hashed file changed meanwhile.
+    for _ in range(LOAD_ATTEMPTS):
+        before = weight_states(folder, config)
+        tokenizer = build_backend(folder, config, backend, device, dtype)
+        folders, files = hashed_inputs(folder, config)
+        version = model_version(config, dtype, *folders, files=files)
+        if weight_states(folder, config) == before:
+            break
+        log.warning("%s: weight files changed while it loaded; loading it again", name)
     else:
         raise ModelLoadError(
-            f"{folder.name}: unknown backend {backend!r}; known: native, transformers, exported"
+            f"{folder.name}: its weight files changed during each of {LOAD_ATTEMPTS} loads; "
+            "start the server once they are written."
         )
-    source = source_of(folder, config)
     return LoadedModel(
         name=name,
         backend=backend,
         path=folder,
         config=config,
-        version=model_version(config, dtype, folder, *([source] if source else []), files=files),
+        version=version,
         tokenizer=tokenizer,
         serving=serving,
         device=device,
         dtype=dtype,
         metadata={key: config[key] for key in ("class", "source") if key in config},
+    )
+
+
+def build_backend(
+    folder: Path, config: dict[str, Any], backend: str, device: torch.device, dtype: torch.dtype
+) -> Tokenizer:
+    """The tokenizer of one model folder's backend, on ``device``."""
+    if backend == "native":
+        module = build_native(folder, config).to(device=device, dtype=dtype).eval()
+        return module  # type: ignore[return-value]
+    if backend == "transformers":
+        # imported here: they import ModelLoadError from this module, and transformers is optional
+        from app.tokenizers.hf import build_transformers
+
+        return build_transformers(folder, config, device, dtype)
+    if backend == "exported":
+        from app.tokenizers.exported import build_exported
+
+        return build_exported(folder, config, device)
+    raise ModelLoadError(
+        f"{folder.name}: unknown backend {backend!r}; known: native, transformers, exported"
     )
 
 

@@ -15,7 +15,9 @@ import pytest
 import redis
 import torch
 from prometheus_client import REGISTRY
+from safetensors.torch import load_file
 
+from app import registry
 from app.cache import MemoryCache, RedisCache, cache_key, canonical_params, create_cache
 from app.cache_format import pack_array, unpack_array
 from app.config import Settings
@@ -628,6 +630,48 @@ def test_a_native_source_without_weights_names_the_file_it_looked_for(tmp_path: 
     config = {**TINY_IMAGE, "name": "orphan", "source": "../gone"}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"gone/model\.safetensors is missing"):
+        load_model(folder, Settings(device="cpu"))
+
+
+def swap_weights_after_each_read(
+    monkeypatch: pytest.MonkeyPatch, root: Path, swaps: int
+) -> list[int]:
+    """Make the next ``swaps`` native loads end with new weights renamed into place, as a
+    trainer exporting a checkpoint does; returns the seeds written, in order."""
+    written: list[int] = []
+    build = registry.build_native
+
+    def build_then_swap(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
+        module = build(folder, config)
+        if len(written) < swaps:
+            written.append(len(written) + 1)
+            write_model(root, TINY_IMAGE, seed=written[-1])
+        return module
+
+    monkeypatch.setattr(registry, "build_native", build_then_swap)
+    return written
+
+
+def test_weights_replaced_while_loading_are_loaded_again_under_their_own_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_model(tmp_path, TINY_IMAGE)
+    written = swap_weights_after_each_read(monkeypatch, tmp_path, swaps=1)
+    loaded = load_model(folder, Settings(device="cpu"))
+    assert written == [1]
+    on_disk = load_file(str(folder / "model.safetensors"))
+    assert isinstance(loaded.tokenizer, FSQImageTokenizer)
+    for name, tensor in loaded.tokenizer.state_dict().items():
+        assert torch.equal(tensor, on_disk[name]), name
+    assert loaded.version == model_version(TINY_IMAGE, torch.float32, folder)
+
+
+def test_weights_that_keep_changing_while_loading_fail_the_load_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_model(tmp_path, TINY_IMAGE)
+    swap_weights_after_each_read(monkeypatch, tmp_path, swaps=registry.LOAD_ATTEMPTS)
+    with pytest.raises(ModelLoadError, match="changed during each of 3 loads"):
         load_model(folder, Settings(device="cpu"))
 
 
