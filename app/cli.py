@@ -32,6 +32,12 @@ class GracefulServer(uvicorn.Server):
             self._captured_signals.remove(sig)
 
 
+def stop_loading(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM while models load: exit at once. As a container's PID 1, Python would otherwise
+    ignore it (the kernel drops signals PID 1 has no handler for) until the pod is killed."""
+    raise SystemExit(128 + signum)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP server; flags override the TOKSERVE_ environment."""
     from app.main import create_app
@@ -42,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
         overrides["model_dir"] = args.model_dir
     settings = Settings(**overrides)
     app = create_app(settings)
+    signal.signal(signal.SIGTERM, stop_loading)  # uvicorn installs its own once it serves
     try:
         # loaded before the server starts, so a bad model folder is one line, not a traceback
         app.state.registry = ModelRegistry.load(settings)

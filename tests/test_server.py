@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -74,6 +75,35 @@ def test_a_broken_model_folder_stops_start_up_with_one_clear_line(tmp_path: Path
     assert result.returncode == 2
     assert "broken: unknown native architecture 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_while_models_load_stops_the_server_even_as_pid_1(tmp_path: Path) -> None:
+    if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode:
+        pytest.skip("unshare cannot make a PID namespace here (needs root)")
+    codec = REPO_ROOT / "models" / "audio-rvq-24k"
+    for index in range(100):  # 100 models on the shipped codec's weights: ~10 s of loading
+        folder = tmp_path / f"codec-{index:03d}"
+        folder.mkdir()
+        config = json.loads((codec / "config.json").read_text())
+        config.update(name=folder.name, source=str(codec))
+        (folder / "config.json").write_text(json.dumps(config))
+    serve = [sys.executable, "-m", "app.cli", "serve", "--model-dir", str(tmp_path), "--port", "0"]
+    wrapper = subprocess.Popen(
+        ["unshare", "--pid", "--fork", *serve], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
+    )
+    assert wrapper.stderr is not None
+    try:
+        for line in wrapper.stderr:
+            if "loaded model codec-000" in line:
+                break
+        server = subprocess.run(["pgrep", "-P", str(wrapper.pid)], capture_output=True, text=True)
+        started = time.monotonic()
+        os.kill(int(server.stdout.split()[0]), signal.SIGTERM)  # PID 1 in its namespace
+        assert wrapper.wait(timeout=20) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 5
+    finally:
+        wrapper.kill()
+        wrapper.wait()
 
 
 @pytest.mark.parametrize(
