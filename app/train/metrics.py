@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from pytorch_msssim import ssim
 
-from app.train.losses import MelLoss, MultiResolutionSTFTLoss
+from app.tokenizers.wave_losses import MelLoss, MultiResolutionSTFTLoss
 
 
 def psnr(recon: np.ndarray, reference: np.ndarray) -> float:

@@ -11,6 +11,7 @@ from torch import nn
 
 from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.image import FSQImageTokenizer
+from app.tokenizers.wave_losses import AudioLoss
 from app.train.config import TrainConfig
 from app.train.data import (
     AUDIO_SUFFIXES,
@@ -20,7 +21,7 @@ from app.train.data import (
     RandomBatches,
     split_files,
 )
-from app.train.losses import AudioLoss, ImageLoss
+from app.train.losses import ImageLoss
 from app.train.rvq import EMAResidualVQ
 
 
