@@ -89,7 +89,10 @@ def test_sigterm_while_models_load_stops_the_server_even_as_pid_1(tmp_path: Path
         (folder / "config.json").write_text(json.dumps(config))
     serve = [sys.executable, "-m", "app.cli", "serve", "--model-dir", str(tmp_path), "--port", "0"]
     wrapper = subprocess.Popen(
-        ["unshare", "--pid", "--fork", *serve], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
+        ["unshare", "--pid", "--fork", "--kill-child", *serve],  # the server dies with it
+        cwd=REPO_ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert wrapper.stderr is not None
     try:
