@@ -134,6 +134,7 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
         "image-fsq-256",
         "image-fsq-256-hq",
         "audio-rvq-24k",
+        "audio-rvq-24k-hq",
     }
     assert probe.returncode == 0
     assert exit_code == 0

@@ -51,6 +51,17 @@ GOLDEN: dict[str, list[list[int]]] = {
         [53876, 38526, 1642, 46212, 61828, 11208, 10619, 33660],
         [51385, 53794, 58955, 62464, 10696, 62867, 47578, 59370],
     ],
+    # version 87c77d1b4766863f (audio-rvq-24k's weights, encoding refined)
+    "audio-rvq-24k-hq": [
+        [319, 28, 74, 667, 987, 667, 872, 987, 987, 538, 872, 538, 664, 405, 949],
+        [956, 220, 65, 233, 229, 888, 503, 547, 261, 102, 171, 985, 985, 257, 215],
+        [911, 105, 823, 558, 117, 452, 659, 946, 283, 827, 960, 126, 103, 6, 207],
+        [684, 387, 903, 992, 248, 15, 674, 241, 401, 855, 205, 431, 697, 498, 415],
+        [46, 1006, 47, 383, 25, 530, 833, 312, 532, 898, 448, 154, 719, 670, 283],
+        [558, 553, 398, 442, 631, 699, 19, 318, 502, 648, 734, 618, 680, 906, 873],
+        [1011, 999, 105, 37, 430, 682, 717, 1013, 514, 95, 966, 160, 229, 501, 1008],
+        [524, 636, 774, 741, 453, 124, 77, 447, 554, 16, 196, 505, 602, 885, 965],
+    ],
     # version fc9930f56f0437f5
     "audio-rvq-24k": [
         [319, 28, 629, 667, 299, 882, 340, 987, 299, 538, 538, 637, 405, 90, 207],
@@ -67,6 +78,7 @@ GOLDEN: dict[str, list[list[int]]] = {
 MIN_IMAGE_PSNR_DB = 32.0  # these 4 images reach 36.6 dB
 MIN_REFINE_GAIN_DB = 0.4  # image-fsq-256-hq gains 0.7 to 2.4 dB on these 4 images
 MAX_MEL_DISTANCE = {8: 0.4, 4: 0.42}  # 0.24 and 0.26
+MIN_REFINE_MEL_GAIN = 0.015  # audio-rvq-24k-hq: 0.271 -> 0.241 (4), 0.257 -> 0.227 (8) here
 MIN_SI_SNR_DB = -3.0  # 4.9 dB at 8 codebooks, 3.6 dB at 4; a noise-like output gets -30 dB or less
 # Allowed share of differing tokens: a float rounding tie may flip one on another CPU.
 TOLERANCE = 0.03
@@ -85,6 +97,11 @@ def refining_image_model() -> LoadedModel:
 @pytest.fixture(scope="module")
 def audio_model() -> LoadedModel:
     return load_model(MODELS / "audio-rvq-24k", Settings(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def refining_audio_model() -> LoadedModel:
+    return load_model(MODELS / "audio-rvq-24k-hq", Settings(device="cpu"))
 
 
 def image_tokenizer(model: LoadedModel) -> FSQImageTokenizer:
@@ -149,15 +166,23 @@ def test_refining_image_tokenizer_gives_the_golden_tokens_for_a_fixed_pattern(
     assert_golden("image-fsq-256-hq", tokens[0], refining_image_model.version)
 
 
-def test_refining_image_tokenizer_is_image_fsq_256_with_its_weights(
-    image_model: LoadedModel, refining_image_model: LoadedModel
+@pytest.mark.parametrize(
+    ("one_pass", "searching", "steps"),
+    [("image_model", "refining_image_model", 12), ("audio_model", "refining_audio_model", 24)],
+)
+def test_each_hq_model_is_its_one_pass_model_with_the_same_weights_and_a_search(
+    one_pass: str, searching: str, steps: int, request: pytest.FixtureRequest
 ) -> None:
-    plain, refining = image_tokenizer(image_model), image_tokenizer(refining_image_model)
-    assert (plain.refine_steps, refining.refine_steps) == (0, 12)
-    weights = plain.state_dict()
-    for name, tensor in refining.state_dict().items():
+    plain: LoadedModel = request.getfixturevalue(one_pass)
+    refining: LoadedModel = request.getfixturevalue(searching)
+    first, second = plain.tokenizer, refining.tokenizer
+    assert isinstance(first, FSQImageTokenizer | RVQAudioCodec)
+    assert isinstance(second, FSQImageTokenizer | RVQAudioCodec)
+    assert (first.refine_steps, second.refine_steps) == (0, steps)
+    weights = first.state_dict()
+    for name, tensor in second.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
-    assert refining_image_model.version != image_model.version
+    assert refining.version != plain.version
 
 
 def validation_psnr(tokenizer: FSQImageTokenizer) -> list[float]:
@@ -206,6 +231,33 @@ def test_audio_round_trip_keeps_validation_clips_close_at_8_and_4_codebooks(
             snr.append(si_snr(decoded, reference))
         assert float(np.mean(mel)) < ceiling, (codebooks, mel)
         assert float(np.mean(snr)) > MIN_SI_SNR_DB, (codebooks, snr)
+
+
+@torch.inference_mode()
+def test_refining_audio_codec_gives_the_golden_tokens_for_a_fixed_sweep(
+    refining_audio_model: LoadedModel,
+) -> None:
+    wave = golden_wave()
+    tokens, _ = audio_codec(refining_audio_model).encode(wave, torch.tensor([wave.shape[-1]]))
+    assert_golden("audio-rvq-24k-hq", tokens[0], refining_audio_model.version)
+
+
+def test_refined_encoding_brings_speech_closer_from_4_and_8_codebooks(
+    audio_model: LoadedModel, refining_audio_model: LoadedModel
+) -> None:
+    reference = validation_clips(DATA, 24000, limit=2)["speech"][0]
+    wave = torch.from_numpy(reference)[None, None]
+    distances = SpectralDistances(24000)
+    for codebooks in (4, 8):
+        mel = []
+        for model in (audio_model, refining_audio_model):
+            codec = audio_codec(model)
+            with torch.inference_mode():
+                tokens, frames = codec.encode(wave, torch.tensor([reference.shape[0]]))
+                recon, _ = codec.decode(tokens[:, :codebooks], frames)
+            decoded = recon[0, 0, : reference.shape[0]].numpy()
+            mel.append(distances(decoded, reference)["mel_distance"])
+        assert mel[1] < mel[0] - MIN_REFINE_MEL_GAIN, (codebooks, mel)
 
 
 def test_validation_media_exist_for_the_quality_checks() -> None:

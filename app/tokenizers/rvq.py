@@ -49,3 +49,9 @@ class ResidualVQ(nn.Module):
         for k in range(codes.shape[1]):
             z = z + self.embed[k][codes[:, k]]
         return z.permute(0, 2, 1)
+
+    def straight_through(self, z: torch.Tensor, n_q: int) -> torch.Tensor:
+        """z [B, D, F] quantized by its first n_q codebooks, with the gradient passed to z as if
+        quantizing were the identity (for the encode-time search; training has its own path)."""
+        quantized = self.decode(self.encode(z.detach(), n_q))
+        return z + (quantized - z).detach()
