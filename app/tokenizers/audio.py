@@ -139,8 +139,8 @@ class RVQAudioCodec(nn.Module):
         Items are searched one at a time, in windows of ``REFINE_WINDOW_FRAMES`` frames decoded
         with ``REFINE_MARGIN_FRAMES`` of their (fixed) neighbours on each side, so memory stays
         that of one window however long the audio. On 40 held-out speech clips of the shipped
-        codec, 24 steps lifted STOI from 4 codebooks 0.793 -> 0.813 and PESQ 2.09 -> 2.22
-        (from 8: 0.826 -> 0.840, 2.42 -> 2.53). Weights are untouched.
+        codec, 24 steps lifted STOI from 4 codebooks 0.793 -> 0.811 and PESQ 2.09 -> 2.23
+        (from 8: 0.826 -> 0.838, 2.42 -> 2.56). Weights are untouched.
         """
         with torch.inference_mode(False):  # its mel filters must be able to enter autograd
             loss = AudioLoss(self.sample_rate, complex_stft=1.0).to(latents.device)
@@ -153,11 +153,11 @@ class RVQAudioCodec(nn.Module):
                 low = max(0, start - REFINE_MARGIN_FRAMES)
                 high = min(frames, stop + REFINE_MARGIN_FRAMES)
                 # the loss covers the margins too: the window's codes reach into them
-                samples = wave[item : item + 1, :, low * self.hop_length : high * self.hop_length]
-                samples = samples[..., : max(0, length - low * self.hop_length)]
+                audio = wave[item : item + 1, :, low * self.hop_length : high * self.hop_length]
+                audio = audio[..., : max(0, length - low * self.hop_length)]
                 context = refined[item : item + 1, :, low:high]
-                error = self._window_error(context, start - low, samples.shape[-1], loss)
-                target = pad_to_fft(samples)
+                error = self._window_error(context, start - low, audio.shape[-1], loss)
+                target = pad_to_fft(audio)
                 refined[item : item + 1, :, start:stop] = search_latents(
                     refined[item : item + 1, :, start:stop],
                     target,
