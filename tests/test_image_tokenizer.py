@@ -1,4 +1,4 @@
-"""The native image tokenizer's encode-time refinement: better codes, same weights, per image."""
+"""The native image tokenizer's better encodings: the feedback pass and the encode-time search."""
 
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ from app.tokenizers.image import FSQImageTokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_tokenizer(refine_steps: int) -> FSQImageTokenizer:
+def tiny_tokenizer(refine_steps: int, feedback_width: int = 0) -> FSQImageTokenizer:
+    """The same encoder and decoder weights for any settings; a feedback pass is added last."""
     torch.manual_seed(0)
     arch = {"image_size": 32, "channels": [8, 16], "res_blocks": 1, "levels": [5, 5, 3]}
-    return FSQImageTokenizer(**arch, refine_steps=refine_steps, refine_lr=0.05).eval()
+    tokenizer = FSQImageTokenizer(**arch, refine_steps=refine_steps, refine_lr=0.05)
+    if feedback_width:
+        with_feedback = FSQImageTokenizer(
+            **arch, refine_steps=refine_steps, feedback_width=feedback_width
+        )
+        with_feedback.load_state_dict({**with_feedback.state_dict(), **tokenizer.state_dict()})
+        tokenizer = with_feedback
+    return tokenizer.eval()
 
 
 def smooth_images() -> torch.Tensor:
@@ -62,3 +70,25 @@ def test_an_image_refines_to_the_same_tokens_alone_as_in_a_batch() -> None:
 def test_refinement_settings_out_of_range_are_refused_with_their_values() -> None:
     with pytest.raises(ValueError, match="refine_steps -1"):
         tiny_tokenizer(-1)
+
+
+def test_an_untrained_feedback_pass_leaves_every_token_as_the_encoder_gives_it() -> None:
+    pixels = smooth_images()
+    with torch.inference_mode():
+        plain = tiny_tokenizer(0).encode(pixels)
+        assert torch.equal(tiny_tokenizer(0, feedback_width=4).encode(pixels), plain)
+
+
+def test_a_trained_feedback_pass_finds_codes_that_decode_closer_to_each_image() -> None:
+    pixels = smooth_images()
+    tokenizer = tiny_tokenizer(0, feedback_width=4)
+    assert tokenizer.feedback is not None
+    optimizer = torch.optim.Adam(tokenizer.feedback.parameters(), lr=3e-3)
+    before = errors(tokenizer, pixels)
+    for _ in range(60):
+        loss = (tokenizer(pixels) - pixels).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = errors(tokenizer, pixels)
+    assert bool((after < before - 1e-4).all()), (after, before)

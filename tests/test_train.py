@@ -225,6 +225,30 @@ def test_a_frozen_encoder_keeps_every_image_token_while_the_decoder_learns(
         assert float(trainer.task.loss(batch)[0]) < 0.95 * before
 
 
+def test_a_feedback_pass_warm_starts_from_a_trained_tokenizer_and_learns_alone(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    plain = Trainer(image_config(), data_dir, tmp_path / "plain", tmp_path / "plain-run")
+    for _ in range(10):
+        plain.train_step()
+    plain.save()
+    arch = {**image_config().arch, "feedback_width": 4}
+    config = image_config(arch=arch, freeze=["encoder", "decoder"], lr=1e-3)
+    trainer = Trainer(config, data_dir, tmp_path / "feedback", tmp_path / "feedback-run")
+    trainer.warm_start(tmp_path / "plain")
+    batch = trainer.task.sampler.batch(8)
+    with torch.no_grad():
+        assert torch.equal(trainer.model.encode(batch), plain.ema.model.encode(batch))
+        before = float(trainer.task.loss(batch)[0])
+    for _ in range(30):
+        trainer.train_step()
+    with torch.no_grad():
+        assert float(trainer.task.loss(batch)[0]) < before
+    weights = plain.ema.model.state_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        assert name.startswith("feedback.") or torch.equal(tensor, weights[name]), name
+
+
 def test_a_frozen_encoder_and_quantizer_keep_every_audio_token(
     data_dir: Path, tmp_path: Path
 ) -> None:

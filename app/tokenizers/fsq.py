@@ -38,7 +38,8 @@ class FSQ(nn.Module):
     def _view(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return t.view(1, -1, *([1] * (z.dim() - 2)))
 
-    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """z squashed into each channel's range of levels; rounding it gives the digits."""
         levels = self._view(self._levels, z)
         half_l = (levels - 1) * (1 + self.eps) / 2
         offset = torch.where(levels % 2 == 0, 0.5, 0.0)
@@ -47,7 +48,7 @@ class FSQ(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Quantized latents in [-1, 1] with a straight-through gradient; z: [B, D, ...]."""
-        bounded = self._bound(z.float())
+        bounded = self.bound(z.float())
         rounded = bounded + (torch.round(bounded) - bounded).detach()
         half_width = self._view(self._levels, z) // 2
         return rounded / half_width
@@ -63,7 +64,7 @@ class FSQ(nn.Module):
         log2(vocab) plus its log2 (Renyi-2 entropy's shortfall), which a few heavily used codes
         dominate. Up to ``sample`` positions of z: [B, D, ...] are used. Returns a scalar.
         """
-        bounded = self._bound(z.float()).transpose(0, 1).flatten(1)  # [D, N]
+        bounded = self.bound(z.float()).transpose(0, 1).flatten(1)  # [D, N]
         if bounded.shape[1] > sample:
             # drawn on the CPU generator, whose state training checkpoints (resume is exact)
             keep = torch.randperm(bounded.shape[1])[:sample]
@@ -80,7 +81,7 @@ class FSQ(nn.Module):
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """z: [B, D, ...] -> indices [B, ...] int64 in [0, vocab_size)."""
         levels = self._view(self._levels, z)
-        digits = torch.round(self._bound(z.float())) + levels // 2
+        digits = torch.round(self.bound(z.float())) + levels // 2
         basis = self._view(self._basis, z)
         return (digits.long() * basis).sum(dim=1)
 

@@ -49,6 +49,60 @@ class Encoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.layers(pixels)
 
+    def features_and_latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last stage's features [B, C, h, w], latents [B, D, h, w]) of pixels."""
+        features = self.layers[:-1](pixels)
+        return features, self.layers[-1](features)
+
+
+class FeedbackEncoder(nn.Module):
+    """A second look at the image after its first codes were decoded: latent corrections.
+
+    A one-pass encoder cannot see which side of a rounding boundary its latents fall on, nor
+    what the decoder makes of the codes. This module reads the image and its residual after
+    decoding the first codes (at 1/patch resolution), the encoder's features, and each latent's
+    bounded value and rounding offset, and adds a correction to the latents. Its last layer
+    starts at zero, so an untrained one changes nothing.
+    """
+
+    def __init__(self, width: int, features: int, quantizer: FSQ, patch: int) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.image = nn.Sequential(
+            nn.PixelUnshuffle(patch),
+            nn.Conv2d(6 * patch * patch, width, 3, padding=1),
+            ResBlock(width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1),
+        )
+        latent_dim = quantizer.dim
+        correction = nn.Conv2d(2 * width, latent_dim, 3, padding=1)
+        for parameter in correction.parameters():
+            nn.init.zeros_(parameter)
+        self.mix = nn.Sequential(
+            nn.Conv2d(width + features + 2 * latent_dim, 2 * width, 3, padding=1),
+            ResBlock(2 * width),
+            ResBlock(2 * width),
+            nn.SiLU(),
+            correction,
+        )
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        recon: torch.Tensor,
+        features: torch.Tensor,
+        latents: torch.Tensor,
+    ) -> torch.Tensor:
+        """Corrected latents [B, D, h, w] from pixels and their first reconstruction
+        [B, 3, H, W], the encoder's features [B, C, h, w] and its latents [B, D, h, w]."""
+        bounded = self.quantizer.bound(latents)
+        offset = torch.round(bounded) - bounded
+        seen = self.image(torch.cat([pixels, pixels - recon], dim=1))
+        half_width = (max(self.quantizer.levels) - 1) / 2
+        inputs = [seen, features, (bounded / half_width).to(seen.dtype), offset.to(seen.dtype)]
+        return latents + self.mix(torch.cat(inputs, dim=1))
+
 
 class Decoder(nn.Module):
     """latents [B, D, h, w] -> pixels [B, 3, h * down, w * down] (unbounded; clamp to [-1, 1])."""
@@ -87,6 +141,7 @@ class FSQImageTokenizer(nn.Module):
         levels: tuple[int, ...] | list[int] = (8, 8, 8, 5, 5, 5),
         refine_steps: int = 0,
         refine_lr: float = 0.025,
+        feedback_width: int = 0,
     ) -> None:
         super().__init__()
         if refine_steps < 0 or refine_lr <= 0:
@@ -100,6 +155,11 @@ class FSQImageTokenizer(nn.Module):
         self.quantizer = FSQ(list(levels))
         self.encoder = Encoder(list(channels), res_blocks, patch, self.quantizer.dim)
         self.decoder = Decoder(list(channels), res_blocks, patch, self.quantizer.dim)
+        self.feedback = (
+            FeedbackEncoder(feedback_width, channels[-1], self.quantizer, patch)
+            if feedback_width
+            else None
+        )
 
     @classmethod
     def from_config(cls, arch: dict[str, Any]) -> FSQImageTokenizer:
@@ -123,16 +183,26 @@ class FSQImageTokenizer(nn.Module):
                 "quantizer": "fsq",
                 "levels": self.quantizer.levels,
                 "refine_steps": self.refine_steps,
+                "feedback": self.feedback is not None,
             },
         )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Training path: reconstruction of pixels [B, 3, H, W] through the quantizer."""
-        return self.decoder(self.quantizer(self.encoder(pixels)))
+        return self.decoder(self.quantizer(self.latents(pixels)))
+
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] -> latents [B, D, h, w]: the encoder's, corrected by the
+        feedback pass (when the model has one) after decoding them once."""
+        if self.feedback is None:
+            return self.encoder(pixels)
+        features, latents = self.encoder.features_and_latents(pixels)
+        recon = self.decoder(self.quantizer(latents).to(features.dtype)).clamp(-1, 1)
+        return self.feedback(pixels, recon.to(pixels.dtype), features, latents)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> tokens [B, H / down, W / down]."""
-        latents = self.encoder(pixels)
+        latents = self.latents(pixels)
         if self.refine_steps:
             latents = self.refine(latents, pixels)
         return self.quantizer.encode(latents)

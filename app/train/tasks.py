@@ -79,7 +79,7 @@ class ImageTask:
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """pixels [B, 3, H, W] -> (loss, its parts)."""
         tokenizer = self.tokenizer
-        latents = tokenizer.encoder(batch)
+        latents = tokenizer.latents(batch)
         total, parts = self.criterion(tokenizer.decoder(tokenizer.quantizer(latents)), batch)
         if self.entropy:
             gap = tokenizer.quantizer.collision_entropy_gap(latents, self.temperature)

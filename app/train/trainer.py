@@ -154,8 +154,13 @@ class Trainer:
         self.step = int(state["step"])
 
     def warm_start(self, model_dir: Path) -> None:
-        """Start from an exported model folder: its weights and EMA, at step 0."""
+        """Start from an exported model folder: its weights and EMA, at step 0. A part of the
+        model that the folder has no weights for at all (a feedback encoder added to a trained
+        tokenizer) keeps its initialization; any other mismatch is an error."""
         weights = load_file(str(model_dir / "model.safetensors"), device=str(self.device))
+        own = self.model.state_dict()
+        new_parts = {key.split(".")[0] for key in own} - {key.split(".")[0] for key in weights}
+        weights.update({k: v for k, v in own.items() if k.split(".")[0] in new_parts})
         self.model.load_state_dict(weights)
         self.ema.model.load_state_dict(weights)
         self.task.warm_started()
