@@ -70,7 +70,7 @@ class FeedbackEncoder(nn.Module):
         self.quantizer = quantizer
         self.image = nn.Sequential(
             nn.PixelUnshuffle(patch),
-            nn.Conv2d(6 * patch * patch, width, 3, padding=1),
+            nn.Conv2d(2 * 3 * patch * patch, width, 3, padding=1),  # image and residual, RGB
             ResBlock(width),
             nn.SiLU(),
             nn.Conv2d(width, width, 4, stride=2, padding=1),
