@@ -188,6 +188,34 @@ def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def cpu_runs_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX): there oneDNN runs bfloat16
+    convolutions 2-3x faster than float32; elsewhere it would only emulate them."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def run_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a model asking for ``name`` runs in on ``device``: that one on CUDA; on CPU
+    bfloat16 where the CPU computes in it, float32 otherwise (float16 has no fast CPU path)."""
+    if device.type == "cuda" or (name == "bfloat16" and cpu_runs_bfloat16()):
+        return DTYPES[name]
+    return torch.float32
+
+
+def for_inference(
+    module: torch.nn.Module, device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """``module`` in eval mode on ``device`` in ``dtype``. On CPU its 2-D convolution weights
+    are stored channels-last, which oneDNN runs about a quarter faster (image-fsq-256 without
+    its feedback pass, float32, 2 cores: 45-52 ms an encode and decode, 34-40 channels-last;
+    one token in several thousand rounds the other way)."""
+    module = module.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        # Module.to takes memory_format at run time; its type stubs omit it
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module
+
+
 def load_model(folder: Path, settings: Settings) -> LoadedModel:
     """Read one model folder and build its backend on the configured device."""
     try:
@@ -197,7 +225,7 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     backend = config.get("backend", "native")
     serving = ServingOptions.resolve(config, settings)
     device = resolve_device(settings.device)
-    dtype = DTYPES[serving.dtype] if device.type == "cuda" else torch.float32
+    dtype = run_dtype(serving.dtype, device)
     name = config.get("name", folder.name)
     if ":" in str(name):
         raise ModelLoadError(
@@ -238,8 +266,7 @@ def build_backend(
 ) -> Tokenizer:
     """The tokenizer of one model folder's backend, on ``device``."""
     if backend == "native":
-        module = build_native(folder, config).to(device=device, dtype=dtype).eval()
-        return module  # type: ignore[return-value]
+        return for_inference(build_native(folder, config), device, dtype)  # type: ignore[return-value]
     if backend == "transformers":
         # imported here: they import ModelLoadError from this module, and transformers is optional
         from app.tokenizers.hf import build_transformers

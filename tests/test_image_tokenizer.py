@@ -10,14 +10,19 @@ from app.tokenizers.image import FSQImageTokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_tokenizer(refine_steps: int, feedback_width: int = 0) -> FSQImageTokenizer:
+def tiny_tokenizer(
+    refine_steps: int, feedback_width: int = 0, feedback_steps: int = 1
+) -> FSQImageTokenizer:
     """The same encoder and decoder weights for any settings; a feedback pass is added last."""
     torch.manual_seed(0)
     arch = {"image_size": 32, "channels": [8, 16], "res_blocks": 1, "levels": [5, 5, 3]}
     tokenizer = FSQImageTokenizer(**arch, refine_steps=refine_steps, refine_lr=0.05)
     if feedback_width:
         with_feedback = FSQImageTokenizer(
-            **arch, refine_steps=refine_steps, feedback_width=feedback_width
+            **arch,
+            refine_steps=refine_steps,
+            feedback_width=feedback_width,
+            feedback_steps=feedback_steps,
         )
         with_feedback.load_state_dict({**with_feedback.state_dict(), **tokenizer.state_dict()})
         tokenizer = with_feedback
@@ -72,16 +77,19 @@ def test_refinement_settings_out_of_range_are_refused_with_their_values() -> Non
         tiny_tokenizer(-1)
 
 
-def test_an_untrained_feedback_pass_leaves_every_token_as_the_encoder_gives_it() -> None:
+@pytest.mark.parametrize("steps", [1, 2])
+def test_an_untrained_feedback_pass_leaves_every_token_as_the_encoder_gives_it(steps: int) -> None:
     pixels = smooth_images()
     with torch.inference_mode():
         plain = tiny_tokenizer(0).encode(pixels)
-        assert torch.equal(tiny_tokenizer(0, feedback_width=4).encode(pixels), plain)
+        with_feedback = tiny_tokenizer(0, feedback_width=4, feedback_steps=steps)
+        assert torch.equal(with_feedback.encode(pixels), plain)
 
 
-def test_a_trained_feedback_pass_finds_codes_that_decode_closer_to_each_image() -> None:
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_trained_feedback_pass_finds_codes_that_decode_closer_to_each_image(steps: int) -> None:
     pixels = smooth_images()
-    tokenizer = tiny_tokenizer(0, feedback_width=4)
+    tokenizer = tiny_tokenizer(0, feedback_width=4, feedback_steps=steps)
     assert tokenizer.feedback is not None
     optimizer = torch.optim.Adam(tokenizer.feedback.parameters(), lr=3e-3)
     before = errors(tokenizer, pixels)
@@ -92,3 +100,8 @@ def test_a_trained_feedback_pass_finds_codes_that_decode_closer_to_each_image() 
         optimizer.step()
     after = errors(tokenizer, pixels)
     assert bool((after < before - 1e-4).all()), (after, before)
+
+
+def test_a_feedback_pass_taken_no_times_is_refused_with_its_value() -> None:
+    with pytest.raises(ValueError, match="feedback_steps 0"):
+        tiny_tokenizer(0, feedback_width=4, feedback_steps=0)

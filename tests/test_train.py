@@ -12,7 +12,9 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from app.registry import NATIVE_ARCHITECTURES
 from app.tokenizers.fsq import FSQ
+from app.train import trainer as trainer_module
 from app.train.codecs import opus_at_bitrate
 from app.train.config import TrainConfig
 from app.train.data import (
@@ -30,6 +32,7 @@ from app.train.trainer import BUDGET_PROBE_STEPS, BUDGET_WARMUP_STEPS, Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SAMPLE_RATE = 8000
+CONFIGS = Path(__file__).resolve().parent.parent / "app" / "train" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,25 @@ def test_training_steps_lower_the_image_loss_on_a_fixed_batch(
     with torch.no_grad():
         after = float(trainer.task.loss(batch)[0])
     assert after < 0.7 * before
+
+
+@pytest.mark.parametrize("computes_in_bfloat16", [True, False])
+def test_cpu_training_runs_in_bfloat16_only_where_the_cpu_computes_in_it(
+    computes_in_bfloat16: bool, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trainer_module, "cpu_runs_bfloat16", lambda: computes_in_bfloat16)
+    trainer = Trainer(image_config(), data_dir, tmp_path / "model", tmp_path / "run")
+    batch = trainer.task.sampler.batch(2)
+    with trainer.autocast():
+        recon = trainer.model(batch)
+    assert recon.dtype == (torch.bfloat16 if computes_in_bfloat16 else torch.float32)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda path: path.stem)
+def test_each_shipped_training_config_parses_and_builds_its_model(path: Path) -> None:
+    config = TrainConfig.load(path)
+    model = NATIVE_ARCHITECTURES[config.architecture](config.arch)
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_log_mse_is_the_mean_over_images_of_log10_of_each_images_mse() -> None:

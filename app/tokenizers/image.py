@@ -142,11 +142,15 @@ class FSQImageTokenizer(nn.Module):
         refine_steps: int = 0,
         refine_lr: float = 0.025,
         feedback_width: int = 0,
+        feedback_steps: int = 1,
     ) -> None:
         super().__init__()
         if refine_steps < 0 or refine_lr <= 0:
             raise ValueError(f"refine_steps {refine_steps} must be >= 0, refine_lr {refine_lr} > 0")
+        if feedback_steps < 1:
+            raise ValueError(f"feedback_steps {feedback_steps} must be >= 1")
         self.image_size = image_size
+        self.feedback_steps = feedback_steps
         self.refine_steps = refine_steps
         self.refine_lr = refine_lr
         self.downsample = patch * 2 ** (len(channels) - 1)
@@ -183,7 +187,7 @@ class FSQImageTokenizer(nn.Module):
                 "quantizer": "fsq",
                 "levels": self.quantizer.levels,
                 "refine_steps": self.refine_steps,
-                "feedback": self.feedback is not None,
+                "feedback_steps": self.feedback_steps if self.feedback is not None else 0,
             },
         )
 
@@ -193,12 +197,15 @@ class FSQImageTokenizer(nn.Module):
 
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> latents [B, D, h, w]: the encoder's, corrected by the
-        feedback pass (when the model has one) after decoding them once."""
+        feedback pass (when the model has one) ``feedback_steps`` times, each after decoding
+        the current latents; the same weights serve every step."""
         if self.feedback is None:
             return self.encoder(pixels)
         features, latents = self.encoder.features_and_latents(pixels)
-        recon = self.decoder(self.quantizer(latents).to(features.dtype)).clamp(-1, 1)
-        return self.feedback(pixels, recon.to(pixels.dtype), features, latents)
+        for _ in range(self.feedback_steps):
+            recon = self.decoder(self.quantizer(latents).to(features.dtype)).clamp(-1, 1)
+            latents = self.feedback(pixels, recon.to(pixels.dtype), features, latents)
+        return latents
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> tokens [B, H / down, W / down]."""
@@ -209,8 +216,8 @@ class FSQImageTokenizer(nn.Module):
 
     def refine(self, latents: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """Latents [B, D, h, w] searched (``search_latents``) for codes that decode closer to
-        ``pixels`` in mean squared error; on the shipped model's held-out images 12 steps lift
-        PSNR from 28.9 to 29.6 dB. Weights are untouched."""
+        ``pixels`` in mean squared error; on the held-out images, 12 steps after image-fsq-256's
+        feedback pass lift PSNR from 29.43 to 29.71 dB. Weights are untouched."""
         dtype = next(self.decoder.parameters()).dtype
 
         def error(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ import torch
 from pesq import PesqError, pesq
 from pystoi import stoi
 
-from app.registry import build_native
+from app.config import Settings
+from app.registry import ServingOptions, build_native, for_inference, run_dtype
 from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.image import FSQImageTokenizer
 from app.train.codecs import image_at_bits, opus_at_bitrate
@@ -69,15 +70,17 @@ def evaluate_image(
     files = spread(split_files(data_dir / "images", IMAGE_SUFFIXES, VAL_FRACTION, True), limit)
     side = model.image_size
     vocab = model.quantizer.vocab_size
+    dtype = next(model.parameters()).dtype
     rows: dict[str, list[dict[str, float]]] = {"tokenizer": [], "jpeg": [], "webp": []}
     all_tokens, full_size_tokens = [], []
     for path in files:
-        full_size_tokens.append(model.encode(to_pixels(whole_image(path, multiple=8))[None]))
+        whole = to_pixels(whole_image(path, multiple=8))[None].to(dtype)
+        full_size_tokens.append(model.encode(whole))
         image = center_square(path, side)
         reference = np.asarray(image)
-        tokens = model.encode(to_pixels(image)[None])
+        tokens = model.encode(to_pixels(image)[None].to(dtype))
         all_tokens.append(tokens)
-        recon = model.decode(tokens)[0].permute(1, 2, 0).numpy()
+        recon = model.decode(tokens)[0].float().permute(1, 2, 0).numpy()
         recon_u8 = np.clip(np.round((recon + 1) * 127.5), 0, 255).astype(np.uint8)
         bits = tokens.numel() * math.log2(vocab)
         rows["tokenizer"].append(
@@ -109,8 +112,9 @@ def evaluate_image(
             torch.cat([t.flatten() for t in full_size_tokens]), vocab
         ),
         "encode_decode_ms": median_ms(
-            lambda: model.decode(model.encode(torch.zeros(1, 3, side, side)))
+            lambda: model.decode(model.encode(torch.zeros(1, 3, side, side, dtype=dtype)))
         ),
+        "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
     }
 
@@ -175,6 +179,7 @@ def evaluate_audio(
         "clips": {group: len(items) for group, items in clips.items()},
         "seconds": {group: sum(len(c) for c in items) / rate for group, items in clips.items()},
     }
+    dtype = next(model.parameters()).dtype
     all_codes = []
     for n_q in counts:
         bitrate = n_q * bits_per_frame * frame_rate
@@ -182,12 +187,12 @@ def evaluate_audio(
         for group, items in clips.items():
             codec_rows, opus_rows = [], []
             for reference in items:
-                wave = torch.from_numpy(reference)[None, None]
+                wave = torch.from_numpy(reference)[None, None].to(dtype)
                 lengths = torch.tensor([reference.shape[0]])
                 codes, frames = model.encode(wave, lengths, n_q)
                 if n_q == max(counts):
                     all_codes.append(codes[0])
-                recon = model.decode(codes, frames)[0][0, 0, : reference.shape[0]].numpy()
+                recon = model.decode(codes, frames)[0][0, 0, : reference.shape[0]].float().numpy()
                 codec_rows.append(
                     audio_metrics(recon, reference, rate, spectral, group == "speech")
                 )
@@ -204,11 +209,12 @@ def evaluate_audio(
     report["codebook_usage"] = [
         usage(codes_all[k], model.quantizer.codebook_size) for k in range(codes_all.shape[0])
     ]
-    ten_s = torch.zeros(1, model.channels, 10 * rate)
+    ten_s = torch.zeros(1, model.channels, 10 * rate, dtype=dtype)
     lengths = torch.tensor([10 * rate])
     report["encode_decode_10s_ms"] = median_ms(
         lambda: model.decode(*model.encode(ten_s, lengths)), repeats=3
     )
+    report["dtype"] = str(dtype).removeprefix("torch.")
     report["threads"] = torch.get_num_threads()
     return report
 
@@ -216,7 +222,9 @@ def evaluate_audio(
 def evaluate_model(model_dir: Path, data_dir: Path, limit: int | None = None) -> dict[str, Any]:
     """Load a model folder and evaluate it on its modality's validation split."""
     config = json.loads((model_dir / "config.json").read_text())
-    model = build_native(model_dir, config).eval()
+    cpu = torch.device("cpu")
+    dtype = run_dtype(ServingOptions.resolve(config, Settings()).dtype, cpu)
+    model = for_inference(build_native(model_dir, config), cpu, dtype)
     report: dict[str, Any] = {"model": config["name"], "architecture": config["architecture"]}
     report["parameters"] = sum(p.numel() for p in model.parameters())
     if isinstance(model, FSQImageTokenizer):

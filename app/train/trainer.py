@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from app.registry import cpu_runs_bfloat16
 from app.train.config import TrainConfig
 from app.train.ema import WeightEMA
 from app.train.export import export_model
@@ -101,9 +102,10 @@ class Trainer:
         return lr
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on CUDA; full precision on CPU (bf16 convolutions are slow there)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on CUDA and on a CPU that computes in bf16 (``cpu_runs_bfloat16``);
+        full precision on other CPUs, which would only emulate it."""
+        if self.device.type == "cuda" or cpu_runs_bfloat16():
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self) -> tuple[float, dict[str, float], float]:
