@@ -186,8 +186,8 @@ def test_refining_image_tokenizer_gives_the_golden_tokens_for_a_fixed_pattern(
 def test_each_hq_model_has_its_one_pass_models_weights_and_searches(
     one_pass: str, searching: str, steps: int, request: pytest.FixtureRequest
 ) -> None:
-    """The same weights (so tokens decode the same with either), loaded from the one-pass
-    model's folder; only the encoding searches."""
+    """The same weights (so tokens decode the same with either), loaded from the fast model's
+    folder; only the encoding searches."""
     plain: LoadedModel = request.getfixturevalue(one_pass)
     refining: LoadedModel = request.getfixturevalue(searching)
     first, second = plain.tokenizer, refining.tokenizer
@@ -222,7 +222,7 @@ def test_image_round_trip_keeps_validation_photos_recognisable(image_model: Load
     assert float(np.mean(scores)) > MIN_IMAGE_PSNR_DB, scores
 
 
-def test_image_model_runs_in_bfloat16_where_the_cpu_computes_in_it_and_loses_no_quality(
+def test_image_model_runs_in_bfloat16_where_the_cpu_computes_in_it_and_decodes_as_closely(
     image_model: LoadedModel, float32_image_model: LoadedModel
 ) -> None:
     assert image_model.dtype == (torch.bfloat16 if cpu_runs_bfloat16() else torch.float32)
