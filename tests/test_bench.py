@@ -13,6 +13,7 @@ from PIL import Image
 
 from app.media import decode_audio, decode_image
 from bench.ceiling import Ceiling
+from bench.latency import main as latency_main
 from bench.loadgen import LevelStats
 from bench.media import image_file, unique_copy, wav_file
 from bench.report import op_summary
@@ -143,3 +144,26 @@ def test_a_batching_gain_below_target_says_how_much_of_the_models_own_gain_it_ke
     gain = op_summary(ceiling, batched, unbatched)["batched_over_unbatched"]
     assert gain["value"] == pytest.approx(1.2) and gain["met"] is False
     assert "gives 1.60x" in gain["note"] and "shows 75% of that gain" in gain["note"]
+
+
+def test_latency_times_each_model_as_served_and_in_float32_in_every_round(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model-dir", str(repo), "--models", "tiny-image", "tiny-audio"]
+    assert latency_main([*argv, "--rounds", "2", "--repeats", "2", "--threads", "1"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["threads"] == 1
+    entries = results["models"]
+    assert sorted(entries) == sorted(
+        f"{name} {label}"
+        for name in ("tiny-image", "tiny-audio")
+        for label in ("served", "float32")
+    )
+    for key, entry in entries.items():
+        assert len(entry["round_medians_ms"]) == 2 and all(v > 0 for v in entry["round_medians_ms"])
+        assert entry["median_ms"] == pytest.approx(
+            float(np.median(entry["round_medians_ms"])), abs=0.01
+        )
+        assert entry["met"] == (entry["median_ms"] < entry["target_ms"]), key
+    assert entries["tiny-image float32"]["dtype"] == "float32"
+    assert entries["tiny-audio served"]["item"] == "10 s of audio"
