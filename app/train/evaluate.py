@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -19,7 +18,7 @@ from pesq import PesqError, pesq
 from pystoi import stoi
 
 from app.config import Settings
-from app.registry import ServingOptions, build_native, for_inference, run_dtype
+from app.registry import load_model
 from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.image import FSQImageTokenizer
 from app.train.codecs import image_at_bits, opus_at_bitrate
@@ -220,15 +219,17 @@ def evaluate_audio(
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """Load a model folder and evaluate it on its modality's validation split."""
-    config = json.loads((model_dir / "config.json").read_text())
-    cpu = torch.device("cpu")
-    dtype = run_dtype(ServingOptions.resolve(config, Settings()).dtype, cpu)
-    model = for_inference(build_native(model_dir, config), cpu, dtype)
-    report: dict[str, Any] = {"model": config["name"], "architecture": config["architecture"]}
-    report["parameters"] = sum(p.numel() for p in model.parameters())
+    """Load a model folder as the server runs it on CPU and evaluate it on its modality's
+    validation split."""
+    loaded = load_model(model_dir, Settings(device="cpu"))
+    model, architecture = loaded.tokenizer, loaded.config.get("architecture")
+    if not isinstance(model, FSQImageTokenizer | RVQAudioCodec):
+        raise ValueError(f"{model_dir}: no evaluation for architecture {architecture!r}")
+    report: dict[str, Any] = {
+        "model": loaded.name,
+        "architecture": architecture,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if isinstance(model, FSQImageTokenizer):
         return {**report, **evaluate_image(model, data_dir, limit)}
-    if isinstance(model, RVQAudioCodec):
-        return {**report, **evaluate_audio(model, data_dir, limit)}
-    raise ValueError(f"{model_dir}: no evaluation for architecture {config['architecture']!r}")
+    return {**report, **evaluate_audio(model, data_dir, limit)}
