@@ -171,6 +171,11 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
+def native_weights(folder: Path, config: dict[str, Any]) -> Path:
+    """The weights file a native model folder serves: its own, or its ``source`` folder's."""
+    return (source_of(folder, config) or folder) / WEIGHTS_FILE
+
+
 def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
     """Instantiate a native architecture from config.json and load model.safetensors: the
     folder's own, or that of the folder ``source`` names (one set of weights, two configs)."""
@@ -181,7 +186,7 @@ def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
             f"known: {sorted(NATIVE_ARCHITECTURES)}"
         )
     model = NATIVE_ARCHITECTURES[arch_name](config.get("arch", {}))
-    weights = (source_of(folder, config) or folder) / WEIGHTS_FILE
+    weights = native_weights(folder, config)
     if not weights.is_file():
         raise ModelLoadError(f"{folder.name}: {weights} is missing")
     model.load_state_dict(load_file(str(weights)))

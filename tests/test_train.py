@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -269,6 +270,24 @@ def test_a_feedback_pass_warm_starts_from_a_trained_tokenizer_and_learns_alone(
     weights = plain.ema.model.state_dict()
     for name, tensor in trainer.model.state_dict().items():
         assert name.startswith("feedback.") or torch.equal(tensor, weights[name]), name
+
+
+def test_warm_start_from_a_folder_with_a_source_takes_the_sources_weights(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    trained = Trainer(image_config(), data_dir, tmp_path / "plain", tmp_path / "plain-run")
+    for _ in range(3):
+        trained.train_step()
+    trained.save()
+    searching = tmp_path / "plain-hq"
+    searching.mkdir()
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    (searching / "config.json").write_text(json.dumps({**config, "source": "../plain"}))
+    trainer = Trainer(image_config(), data_dir, tmp_path / "next", tmp_path / "next-run")
+    trainer.warm_start(searching)
+    exported = trained.ema.model.state_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, exported[name]), name
 
 
 def test_a_frozen_encoder_and_quantizer_keep_every_audio_token(

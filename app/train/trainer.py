@@ -8,6 +8,7 @@ EMA weights to the model folder, so the best-so-far model can be served or commi
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from app.registry import cpu_runs_bfloat16
+from app.registry import CONFIG_FILE, cpu_runs_bfloat16, native_weights
 from app.train.config import TrainConfig
 from app.train.ema import WeightEMA
 from app.train.export import export_model
@@ -156,10 +157,12 @@ class Trainer:
         self.step = int(state["step"])
 
     def warm_start(self, model_dir: Path) -> None:
-        """Start from an exported model folder: its weights and EMA, at step 0. A part of the
-        model that the folder has no weights for at all (a feedback encoder added to a trained
-        tokenizer) keeps its initialization; any other mismatch is an error."""
-        weights = load_file(str(model_dir / "model.safetensors"), device=str(self.device))
+        """Start from a model folder's weights (its own or its ``source``'s), as weights and EMA,
+        at step 0. A part of the model that the folder has no weights for at all (a feedback
+        encoder added to a trained tokenizer) keeps its initialization; any other mismatch is
+        an error."""
+        config = json.loads((model_dir / CONFIG_FILE).read_text())
+        weights = load_file(str(native_weights(model_dir, config)), device=str(self.device))
         own = self.model.state_dict()
         new_parts = {key.split(".")[0] for key in own} - {key.split(".")[0] for key in weights}
         weights.update({k: v for k, v in own.items() if k.split(".")[0] in new_parts})
