@@ -3,7 +3,8 @@
 A model folder holds ``config.json`` (backend, modality, architecture, serving options),
 ``model.safetensors`` and a README.md model card. Its version is a hash of config, weights and
 dtype, so a cache entry can never outlive the weights that produced it; batching options are
-left out of it, so tuning them keeps the cache.
+left out of it, so tuning them keeps the cache. A model whose tokens depend on the host's
+arithmetic (``reproducibility``) also hashes the host's ``compute_fingerprint``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -37,6 +39,28 @@ NATIVE_ARCHITECTURES: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
 }
 LOAD_ATTEMPTS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ONEDNN_MAX_CPU_ISA values whose ISA computes in bfloat16 (AVX512-BF16 and every ISA above it);
+# SSE41 ... AVX512_CORE_VNNI and AVX2_VNNI_2 only convert to it. Unset, ALL and DEFAULT (and
+# names oneDNN does not know, which it ignores) cap nothing.
+BFLOAT16_ISAS = {
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX_FP16",
+}
+NON_BFLOAT16_ISAS = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
+Reproducibility = Literal["portable", "host"]
 
 
 class ModelLoadError(RuntimeError):
@@ -78,6 +102,8 @@ class LoadedModel:
     serving: ServingOptions
     device: torch.device
     dtype: torch.dtype
+    reproducibility: Reproducibility = "portable"
+    compute: str = ""  # compute_fingerprint(device, dtype) at load
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -96,6 +122,8 @@ class LoadedModel:
             "backend": self.backend,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "reproducibility": self.reproducibility,
+            "compute": self.compute,
             **self.info.to_dict(),
             "max_batch_size": self.serving.max_batch_size,
             **self.metadata,
@@ -117,14 +145,21 @@ def version_files(*folders: Path, files: Sequence[Path] = ()) -> list[Path]:
 
 
 def model_version(
-    config: dict[str, Any], dtype: torch.dtype, *folders: Path, files: Sequence[Path] = ()
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    *folders: Path,
+    files: Sequence[Path] = (),
+    compute: str | None = None,
 ) -> str:
     """blake2b of what decides the tokens, 16 hex: config.json less its ``serving`` options
-    (batching never changes a token), the dtype the model runs in and ``version_files``."""
+    (batching never changes a token), the dtype the model runs in, ``version_files`` and, for a
+    model whose tokens depend on the host, ``compute`` (its ``compute_fingerprint``)."""
     digest = hashlib.blake2b(digest_size=8)
     model_config = {key: value for key, value in config.items() if key != "serving"}
     digest.update(json.dumps(model_config, sort_keys=True).encode())
     digest.update(str(dtype).encode())
+    if compute is not None:
+        digest.update(compute.encode())
     for path in version_files(*folders, files=files):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -193,10 +228,53 @@ def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def onednn_isa_cap() -> str | None:
+    """The ISA ``ONEDNN_MAX_CPU_ISA`` limits oneDNN to, upper-cased (oneDNN reads it so), or
+    None where it limits nothing: unset, ALL, DEFAULT, or a name oneDNN ignores."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return cap if cap in BFLOAT16_ISAS | NON_BFLOAT16_ISAS else None
+
+
 def cpu_runs_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX): there oneDNN runs bfloat16
-    convolutions 2-3x faster than float32; elsewhere it would only emulate them."""
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX) and ``ONEDNN_MAX_CPU_ISA``
+    lets oneDNN use it: there bfloat16 convolutions run 2-3x faster than float32; elsewhere
+    oneDNN would only emulate them. The cap is the documented way to run as a CPU without it."""
+    cap = onednn_isa_cap()
+    if cap is not None and cap not in BFLOAT16_ISAS:
+        return False
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def compute_fingerprint(device: torch.device, dtype: torch.dtype) -> str:
+    """What decides the floating-point results of ``dtype`` on ``device`` besides the model, as
+    one line: torch's version, and on CPU the vector ISA ATen dispatches to, the bfloat16 units,
+    the oneDNN cap and the thread count (which splits the sums); on CUDA the GPU, its compute
+    capability, the CUDA version and whether float32 convolutions run in TF32."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        parts = [
+            torch.cuda.get_device_name(device),
+            f"sm_{major}{minor}",
+            f"cuda {torch.version.cuda}",
+        ]
+        if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+            parts.append("tf32")
+    else:
+        parts = [device.type, torch.backends.cpu.get_cpu_capability()]
+        parts += ["amx"] if torch.cpu._is_amx_tile_supported() else []
+        parts += ["avx512_bf16"] if torch.cpu._is_avx512_bf16_supported() else []
+        cap = onednn_isa_cap()
+        parts += [f"onednn<={cap}"] if cap else []
+        parts.append(f"threads {torch.get_num_threads()}")
+    return " ".join([f"torch {torch.__version__}", *parts])
+
+
+def reproducibility(info: TokenizerInfo) -> Reproducibility:
+    """``host`` for a tokenizer that searches its codes at encode time (``refine_steps`` > 0):
+    its many steps carry the host's float rounding into the tokens, so they differ between CPUs
+    (and thread counts). ``portable`` for one-pass encoders: their tokens depend only on the
+    version, but for the rare rounding tie."""
+    return "host" if info.extra.get("refine_steps", 0) > 0 else "portable"
 
 
 def run_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -242,8 +320,11 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     for _ in range(LOAD_ATTEMPTS):
         before = weight_states(folder, config)
         tokenizer = build_backend(folder, config, backend, device, dtype)
+        repro = reproducibility(tokenizer.info)
+        compute = compute_fingerprint(device, dtype)
         folders, files = hashed_inputs(folder, config)
-        version = model_version(config, dtype, *folders, files=files)
+        hashed_compute = compute if repro == "host" else None
+        version = model_version(config, dtype, *folders, files=files, compute=hashed_compute)
         if weight_states(folder, config) == before:
             break
         log.warning("%s: weight files changed while it loaded; loading it again", name)
@@ -262,6 +343,8 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
         serving=serving,
         device=device,
         dtype=dtype,
+        reproducibility=repro,
+        compute=compute,
         metadata={key: config[key] for key in ("class", "source") if key in config},
     )
 
