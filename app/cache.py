@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -36,6 +36,11 @@ R = TypeVar("R")
 _HITS = CACHE_REQUESTS.labels(result="hit")
 _MISSES = CACHE_REQUESTS.labels(result="miss")
 _ERRORS = CACHE_REQUESTS.labels(result="error")
+# well-formed values that do not fit what the caller expects (wrong dtype, shape or ids)
+_INVALID = CACHE_REQUESTS.labels(result="invalid")
+
+# Whether a cached array is an answer the caller can serve; anything else reads as a miss.
+Fits = Callable[[np.ndarray], bool]
 
 # ---------------------------------------------------------------------------------------------
 # keys
@@ -68,28 +73,40 @@ def _pack_items(items: list[tuple[str, np.ndarray]]) -> list[tuple[str, bytes]]:
     return packed
 
 
-def _unpack_counted(blobs: list[bytes | None]) -> list[np.ndarray | None]:
-    """Unpack looked-up values, counting one hit, miss or error (garbage) per key."""
+def _unpack_counted(
+    blobs: list[bytes | None], fits: Sequence[Fits] | None
+) -> list[np.ndarray | None]:
+    """Unpack looked-up values, counting one hit, miss, error (garbage) or invalid (readable,
+    but its ``fits`` refuses it: whoever can write to the cache must not choose answers)."""
     results: list[np.ndarray | None] = []
-    hits = garbage = 0
-    for blob in blobs:
+    hits = garbage = invalid = 0
+    for index, blob in enumerate(blobs):
         if blob is None:
             results.append(None)
             continue
         try:
-            results.append(unpack_array(blob))
-            hits += 1
+            array = unpack_array(blob)
         except ValueError as exc:
             results.append(None)
             garbage += 1
             log.warning("cached value unreadable, treating as a miss: %s", exc)
-    misses = len(blobs) - hits - garbage
-    if hits:
-        _HITS.inc(hits)
-    if misses:
-        _MISSES.inc(misses)
-    if garbage:
-        _ERRORS.inc(garbage)
+            continue
+        if fits is not None and not fits[index](array):
+            results.append(None)
+            invalid += 1
+            log.warning("cached %s%s does not fit its key; a miss", array.dtype, list(array.shape))
+            continue
+        results.append(array)
+        hits += 1
+    misses = len(blobs) - hits - garbage - invalid
+    for counter, count in (
+        (_HITS, hits),
+        (_MISSES, misses),
+        (_ERRORS, garbage),
+        (_INVALID, invalid),
+    ):
+        if count:
+            counter.inc(count)
     return results
 
 
@@ -100,8 +117,11 @@ def _unpack_counted(blobs: list[bytes | None]) -> list[np.ndarray | None]:
 class TokenCache(Protocol):
     """Where token arrays computed for a cache key are kept; lookups and writes never raise."""
 
-    async def get_many(self, keys: list[str]) -> list[np.ndarray | None]:
-        """Arrays for ``keys`` in order, None for each miss; one round trip."""
+    async def get_many(
+        self, keys: list[str], fits: Sequence[Fits] | None = None
+    ) -> list[np.ndarray | None]:
+        """Arrays for ``keys`` in order, None for each miss and each value refused by its
+        ``fits`` (one predicate per key); one round trip."""
         ...
 
     async def set_many(self, items: list[tuple[str, np.ndarray]]) -> None:
@@ -133,8 +153,11 @@ class MemoryCache:
         """Bytes of keys and packed values currently held."""
         return self._bytes
 
-    async def get_many(self, keys: list[str]) -> list[np.ndarray | None]:
-        """Arrays for ``keys``, None where missing or expired; a hit becomes most recent."""
+    async def get_many(
+        self, keys: list[str], fits: Sequence[Fits] | None = None
+    ) -> list[np.ndarray | None]:
+        """Arrays for ``keys``, None where missing, expired or refused by ``fits``; a hit
+        becomes most recent."""
         start = time.perf_counter()
         now = time.monotonic()
         blobs: list[bytes | None] = []
@@ -148,7 +171,7 @@ class MemoryCache:
                     self._entries.move_to_end(key)
                 blobs.append(None if entry is None else entry[1])
             CACHE_BYTES.set(self._bytes)
-        results = _unpack_counted(blobs)
+        results = _unpack_counted(blobs, fits)
         CACHE_DURATION.labels("memory", "get").observe(time.perf_counter() - start)
         return results
 
@@ -319,8 +342,11 @@ class RedisCache:
         """True while Redis is being skipped after repeated failures."""
         return self._breaker.is_open
 
-    async def get_many(self, keys: list[str]) -> list[np.ndarray | None]:
-        """STRLEN of every key, then one MGET of those present; all misses when Redis fails."""
+    async def get_many(
+        self, keys: list[str], fits: Sequence[Fits] | None = None
+    ) -> list[np.ndarray | None]:
+        """STRLEN of every key, then one MGET of those present; all misses when Redis fails;
+        a value ``fits`` refuses is a miss."""
         if not keys:
             return []
         start = time.perf_counter()
@@ -329,7 +355,7 @@ class RedisCache:
         if blobs is None:
             _ERRORS.inc(len(keys))
             return [None] * len(keys)
-        return _unpack_counted(blobs)
+        return _unpack_counted(blobs, fits)
 
     async def set_many(self, items: list[tuple[str, np.ndarray]]) -> None:
         """One pipeline of SET … PX ttl; failures are logged and counted, never raised."""

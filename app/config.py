@@ -43,10 +43,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_audio_seconds: float = 600.0
-    max_items: int = 64
-    max_decode_tokens: int = 1_000_000
+    # Across the items of one request: bounds its compute and its decode response's bytes.
+    max_request_audio_seconds: float = Field(default=600.0, gt=0)
+    # Below this a header's rate is nonsense (a 644-byte WAV at 1 Hz "lasts" 600 s once resampled).
+    min_audio_sample_rate: int = Field(default=8000, ge=1)
+    max_items: int = Field(default=64, ge=1)
+    max_decode_tokens: int = Field(default=1_000_000, ge=1)
     request_timeout_s: float = 30.0
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # With API keys set, /docs, /openapi.json and /metrics need one too unless opened here.
+    public_docs: bool = False
+    public_metrics: bool = False
 
     max_batch_size: int | None = None
     max_wait_ms: float | None = None

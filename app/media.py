@@ -237,16 +237,29 @@ _BUDGET_RATE = 48_000
 _BUDGET_CHANNELS = 2
 
 
+def audio_header(data: bytes) -> tuple[int, int] | None:
+    """(sample rate in Hz, frames) as the header declares them; None when it cannot be read or
+    does not state the length (decode_audio then says why)."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as sound:
+            if sound.frames == _UNKNOWN_FRAMES:
+                return None
+            return int(sound.samplerate), int(sound.frames)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
+        return None
+
+
 def decode_audio(
     data: bytes,
     sample_rate: int,
     channels: int = 1,
     max_seconds: float = 600.0,
+    min_sample_rate: int = 1,
 ) -> tuple[torch.Tensor, AudioInfo]:
     """Decode audio bytes to wave [channels, T] float32 at sample_rate Hz (soxr HQ resampling).
 
-    Duration and channels are checked from the header before samples are read; stereo becomes
-    mono by averaging, mono becomes N channels by repetition.
+    Rate, duration and channels are checked from the header before samples are read; stereo
+    becomes mono by averaging, mono becomes N channels by repetition.
     """
     if not data:
         raise BadRequest(f"The audio is empty (0 bytes); send the bytes of a {_ACCEPTED_AUDIO}.")
@@ -254,6 +267,11 @@ def decode_audio(
         with sf.SoundFile(io.BytesIO(data)) as sound:
             source_rate, source_channels = sound.samplerate, sound.channels
             declared_frames = sound.frames
+            if source_rate < min_sample_rate:
+                raise Unprocessable(
+                    f"The audio's header declares {source_rate} Hz; at least {min_sample_rate} Hz "
+                    "is accepted (TOKSERVE_MIN_AUDIO_SAMPLE_RATE). Send audio at its real rate."
+                )
             if declared_frames == _UNKNOWN_FRAMES:
                 raise Unprocessable(
                     "The audio does not declare its length (a FLAC written to a pipe, say), "

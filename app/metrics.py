@@ -62,7 +62,8 @@ QUEUE_DEPTH = Gauge(
 )
 CACHE_REQUESTS = Counter(
     "tokserve_cache_requests_total",
-    "Token cache lookups by result.",
+    "Token cache lookups by result: hit, miss, error (backend failed or value unreadable), "
+    "invalid (a readable value that does not fit the model: wrong dtype, shape or ids).",
     ["result"],
 )
 CACHE_DURATION = Histogram(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Hashable
+import time
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from app.batching import Batcher
-from app.cache import TokenCache, cache_key
+from app.cache import Fits, TokenCache, cache_key
 from app.errors import DeadlineExceeded, ProblemError
-from app.metrics import TOKENS
+from app.metrics import REJECTED, TOKENS
 from app.registry import LoadedModel
 from app.single_flight import SingleFlight
 
@@ -47,65 +48,82 @@ def unchanged(array: np.ndarray) -> np.ndarray:
     return array
 
 
-class _BadItem(Exception):
-    """An item's media could not be prepared; ``error`` says why, for whichever request sent it."""
-
-    def __init__(self, error: ProblemError) -> None:
-        super().__init__(error.detail)
-        self.error = error
-
-
 @dataclass(frozen=True)
 class ItemResult:
-    array: np.ndarray
-    cached: bool
+    """One item's outcome: its array, or the problem that stopped this item alone."""
+
+    array: np.ndarray | None
+    cached: bool = False
+    error: ProblemError | None = None
+
+
+def _before(deadline: float | None, step: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``step``, refused with a 504 if the deadline has passed when a pool thread takes it up."""
+
+    def checked(value: Any) -> Any:
+        if deadline is not None and time.monotonic() >= deadline:
+            REJECTED.labels("deadline").inc()
+            raise DeadlineExceeded(
+                "The request's deadline passed before its item could be prepared; it was not "
+                "computed. Retry, or allow more time with X-Request-Timeout."
+            )
+        return step(value)
+
+    return checked
 
 
 class Pipeline:
-    """Cache + single-flight + media pool in front of the batchers."""
+    """Cache + single-flight + media pool in front of the batchers.
 
-    def __init__(self, cache: TokenCache, media_pool: Executor) -> None:
+    One request takes at most ``media_share`` of the media pool's threads at a time, so a
+    request of many large files cannot hold every thread while other requests wait.
+    """
+
+    def __init__(self, cache: TokenCache, media_pool: Executor, media_share: int = 1) -> None:
         self.cache = cache
         self.media_pool = media_pool
+        self.media_share = max(1, media_share)
         # a request's deadline is its own: those sharing its computation go on without it
         self.flights = SingleFlight(leader_only=(DeadlineExceeded,))
         self._writes: set[asyncio.Task[None]] = set()
 
     async def run(
-        self, job: Job, items: list[Any], key_bytes: list[bytes], deadline: float | None
+        self,
+        job: Job,
+        items: list[Any],
+        key_bytes: list[bytes],
+        deadline: float | None,
+        fits: Sequence[Fits] | None = None,
     ) -> list[ItemResult]:
-        """One result per item, in order; ``key_bytes[i]`` identifies item i in the cache."""
+        """One result per item, in order; ``key_bytes[i]`` identifies item i in the cache and
+        ``fits[i]`` says whether a cached array can answer it. An item that fails with a
+        ProblemError gets it in its result; the others are unaffected."""
         model = job.model
         keys = [cache_key(model.name, model.version, job.op, job.params, b) for b in key_bytes]
         hits: list[np.ndarray | None] = (
-            await self.cache.get_many(keys) if job.use_cache else [None] * len(keys)
+            await self.cache.get_many(keys, fits) if job.use_cache else [None] * len(keys)
         )
         computed: dict[int, np.ndarray] = {}
+        share = asyncio.Semaphore(self.media_share)
 
         async def compute(index: int) -> np.ndarray:
-            try:
-                prepared = await self._media(job.prepare, items[index])
-            except ProblemError as exc:
-                raise _BadItem(exc) from exc
+            prepared = await self._media(job.prepare, items[index], share, deadline)
             result = await job.batcher.submit(
                 prepared, group=job.group(prepared), deadline=deadline
             )
-            array = await self._media(job.finish, result)
+            array = await self._media(job.finish, result, share)
             # tokens produced by a computed encode, or consumed by a computed decode
             tokens = array if job.op == "encode" else prepared
             TOKENS.labels(model.name, job.op).inc(np.size(tokens))
             computed[index] = array
             return array
 
-        async def flight(index: int) -> np.ndarray:
+        async def flight(index: int) -> ItemResult:
             try:
-                return await self.flights.run(keys[index], lambda: compute(index))
-            except _BadItem as bad:  # shared by every request with this item: name it per request
-                exc = bad.error
-                if len(items) == 1:
-                    raise exc from None
-                detail = f"Item {index}: {exc.detail}"
-                raise type(exc)(detail, headers=exc.headers, **exc.extra) from None
+                array = await self.flights.run(keys[index], lambda: compute(index))
+            except ProblemError as exc:  # this item's own problem; the others go on
+                return ItemResult(None, error=exc)
+            return ItemResult(array)
 
         misses = {i: asyncio.ensure_future(flight(i)) for i, hit in enumerate(hits) if hit is None}
         if misses:
@@ -118,15 +136,25 @@ class Pipeline:
         if job.use_cache and computed:
             self._write_behind([(keys[i], array) for i, array in computed.items()])
         return [
-            ItemResult(hit, True) if hit is not None else ItemResult(misses[i].result(), False)
+            ItemResult(hit, cached=True) if hit is not None else misses[i].result()
             for i, hit in enumerate(hits)
         ]
 
-    async def _media(self, step: Callable[[Any], Any], value: Any) -> Any:
-        """Run one media step in the pool; the identity runs inline (a thread hop costs more)."""
+    async def _media(
+        self,
+        step: Callable[[Any], Any],
+        value: Any,
+        share: asyncio.Semaphore,
+        deadline: float | None = None,
+    ) -> Any:
+        """Run one media step in the pool within the request's share of its threads, refused
+        if ``deadline`` has passed when a thread takes it up; the identity runs inline (a
+        thread hop costs more)."""
         if step is unchanged:
             return value
-        return await asyncio.get_running_loop().run_in_executor(self.media_pool, step, value)
+        async with share:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.media_pool, _before(deadline, step), value)
 
     def _write_behind(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Store results without delaying the response; the task is kept until it ends."""

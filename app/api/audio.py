@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -13,19 +15,27 @@ from app.api.common import (
     ServicesDep,
     check_token_budget,
     key_bytes,
-    media_response,
+    off_loop,
     read_media_items,
     read_token_request,
     require_api_key,
-    run_job,
     token_array,
-    tokens_response,
+    token_items,
     use_model,
 )
+from app.api.items import (
+    file_fits,
+    media_response,
+    raw_bytes,
+    run_items,
+    token_fits,
+    tokens_response,
+)
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, AudioEncodeResponse, DecodedItems
-from app.cache import canonical_params
-from app.errors import PayloadTooLarge, Unprocessable
-from app.media import decode_audio, encode_audio
+from app.cache import Fits, canonical_params
+from app.config import Settings
+from app.errors import PayloadTooLarge, ProblemError, Unprocessable
+from app.media import audio_header, decode_audio, encode_audio
 from app.pipeline import Job, unchanged
 from app.runner import AudioRunner
 
@@ -34,8 +44,31 @@ AudioFormat = Literal["wav", "flac", "ogg"]
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
 
 
-def _wave_only(blob: bytes, sample_rate: int, channels: int, max_seconds: float) -> torch.Tensor:
-    return decode_audio(blob, sample_rate, channels, max_seconds)[0]
+def _wave_only(
+    blob: bytes, sample_rate: int, channels: int, max_seconds: float, min_sample_rate: int
+) -> torch.Tensor:
+    return decode_audio(blob, sample_rate, channels, max_seconds, min_sample_rate)[0]
+
+
+def _declared_seconds(blobs: list[bytes | ProblemError], min_rate: int) -> list[float | None]:
+    """Each item's duration as its header declares it; None where unreadable or refused anyway
+    (below the minimum rate: that item fails alone)."""
+    seconds: list[float | None] = []
+    for blob in blobs:
+        header = audio_header(blob) if isinstance(blob, bytes) else None
+        rate_ok = header is not None and header[0] >= min_rate
+        seconds.append(header[1] / header[0] if header is not None and rate_ok else None)
+    return seconds
+
+
+def _check_request_seconds(total_s: float, settings: Settings, what: str) -> None:
+    """Refuse a request whose items add up to more audio than MAX_REQUEST_AUDIO_SECONDS."""
+    limit = settings.max_request_audio_seconds
+    if total_s > limit:
+        raise PayloadTooLarge(
+            f"The request's items {what} {total_s:.1f} s of audio in all; at most {limit:g} s per "
+            "request (TOKSERVE_MAX_REQUEST_AUDIO_SECONDS): split them into several requests."
+        )
 
 
 @router.post(
@@ -57,13 +90,17 @@ async def encode_audio_route(
     """WAV/FLAC/OGG bytes, multipart files or JSON base64 -> tokens [K][F] per clip."""
     served = use_model(request, services.registry.get(model, "audio"))
     info = served.info
+    settings = services.settings
     if codebooks is not None and codebooks > info.codebooks:
         raise Unprocessable(
             f"codebooks={codebooks}, but model {served.name} has {info.codebooks}; "
             f"ask for 1 to {info.codebooks}."
         )
     blobs = await read_media_items(request, services, "audio")
+    declared = await off_loop(services, _declared_seconds, blobs, settings.min_audio_sample_rate)
+    _check_request_seconds(sum(s for s in declared if s is not None), settings, "last")
     sample_rate = info.sample_rate or 24000
+    frame_rate = info.frame_rate or 0.0
     job = Job(
         model=served,
         op="encode",
@@ -72,30 +109,37 @@ async def encode_audio_route(
             _wave_only,
             sample_rate=sample_rate,
             channels=info.channels or 1,
-            max_seconds=services.settings.max_audio_seconds,
+            max_seconds=settings.max_audio_seconds,
+            min_sample_rate=settings.min_audio_sample_rate,
         ),
         group=AudioRunner.encode_group,
         finish=unchanged,
     )
-    results = await run_job(request, services, job, blobs, blobs)
-    frame_rate = info.frame_rate or 0.0
-    items = []
-    for result in results:
-        tokens = result.array[: codebooks or info.codebooks]
-        frames = int(tokens.shape[1])
-        items.append(
+
+    def fits(index: int) -> Fits:
+        # the clip's declared length, to the frame (resampling may round by one either way)
+        seconds = declared[index] or 0.0
+        expected = math.ceil(seconds * frame_rate)
+        return token_fits(served, info.codebooks, (max(1, expected - 1), expected + 1))
+
+    results = await run_items(request, services, job, blobs, raw_bytes, fits)
+    figures = []
+    for index, result in enumerate(results):
+        tokens = result.array[: codebooks or info.codebooks] if result.array is not None else None
+        if tokens is not None:
+            results[index] = replace(result, array=tokens)
+        frames = int(tokens.shape[1]) if tokens is not None else 0
+        figures.append(
             {
-                "tokens": tokens,
-                "shape": list(tokens.shape),
-                "codebooks": int(tokens.shape[0]),
+                "shape": list(tokens.shape) if tokens is not None else [],
+                "codebooks": int(tokens.shape[0]) if tokens is not None else 0,
                 "frames": frames,
                 "frame_rate": frame_rate,
                 "sample_rate": sample_rate,
                 "duration_s": round(frames / frame_rate, 6) if frame_rate else 0.0,
-                "cached": result.cached,
             }
         )
-    return tokens_response(request, served, items)
+    return tokens_response(request, served, results, figures, single=len(blobs) == 1)
 
 
 @router.post(
@@ -111,7 +155,7 @@ async def decode_audio_route(
     fmt: Annotated[AudioFormat, Query(alias="format", description="Output format")] = "wav",
 ) -> Response:
     """One [k][F] array answers the audio file; a list answers JSON (or msgpack) items."""
-    body = await read_token_request(request, 2, "[[int]] (k codebooks of F frames)")
+    body = await read_token_request(request, services, 2, "[[int]] (k codebooks of F frames)")
     served = use_model(request, services.registry.get(body.model or model, "audio"))
     info = served.info
     # a decoder that needs every codebook declares it (exported programs do)
@@ -120,22 +164,27 @@ async def decode_audio_route(
     sample_rate = info.sample_rate or 24000
     hop = info.hop_length or 1
     max_seconds = services.settings.max_audio_seconds
-    arrays = []
-    for index, item in enumerate(body.items):
-        array = token_array(item, None if body.single else index, info.vocab_size)
+
+    def codes_of(item: Any, where: str) -> np.ndarray:
+        array = token_array(item, where, info.vocab_size)
         if array.ndim != 2 or not fewest <= array.shape[0] <= info.codebooks or array.shape[1] < 1:
             raise Unprocessable(
-                f"Tokens of shape {list(array.shape)} do not fit model {served.name}: send "
+                f"{where} of shape {list(array.shape)} does not fit model {served.name}: send "
                 f"[k][F] with {rows} codebooks (rows) and at least one frame."
             )
         if array.shape[1] * hop > max_seconds * sample_rate:
             raise PayloadTooLarge(
-                f"{array.shape[1]} frames decode to {array.shape[1] * hop / sample_rate:.1f} s of "
-                f"audio; at most {max_seconds:g} s (TOKSERVE_MAX_AUDIO_SECONDS, "
+                f"{where}: {array.shape[1]} frames decode to "
+                f"{array.shape[1] * hop / sample_rate:.1f} s of audio; at most {max_seconds:g} s "
+                "(TOKSERVE_MAX_AUDIO_SECONDS, "
                 f"{int(max_seconds * sample_rate / hop)} frames) per item."
             )
-        arrays.append(array)
-    check_token_budget(arrays, services)
+        return array
+
+    arrays = await token_items(services, body, codes_of)
+    check_token_budget(arrays, services.settings)
+    seconds = [a.shape[1] * hop / sample_rate for a in arrays if isinstance(a, np.ndarray)]
+    _check_request_seconds(sum(seconds), services.settings, "decode to")
 
     def to_file(wave: torch.Tensor) -> np.ndarray:
         return np.frombuffer(encode_audio(wave, sample_rate, fmt), dtype=np.uint8)
@@ -150,20 +199,15 @@ async def decode_audio_route(
         params=canonical_params(format=fmt),
         use_cache=services.settings.cache_decode,
     )
-    results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])
-    metadata = [
+    file = file_fits(MEDIA_TYPES[fmt])
+    results = await run_items(request, services, job, arrays, key_bytes, lambda _: file)
+    figures = [
         {
             "sample_rate": sample_rate,
-            "duration_s": round(a.shape[1] * hop / sample_rate, 6),
-            "cached": r.cached,
+            "duration_s": round(a.shape[1] * hop / sample_rate, 6)
+            if isinstance(a, np.ndarray)
+            else 0.0,
         }
-        for a, r in zip(arrays, results, strict=True)
+        for a in arrays
     ]
-    return media_response(
-        request,
-        served,
-        [r.array.tobytes() for r in results],
-        body.single,
-        MEDIA_TYPES[fmt],
-        metadata,
-    )
+    return media_response(request, served, results, body.single, MEDIA_TYPES[fmt], figures)

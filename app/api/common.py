@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import io
 import itertools
 import json
 import secrets
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
 import numpy as np
-from fastapi import Depends, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.errors import BadRequest, ClientGone, PayloadTooLarge, Unauthorized, Unprocessable
+from app.config import Settings
+from app.errors import (
+    BadRequest,
+    ClientGone,
+    PayloadTooLarge,
+    ProblemError,
+    Unauthorized,
+    Unprocessable,
+)
 from app.media import parse_base64
-from app.pipeline import ItemResult, Job
 from app.registry import LoadedModel
 from app.services import Services
 
@@ -91,44 +96,64 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _check_count(count: int, services: Services, what: str) -> None:
+def _check_count(count: int, max_items: int, what: str) -> None:
     if count == 0:
         raise BadRequest(
             f"The request holds no {what}: send raw bytes as the body, multipart files, "
             f'or JSON {{"{what}": [<base64>, ...]}}.'
         )
-    if count > services.settings.max_items:
+    if count > max_items:
         raise PayloadTooLarge(
-            f"{count} {what} in one request; at most {services.settings.max_items} "
-            "(TOKSERVE_MAX_ITEMS) are accepted."
+            f"{count} {what} in one request; at most {max_items} (TOKSERVE_MAX_ITEMS) are "
+            "accepted: split the list into several requests."
         )
 
 
-async def read_media_items(request: Request, services: Services, what: str) -> list[bytes]:
-    """Raw media of every item: the body itself, each multipart file, or JSON base64 strings."""
+async def read_media_items(
+    request: Request, services: Services, what: str
+) -> list[bytes | ProblemError]:
+    """Raw media of every item: the body itself, each multipart file, or JSON base64 strings.
+    An item that cannot be read (bad base64) holds its problem; JSON is parsed off the loop."""
     content_type = _content_type(request)
     if content_type == "multipart/form-data":
         form = await _read_form(request, services, what)
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        _check_count(len(files), services, what)
-        blobs = [await upload.read() for upload in files]
+        _check_count(len(files), services.settings.max_items, what)
+        blobs: list[bytes | ProblemError] = [await upload.read() for upload in files]
         await form.close()
-    elif content_type == "application/json":
-        payload = _parse_json(await request.body())
-        encoded = payload.get(what) if isinstance(payload, dict) else None
-        if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
-            raise Unprocessable(
-                f'The JSON body must be {{"{what}": ["<base64>", ...]}}: a list of base64 strings.'
-            )
-        _check_count(len(encoded), services, what)
-        blobs = [parse_base64(text, f"{what}[{i}]") for i, text in enumerate(encoded)]
-    else:
-        blobs = [await request.body()]
-    for index, blob in enumerate(blobs):
-        if not blob:
-            where = "The request body" if len(blobs) == 1 else f"Item {index}"
-            raise BadRequest(f"{where} is empty; send the {what[:-1]} file's bytes.")
-    return blobs
+        return blobs
+    if content_type == "application/json":
+        body = await request.body()
+        return await off_loop(services, _base64_items, body, services.settings.max_items, what)
+    body = await request.body()
+    if not body:
+        raise BadRequest(f"The request body is empty; send the {what[:-1]} file's bytes.")
+    return [body]
+
+
+def _base64_items(body: bytes, max_items: int, what: str) -> list[bytes | ProblemError]:
+    """``{what: [<base64>, ...]}`` -> each item's bytes, or its problem if it is not base64."""
+    payload = _parse_json(body)
+    encoded = payload.get(what) if isinstance(payload, dict) else None
+    if not isinstance(encoded, list) or not all(isinstance(e, str) for e in encoded):
+        raise Unprocessable(
+            f'The JSON body must be {{"{what}": ["<base64>", ...]}}: a list of base64 strings.'
+        )
+    _check_count(len(encoded), max_items, what)
+    items: list[bytes | ProblemError] = []
+    for index, text in enumerate(encoded):
+        try:
+            items.append(parse_base64(text, f"{what}[{index}]"))
+        except ProblemError as exc:
+            items.append(exc)
+    return items
+
+
+async def off_loop(services: Services, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in the media pool: parsing large bodies must not stall the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(
+        services.media_pool, partial(work, *args)
+    )
 
 
 class _InMemoryMultiPartParser(MultiPartParser):
@@ -169,6 +194,21 @@ def _parse_json(body: bytes) -> Any:
         raise BadRequest(f"The body is not valid JSON ({exc}).") from exc
 
 
+# What a token body may take per token it may carry (TOKSERVE_MAX_DECODE_TOKENS): JSON spends
+# at most ~8 bytes on an id and its separator, msgpack 9 on an int; the rest is indentation.
+TOKEN_BODY_BYTES_PER_TOKEN = 16
+TOKEN_BODY_SLACK_BYTES = 64 * 1024
+# msgpack maps hold {model, tokens} or a binary item's {dtype, shape, data}; strings are names
+_MSGPACK_MAX_MAP_LEN = 16
+_MSGPACK_MAX_STR_LEN = 1024
+
+
+def token_body_limit(settings: Settings) -> int:
+    """Bytes a decode body may have: what MAX_DECODE_TOKENS tokens take, within MAX_BODY_BYTES."""
+    tokens = settings.max_decode_tokens * TOKEN_BODY_BYTES_PER_TOKEN + TOKEN_BODY_SLACK_BYTES
+    return min(settings.max_body_bytes, tokens)
+
+
 @dataclass(frozen=True)
 class TokenRequest:
     """A decode request: token arrays, and whether the client sent one item or a list."""
@@ -188,14 +228,58 @@ def _depth(value: Any) -> int:
     return depth
 
 
-async def read_token_request(request: Request, item_ndim: int, layout: str) -> TokenRequest:
-    """Parse ``{model, tokens}`` from JSON or msgpack; tokens is one item or a list of items."""
-    body = await request.body()
+async def read_token_request(
+    request: Request, services: Services, item_ndim: int, layout: str
+) -> TokenRequest:
+    """Parse ``{model, tokens}`` from JSON or msgpack, off the event loop, after checking the
+    body's size against what MAX_DECODE_TOKENS allows; tokens is one item or a list of at
+    most MAX_ITEMS items."""
+    settings = services.settings
+    limit = token_body_limit(settings)
+    body = await _read_at_most(
+        request,
+        limit,
+        f"A decode body may hold {settings.max_decode_tokens} tokens "
+        f"(TOKSERVE_MAX_DECODE_TOKENS), so at most {limit} bytes",
+    )
     if not body:
         raise BadRequest(f'The body is empty; send {{"model": ..., "tokens": {layout}}}.')
-    if _content_type(request) in _FORMAT_TYPES["msgpack"]:
+    binary = _content_type(request) in _FORMAT_TYPES["msgpack"]
+    return await off_loop(
+        services, _parse_tokens, body, binary, item_ndim, layout, settings.max_items, limit
+    )
+
+
+async def _read_at_most(request: Request, limit: int, why: str) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (by Content-Length or
+    while it streams in), so an oversized one is never held whole."""
+    declared = request.headers.get("content-length", "")
+    too_large = PayloadTooLarge(f"{why}; send fewer or shorter items per request.")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_tokens(
+    body: bytes, binary: bool, item_ndim: int, layout: str, max_items: int, limit: int
+) -> TokenRequest:
+    if binary:
         try:
-            payload = msgpack.unpackb(body, raw=False)
+            payload = msgpack.unpackb(
+                body,
+                raw=False,
+                max_bin_len=limit,
+                max_array_len=limit,
+                max_map_len=_MSGPACK_MAX_MAP_LEN,
+                max_str_len=_MSGPACK_MAX_STR_LEN,
+                max_ext_len=0,
+            )
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             reason = str(exc) or type(exc).__name__
             raise BadRequest(f"The body is not valid msgpack ({reason}).") from exc
@@ -213,6 +297,7 @@ async def read_token_request(request: Request, item_ndim: int, layout: str) -> T
     if depth == item_ndim:
         return TokenRequest(model, [tokens], True)
     if depth == item_ndim + 1 or (isinstance(tokens, list) and tokens and _is_binary(tokens[0])):
+        _check_count(len(tokens), max_items, "token items")
         return TokenRequest(model, list(tokens), False)
     raise Unprocessable(
         f"'tokens' must be {layout} for one item, or a list of those for several "
@@ -224,9 +309,26 @@ def _is_binary(item: Any) -> bool:
     return isinstance(item, dict)
 
 
-def token_array(item: Any, index: int | None, vocab_size: int) -> np.ndarray:
+async def token_items(
+    services: Services, body: TokenRequest, check: Callable[[Any, str], np.ndarray]
+) -> list[np.ndarray | ProblemError]:
+    """Each item of a decode request as ``check(item, where)`` makes it, or its own problem;
+    off the event loop (a million ids take a while to convert)."""
+
+    def convert() -> list[np.ndarray | ProblemError]:
+        arrays: list[np.ndarray | ProblemError] = []
+        for index, item in enumerate(body.items):
+            try:
+                arrays.append(check(item, "tokens" if body.single else f"tokens[{index}]"))
+            except ProblemError as exc:
+                arrays.append(exc)
+        return arrays
+
+    return await off_loop(services, convert)
+
+
+def token_array(item: Any, where: str, vocab_size: int) -> np.ndarray:
     """One item of a decode request as an int64 array; refuses non-integers and ids out of range."""
-    where = "tokens" if index is None else f"tokens[{index}]"
     if isinstance(item, dict):
         shape = item.get("shape")
         if not isinstance(shape, list) or not all(type(n) is int for n in shape):
@@ -270,9 +372,10 @@ def _holds_bool(rows: list[Any]) -> bool:
     return any(type(value) is bool for value in values)
 
 
-def check_token_budget(arrays: list[np.ndarray], services: Services) -> None:
-    total = sum(a.size for a in arrays)
-    limit = services.settings.max_decode_tokens
+def check_token_budget(arrays: list[np.ndarray | ProblemError], settings: Settings) -> None:
+    """Refuse a decode request whose readable items hold more than MAX_DECODE_TOKENS tokens."""
+    total = sum(a.size for a in arrays if isinstance(a, np.ndarray))
+    limit = settings.max_decode_tokens
     if total > limit:
         raise PayloadTooLarge(
             f"{total} tokens in one request; at most {limit} (TOKSERVE_MAX_DECODE_TOKENS)."
@@ -310,82 +413,6 @@ def response_format(request: Request) -> ResponseFormat:
 
     binary: ResponseFormat = max(("msgpack", "npy"), key=q_of)  # max keeps the first on a tie
     return binary if q_of(binary) > 0 and q_of(binary) >= q_of("json") else "json"
-
-
-def compact(tokens: np.ndarray) -> np.ndarray:
-    """One dtype for cached and computed tokens alike: uint16 when the ids fit."""
-    return tokens.astype("<u2") if tokens.size and int(tokens.max()) < 2**16 else tokens
-
-
-def tokens_response(request: Request, model: LoadedModel, items: list[dict[str, Any]]) -> Response:
-    """Answer encode results; each item dict holds ``tokens`` (an array) and its metadata."""
-    fmt = response_format(request)
-    headers = {"X-Model-Version": model.version}
-    if fmt == "npy":
-        shapes = {item["tokens"].shape for item in items}
-        if len(shapes) != 1:
-            raise Unprocessable(
-                "Accept: application/x-npy needs items of one shape; use msgpack or JSON."
-            )
-        buffer = io.BytesIO()
-        stacked = np.stack([compact(item["tokens"]) for item in items])
-        np.save(buffer, stacked[0] if len(items) == 1 else stacked)
-        return Response(buffer.getvalue(), media_type=NPY, headers=headers)
-    if fmt == "msgpack":
-        packed = []
-        for item in items:
-            tokens = compact(item["tokens"])
-            packed.append(
-                {
-                    **item,
-                    "tokens": tokens.tobytes(),
-                    "dtype": tokens.dtype.name,
-                    "shape": list(tokens.shape),
-                }
-            )
-        body = {"model": model.name, "version": model.version, "items": packed}
-        return Response(msgpack.packb(body), media_type=MSGPACK, headers=headers)
-    listed = [{**item, "tokens": item["tokens"].tolist()} for item in items]
-    body = {"model": model.name, "version": model.version, "items": listed}
-    return JSONResponse(body, headers=headers)
-
-
-def media_response(
-    request: Request,
-    model: LoadedModel,
-    blobs: list[bytes],
-    single: bool,
-    media_type: str,
-    metadata: list[dict[str, Any]],
-) -> Response:
-    """Answer decode results: the file itself for one item, else JSON (base64) or msgpack."""
-    headers = {"X-Model-Version": model.version}
-    if single:
-        return Response(blobs[0], media_type=media_type, headers=headers)
-    if response_format(request) == "msgpack":
-        items = [
-            {"data": blob, "media_type": media_type, **m}
-            for blob, m in zip(blobs, metadata, strict=True)
-        ]
-        body = {"model": model.name, "version": model.version, "items": items}
-        return Response(msgpack.packb(body), media_type=MSGPACK, headers=headers)
-    items = [
-        {"data": base64.b64encode(blob).decode(), "media_type": media_type, **m}
-        for blob, m in zip(blobs, metadata, strict=True)
-    ]
-    return JSONResponse(
-        {"model": model.name, "version": model.version, "items": items}, headers=headers
-    )
-
-
-async def run_job(
-    request: Request, services: Services, job: Job, items: list[Any], key_bytes: list[bytes]
-) -> list[ItemResult]:
-    """Run one request's items through the pipeline under its deadline, unless the client leaves."""
-    deadline = deadline_of(request, services)
-    return await cancel_on_disconnect(
-        request, services.pipeline.run(job, items, key_bytes, deadline)
-    )
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -12,20 +12,26 @@ from app.api.common import (
     ServicesDep,
     check_token_budget,
     key_bytes,
-    media_response,
     read_media_items,
     read_token_request,
     require_api_key,
-    run_job,
     token_array,
-    tokens_response,
+    token_items,
     use_model,
+)
+from app.api.items import (
+    file_fits,
+    media_response,
+    raw_bytes,
+    run_items,
+    token_fits,
+    tokens_response,
 )
 from app.api.schemas import DECODE_BODY, ENCODE_BODY, DecodedItems, ImageEncodeResponse
 from app.cache import canonical_params
 from app.errors import Unprocessable
 from app.media import decode_image, encode_image
-from app.pipeline import Job, unchanged
+from app.pipeline import ItemResult, Job, unchanged
 from app.runner import ImageRunner
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_api_key)])
@@ -69,9 +75,14 @@ async def encode_images(
         finish=unchanged,
         params=canonical_params(resize=resize),
     )
-    results = await run_job(request, services, job, blobs, blobs)
-    items = [{"tokens": r.array, "shape": list(r.array.shape), "cached": r.cached} for r in results]
-    return tokens_response(request, served, items)
+    fits = token_fits(served, (served.info.grid or (0, 0))[0])
+    results = await run_items(request, services, job, blobs, raw_bytes, lambda _: fits)
+    figures = [{"shape": _shape(r)} for r in results]
+    return tokens_response(request, served, results, figures, single=len(blobs) == 1)
+
+
+def _shape(result: ItemResult) -> list[int]:
+    return list(result.array.shape) if result.array is not None else []
 
 
 @router.post(
@@ -87,19 +98,22 @@ async def decode_images(
     fmt: Annotated[ImageFormat, Query(alias="format", description="Output format")] = "png",
 ) -> Response:
     """One grid answers the image itself; a list of grids answers JSON (or msgpack) items."""
-    body = await read_token_request(request, 2, "[[int]] (h rows of w ids)")
+    body = await read_token_request(request, services, 2, "[[int]] (h rows of w ids)")
     served = use_model(request, services.registry.get(body.model or model, "image"))
     info = served.info
-    arrays = []
-    for index, item in enumerate(body.items):
-        array = token_array(item, None if body.single else index, info.vocab_size)
-        if tuple(array.shape) != tuple(info.grid or ()):
+    grid = list(info.grid or ())
+
+    def grid_of(item: Any, where: str) -> np.ndarray:
+        array = token_array(item, where, info.vocab_size)
+        if list(array.shape) != grid:
             raise Unprocessable(
-                f"Token grid {list(array.shape)} does not match model {served.name}'s grid "
-                f"{list(info.grid or ())} (rows x columns)."
+                f"{where}: grid {list(array.shape)} does not match model {served.name}'s grid "
+                f"{grid} (rows x columns)."
             )
-        arrays.append(array)
-    check_token_budget(arrays, services)
+        return array
+
+    arrays = await token_items(services, body, grid_of)
+    check_token_budget(arrays, services.settings)
 
     def to_file(rgb: np.ndarray) -> np.ndarray:
         return np.frombuffer(encode_image(rgb, fmt), dtype=np.uint8)
@@ -114,14 +128,8 @@ async def decode_images(
         params=canonical_params(format=fmt),
         use_cache=services.settings.cache_decode,
     )
-    results = await run_job(request, services, job, arrays, [key_bytes(a) for a in arrays])
+    fits = file_fits(MEDIA_TYPES[fmt])
+    results = await run_items(request, services, job, arrays, key_bytes, lambda _: fits)
     height, width = info.image_size or (0, 0)
-    metadata = [{"width": width, "height": height, "cached": r.cached} for r in results]
-    return media_response(
-        request,
-        served,
-        [r.array.tobytes() for r in results],
-        body.single,
-        MEDIA_TYPES[fmt],
-        metadata,
-    )
+    figures = [{"width": width, "height": height}] * len(results)
+    return media_response(request, served, results, body.single, MEDIA_TYPES[fmt], figures)

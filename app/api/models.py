@@ -13,9 +13,25 @@ from app.errors import NotFound
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-@router.get("", response_model=ModelsResponse, summary="Loaded models")
+LIMITS = (
+    "max_items",
+    "max_body_bytes",
+    "max_image_pixels",
+    "max_audio_seconds",
+    "max_request_audio_seconds",
+    "min_audio_sample_rate",
+    "max_decode_tokens",
+)
+
+
+@router.get("", response_model=ModelsResponse, summary="Loaded models and request limits")
 async def list_models(services: ServicesDep) -> dict[str, Any]:
-    return {"models": [m.describe() for m in services.registry.models.values()]}
+    """Each loaded model, and the limits a client splits its work by."""
+    settings = services.settings
+    return {
+        "models": [m.describe() for m in services.registry.models.values()],
+        "limits": {name: getattr(settings, name) for name in LIMITS},
+    }
 
 
 @router.get("/{name}", summary="One model")

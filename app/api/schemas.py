@@ -7,6 +7,18 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 
+class Problem(BaseModel):
+    status: int
+    title: str
+    detail: str = Field(description="What was wrong with this item and what is accepted")
+
+
+class ItemFailure(BaseModel):
+    """A failed item's slot in a multi-item answer (status 207, or the request's own)."""
+
+    error: Problem
+
+
 class ImageTokens(BaseModel):
     tokens: list[list[int]] = Field(description="Token ids, h rows of w")
     shape: list[int] = Field(description="[h, w]")
@@ -16,7 +28,7 @@ class ImageTokens(BaseModel):
 class ImageEncodeResponse(BaseModel):
     model: str
     version: str = Field(description="Hash of the model's config and weights")
-    items: list[ImageTokens]
+    items: list[ImageTokens | ItemFailure]
 
 
 class AudioTokens(BaseModel):
@@ -33,7 +45,7 @@ class AudioTokens(BaseModel):
 class AudioEncodeResponse(BaseModel):
     model: str
     version: str
-    items: list[AudioTokens]
+    items: list[AudioTokens | ItemFailure]
 
 
 class DecodedItem(BaseModel):
@@ -45,11 +57,12 @@ class DecodedItem(BaseModel):
 class DecodedItems(BaseModel):
     model: str
     version: str
-    items: list[DecodedItem]
+    items: list[DecodedItem | ItemFailure]
 
 
 class ModelsResponse(BaseModel):
     models: list[dict[str, Any]]
+    limits: dict[str, float] = Field(description="Request limits, named as in the settings")
 
 
 def ENCODE_BODY(what: str) -> dict[str, Any]:
