@@ -1,14 +1,18 @@
 """A small Python client for tokserve: media in, numpy token arrays out, and back.
 
     with Client("http://127.0.0.1:8000") as tok:
-        grids = tok.encode_images([open("photo.jpg", "rb").read()])  # [h, w] uint16 arrays
+        grids = tok.encode_images([open("photo.jpg", "rb").read()])  # [Encoded]
+        grids[0].tokens                                                # [h, w] uint16
         png = tok.decode_image(grids[0])                               # PNG bytes
 
-Tokens travel as msgpack binary arrays, never as JSON lists.
+Tokens travel as msgpack binary arrays, never as JSON lists. Lists longer than the server's
+TOKSERVE_MAX_ITEMS go as several requests. When an item fails, the call raises ItemsFailed,
+which still holds every other item's result.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -27,6 +31,44 @@ class TokserveError(RuntimeError):
         self.detail = detail
 
 
+# statuses a single item's request answers for that item alone (its media or tokens are bad)
+_ITEM_STATUSES = (400, 413, 415, 422)
+# bytes of a multipart request besides its files
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One item's tokens, the model version that made them and its figures (shape, frames,
+    frame_rate, duration_s, ... as the server answers them)."""
+
+    tokens: np.ndarray
+    model: str
+    version: str
+    cached: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """One item's problem: the status and detail the server gave it."""
+
+    index: int
+    status: int
+    detail: str
+
+
+class ItemsFailed(TokserveError):
+    """Some items failed; ``results`` holds, in order, each item's Encoded or ItemError."""
+
+    def __init__(self, results: list[Encoded | ItemError]) -> None:
+        self.results = results
+        self.errors = [r for r in results if isinstance(r, ItemError)]
+        listed = "; ".join(f"item {e.index}: {e.status} {e.detail}" for e in self.errors)
+        failed = f"{len(self.errors)} of {len(results)} items failed: {listed}"
+        super().__init__(self.errors[0].status, failed)
+
+
 class Client:
     """Synchronous client over one keep-alive connection pool."""
 
@@ -41,6 +83,7 @@ class Client:
         self.http = httpx.Client(
             base_url=base_url, headers=headers, timeout=timeout_s, transport=transport
         )
+        self._limits: dict[str, Any] | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -56,41 +99,87 @@ class Client:
         models: list[dict[str, Any]] = self._check(self.http.get("/v1/models")).json()["models"]
         return models
 
+    def limits(self) -> dict[str, Any]:
+        """The server's request limits (max_items, max_body_bytes, ...), asked once."""
+        if self._limits is None:
+            self._limits = dict(self._check(self.http.get("/v1/models")).json()["limits"])
+        return self._limits
+
     def encode_images(
         self, images: list[bytes], model: str | None = None, resize: str = "crop"
-    ) -> list[np.ndarray]:
-        """Image files -> token grids [h, w]."""
-        return self._encode("/v1/images/encode", "images", images, model=model, resize=resize)
+    ) -> list[Encoded]:
+        """Image files -> one Encoded per image, tokens [h, w]."""
+        return self._encode("/v1/images/encode", images, model=model, resize=resize)
 
     def encode_audio(
         self, clips: list[bytes], model: str | None = None, codebooks: int | None = None
-    ) -> list[np.ndarray]:
-        """Audio files -> tokens [K, F] (or the first ``codebooks`` rows)."""
-        return self._encode("/v1/audio/encode", "audio", clips, model=model, codebooks=codebooks)
+    ) -> list[Encoded]:
+        """Audio files -> one Encoded per clip, tokens [K, F] (or the first ``codebooks``)."""
+        return self._encode("/v1/audio/encode", clips, model=model, codebooks=codebooks)
 
-    def decode_image(self, tokens: np.ndarray, model: str | None = None, fmt: str = "png") -> bytes:
-        """A token grid [h, w] -> the image file."""
+    def decode_image(
+        self, tokens: Encoded | np.ndarray, model: str | None = None, fmt: str = "png"
+    ) -> bytes:
+        """A token grid [h, w] -> the image file (by the model that encoded it, if Encoded)."""
         return self._decode("/v1/images/decode", tokens, model, fmt)
 
-    def decode_audio(self, tokens: np.ndarray, model: str | None = None, fmt: str = "wav") -> bytes:
-        """Tokens [k, F] -> the audio file."""
+    def decode_audio(
+        self, tokens: Encoded | np.ndarray, model: str | None = None, fmt: str = "wav"
+    ) -> bytes:
+        """Tokens [k, F] -> the audio file (by the model that encoded them, if Encoded)."""
         return self._decode("/v1/audio/decode", tokens, model, fmt)
 
-    def _encode(self, path: str, field: str, blobs: list[bytes], **params: Any) -> list[np.ndarray]:
-        files = [("files", (f"{field}-{i}", blob)) for i, blob in enumerate(blobs)]
+    def _encode(self, path: str, blobs: list[bytes], **params: Any) -> list[Encoded]:
+        """Every blob through as few requests as the limits allow; raises ItemsFailed if any
+        item failed, after every request was answered."""
+        results: list[Encoded | ItemError] = []
+        for chunk in self._chunks(blobs):
+            results += self._encode_chunk(path, chunk, len(results), params)
+        if any(isinstance(r, ItemError) for r in results):
+            raise ItemsFailed(results)
+        return [r for r in results if isinstance(r, Encoded)]
+
+    def _chunks(self, blobs: list[bytes]) -> list[list[bytes]]:
+        """Consecutive runs of at most max_items blobs whose bytes fit one request body."""
+        limits = self.limits()
+        max_items, max_bytes = limits["max_items"], limits["max_body_bytes"] - _MULTIPART_OVERHEAD
+        chunks: list[list[bytes]] = []
+        size = 0
+        for blob in blobs:
+            if not chunks or len(chunks[-1]) == max_items or size + len(blob) > max_bytes:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(blob)
+            size += len(blob)
+        return chunks
+
+    def _encode_chunk(
+        self, path: str, blobs: list[bytes], first: int, params: dict[str, Any]
+    ) -> list[Encoded | ItemError]:
+        files = [("files", (f"item-{first + i}", blob)) for i, blob in enumerate(blobs)]
         query = {k: v for k, v in params.items() if v is not None}
-        response = self._check(
-            self.http.post(path, files=files, params=query, headers={"Accept": MSGPACK})
-        )
-        items = msgpack.unpackb(response.content)["items"]
+        response = self.http.post(path, files=files, params=query, headers={"Accept": MSGPACK})
+        if not response.is_success:
+            problem = _problem(response)
+            if "items" in problem:  # every item failed, each with its own problem
+                return [
+                    ItemError(first + i, int(p["status"]), str(p["detail"]))
+                    for i, p in enumerate(problem["items"])
+                ]
+            if len(blobs) == 1 and response.status_code in _ITEM_STATUSES:
+                return [ItemError(first, response.status_code, str(problem.get("detail")))]
+            self._check(response)
+        body = msgpack.unpackb(response.content)
         return [
-            np.frombuffer(item["tokens"], dtype=np.dtype(item["dtype"]).newbyteorder("<")).reshape(
-                item["shape"]
-            )
-            for item in items
+            _encoded(item, body["model"], body["version"], first + i)
+            for i, item in enumerate(body["items"])
         ]
 
-    def _decode(self, path: str, tokens: np.ndarray, model: str | None, fmt: str) -> bytes:
+    def _decode(
+        self, path: str, tokens: Encoded | np.ndarray, model: str | None, fmt: str
+    ) -> bytes:
+        if isinstance(tokens, Encoded):
+            model, tokens = model or tokens.model, tokens.tokens
         array = np.ascontiguousarray(tokens, dtype="<i4")
         body = {
             "model": model,
@@ -108,8 +197,23 @@ class Client:
     def _check(response: httpx.Response) -> httpx.Response:
         if response.is_success:
             return response
-        try:
-            detail = str(response.json().get("detail", response.text))
-        except ValueError:
-            detail = response.text
-        raise TokserveError(response.status_code, detail)
+        raise TokserveError(response.status_code, str(_problem(response).get("detail")))
+
+
+def _problem(response: httpx.Response) -> dict[str, Any]:
+    """The problem document of an error response, or its text as the detail."""
+    try:
+        problem = response.json()
+    except ValueError:
+        return {"detail": response.text}
+    return problem if isinstance(problem, dict) else {"detail": response.text}
+
+
+def _encoded(item: dict[str, Any], model: str, version: str, index: int) -> Encoded | ItemError:
+    """One msgpack item of an encode answer: its tokens and figures, or its problem."""
+    if "error" in item:
+        return ItemError(index, int(item["error"]["status"]), str(item["error"]["detail"]))
+    figures = {k: v for k, v in item.items() if k not in ("tokens", "dtype", "cached")}
+    dtype = np.dtype(item["dtype"]).newbyteorder("<")
+    tokens = np.frombuffer(item["tokens"], dtype=dtype).reshape(item["shape"])
+    return Encoded(tokens, model, version, bool(item["cached"]), figures)

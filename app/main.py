@@ -14,9 +14,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from app.api import audio, health, images, models
+from app.api.common import require_api_key
 from app.batching import Batcher
 from app.cache import create_cache
 from app.config import Settings
@@ -102,8 +105,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if preloaded is not None
         else await asyncio.to_thread(ModelRegistry.load, settings)
     )
+    media_threads = max(2, usable_cpus())
     media_pool = ThreadPoolExecutor(
-        max_workers=max(2, usable_cpus()),
+        max_workers=media_threads,
         thread_name_prefix="media",
         initializer=lower_priority,
         initargs=(settings.request_nice,),
@@ -113,7 +117,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings,
         registry=registry,
         cache=cache,
-        pipeline=Pipeline(cache, media_pool),
+        # one request may take half the media threads: the rest stay free for the others
+        pipeline=Pipeline(cache, media_pool, media_share=media_threads // 2),
         media_pool=media_pool,
     )
     build_runners(services)
@@ -138,6 +143,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("stopped")
 
 
+def install_keyed_docs(app: FastAPI) -> None:
+    """/openapi.json and /docs behind the API key (a browser needs a proxy adding the header)."""
+    keyed = [Depends(require_api_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=keyed)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tokserve - API")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
@@ -149,14 +167,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "torch": torch.__version__,
         }
     )
+    docs_need_key = bool(settings.api_keys) and not settings.public_docs
     app = FastAPI(
         title="tokserve",
         version=package_version(),
         summary="Images and audio to discrete tokens and back.",
         lifespan=lifespan,
+        # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
+        openapi_url=None if docs_need_key else "/openapi.json",
+        docs_url=None if docs_need_key else "/docs",
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
+    if docs_need_key:
+        install_keyed_docs(app)
     for router in (images.router, audio.router, models.router, health.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from app.api.common import ServicesDep
+from app.api.common import ServicesDep, require_api_key
 from app.errors import Overloaded
 
 router = APIRouter(tags=["operations"])
@@ -27,5 +27,8 @@ async def readyz(services: ServicesDep) -> dict[str, Any]:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics() -> Response:
+async def metrics(request: Request, services: ServicesDep) -> Response:
+    """With API keys set, a scraper sends one too unless TOKSERVE_PUBLIC_METRICS opens this."""
+    if not services.settings.public_metrics:
+        await require_api_key(request, services)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
