@@ -10,6 +10,7 @@ no bundled schema, is checked field by field. The Dockerfiles are linted with ha
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import json
@@ -20,6 +21,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -59,8 +61,18 @@ KUSTOMIZE_API = {
 CLUSTER_SCOPED_KINDS = {"Namespace"}
 # Lists that a strategic merge patch merges item by item, with Kubernetes' patchMergeKey.
 MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
-# Lists without a patch strategy: a strategic merge patch replaces them whole.
-ATOMIC_LISTS = {"tolerations", "metrics", "command", "args"}
+# Lists without a patch strategy (and a CRD's lists: kustomize has no schema for them, so
+# ServiceMonitor's endpoints): a strategic merge patch replaces them whole.
+ATOMIC_LISTS = {
+    "tolerations",
+    "metrics",
+    "command",
+    "args",
+    "envFrom",
+    "ingress",
+    "egress",
+    "endpoints",
+}
 
 
 def kustomize_build(root: Path, kustomization: dict[str, Any] | None = None) -> list[dict]:
@@ -134,13 +146,20 @@ def _strategic_merge(target: dict, patch: dict) -> None:
         elif isinstance(value, dict) and isinstance(target.get(key), dict):
             _strategic_merge(target[key], value)
         elif isinstance(value, list) and key in MERGE_KEYS and key in target:
+            # As kustomize orders them: the patch's items first, in its order (merged into the
+            # target's item of the same key, if any), then the target's other items. So a
+            # patched env entry moves before the entries it could have used in $(VAR).
             merge_key = MERGE_KEYS[key]
-            by_key = {item[merge_key]: item for item in target[key]}
+            unpatched = {item[merge_key]: item for item in target[key]}
+            merged = []
             for item in value:
-                if item[merge_key] in by_key:
-                    _strategic_merge(by_key[item[merge_key]], item)
+                existing = unpatched.pop(item[merge_key], None)
+                if existing is None:
+                    merged.append(copy.deepcopy(item))
                 else:
-                    target[key].append(copy.deepcopy(item))
+                    _strategic_merge(existing, item)
+                    merged.append(existing)
+            target[key] = merged + list(unpatched.values())
         elif isinstance(value, list) and key not in ATOMIC_LISTS | set(MERGE_KEYS):
             raise NotImplementedError(f"the renderer does not know how SMP merges list {key!r}")
         else:
@@ -168,17 +187,19 @@ def split_image(image: str) -> tuple[str, str | None]:
     return name, tag
 
 
+def with_components(overlay: str, *components: str) -> list[dict]:
+    """The overlay rendered with ``components`` added, as docker/README.md tells users to."""
+    root = K8S / "overlays" / overlay
+    kustomization = _load_kustomization(root, "Kustomization")
+    added = [f"../../components/{name}" for name in components]
+    return kustomize_build(root, {**kustomization, "components": added})
+
+
 RENDERINGS = {
     "cpu": lambda: kustomize_build(K8S / "overlays/cpu"),
     "gpu": lambda: kustomize_build(K8S / "overlays/gpu"),
-    # What docker/README.md tells users to write to scale on the queue depth.
-    "cpu+hpa-queue-depth": lambda: kustomize_build(
-        K8S / "overlays/cpu",
-        {
-            **_load_kustomization(K8S / "overlays/cpu", "Kustomization"),
-            "components": ["../../components/hpa-queue-depth"],
-        },
-    ),
+    "cpu+hpa-queue-depth": lambda: with_components("cpu", "hpa-queue-depth"),
+    "gpu+api-keys": lambda: with_components("gpu", "api-keys"),
 }
 
 
@@ -222,6 +243,76 @@ def seconds(duration: str) -> float:
     return float(number) * {"ms": 0.001, "s": 1, "m": 60}[unit]
 
 
+def secret_data(resources: list[dict], name: str) -> dict[str, str] | None:
+    """A Secret's keys and values as the API server stores them (stringData over data)."""
+    found = [r for r in resources if r["kind"] == "Secret" and r["metadata"]["name"] == name]
+    if not found:
+        return None
+    [secret] = found
+    data = {key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()}
+    return {**data, **secret.get("stringData", {})}
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion: $(NAME) of a variable defined so far becomes its value,
+    $$ becomes $, and anything else (an undefined name) stays as written."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m[0] == "$$" else variables.get(m[1], m[0]),
+        text,
+    )
+
+
+def container_environment(
+    container: dict, resources: list[dict], secrets: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """The environment the kubelet starts ``container`` with: envFrom first, then each env
+    entry in order, $(VAR) expanded from what is defined before it. ``secrets`` are the
+    Secrets that exist besides the rendered ones (created out of band), by name."""
+
+    def source(kind: str, name: str, optional: bool) -> dict[str, str] | None:
+        if kind == "Secret":
+            data = secrets.get(name) or secret_data(resources, name)
+        else:
+            data = find(resources, kind, name)["data"]
+        assert data is not None or optional, f"{kind} {name} is missing: the pod would not start"
+        return data
+
+    environment: dict[str, str] = {}
+    for entry in container.get("envFrom", []):
+        [(ref, selector)] = [(k, v) for k, v in entry.items() if k.endswith("Ref")]
+        kind = {"configMapRef": "ConfigMap", "secretRef": "Secret"}[ref]
+        environment.update(source(kind, selector["name"], selector.get("optional", False)) or {})
+    for entry in container.get("env", []):
+        if "value" in entry:
+            environment[entry["name"]] = expand(entry["value"], environment)
+            continue
+        [(ref, selector)] = entry["valueFrom"].items()
+        if ref in ("resourceFieldRef", "fieldRef"):
+            environment[entry["name"]] = f"<{ref}>"
+            continue
+        kind = {"configMapKeyRef": "ConfigMap", "secretKeyRef": "Secret"}[ref]
+        data = source(kind, selector["name"], selector.get("optional", False))
+        if data is not None:
+            assert selector["key"] in data or selector.get("optional", False), selector
+            if selector["key"] in data:
+                environment[entry["name"]] = data[selector["key"]]
+    return environment
+
+
+# The Secrets as docker/README.md has users make them: the Redis password replacing the
+# placeholder (in an overlay), and the API keys with Prometheus's among them (kubectl create).
+REDIS_PASSWORD = "0123456789abcdef0123456789abcdef"
+SCRAPE_KEY = "fedcba9876543210fedcba9876543210"
+SECRETS = {
+    "tokserve-redis-auth": {"REDIS_PASSWORD": REDIS_PASSWORD},
+    "tokserve-api-keys": {
+        "TOKSERVE_API_KEYS": f"client-key-1,{SCRAPE_KEY}",
+        "metrics-scrape-key": SCRAPE_KEY,
+    },
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Kubernetes
 
@@ -236,8 +327,20 @@ def check_servicemonitor(monitor: dict) -> None:
     assert spec["selector"]["matchLabels"]
     assert spec["endpoints"]
     for endpoint in spec["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        assert set(endpoint) <= {
+            "port",
+            "path",
+            "interval",
+            "scrapeTimeout",
+            "scheme",
+            "authorization",
+        }
         assert isinstance(endpoint["port"], str), "a ServiceMonitor names the Service's port"
+        if "authorization" in endpoint:
+            authorization = endpoint["authorization"]
+            assert set(authorization) == {"type", "credentials"}
+            assert authorization["type"] == "Bearer"
+            assert set(authorization["credentials"]) == {"name", "key"}
         assert endpoint["path"].startswith("/")
         for key in ("interval", "scrapeTimeout"):
             assert re.fullmatch(r"\d+(ms|s|m)", endpoint[key])
@@ -360,8 +463,9 @@ def test_services_selectors_and_ports_connect(manifests):
     redis_service = find(manifests, "Service", "tokserve-redis")
     assert labels_match(redis_service["spec"]["selector"], redis_labels)
     [redis_port] = redis_service["spec"]["ports"]
-    redis_url = find(manifests, "ConfigMap", "tokserve")["data"]["TOKSERVE_REDIS_URL"]
-    assert redis_url == f"redis://tokserve-redis:{redis_port['port']}/0"
+    redis_url = urlsplit(container_environment(container, manifests, SECRETS)["TOKSERVE_REDIS_URL"])
+    assert redis_url.hostname == redis_service["metadata"]["name"]
+    assert redis_url.port == redis_port["port"]
 
     policy = find(manifests, "NetworkPolicy", "tokserve")
     assert labels_match(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
@@ -388,6 +492,116 @@ def test_redis_is_a_bounded_lru_cache(manifests):
     maxmemory = size_bytes(args[args.index("--maxmemory") + 1].removesuffix("b"))
     assert maxmemory < size_bytes(redis["resources"]["limits"]["memory"])
     assert args[args.index("--save") + 1] == ""
+
+
+def ingress_peers(policy: dict) -> dict[str, dict[str, str]]:
+    """Pod labels admitted to port 8000, by namespace name; every peer names both."""
+    [rule] = policy["spec"]["ingress"]
+    assert rule.get("from"), "an ingress rule without `from` admits every pod of every namespace"
+    peers = {}
+    for peer in rule["from"]:
+        # Both selectors in one peer select those pods of that namespace; either alone, all pods
+        # of the namespace or the same labels in this namespace.
+        assert set(peer) == {"namespaceSelector", "podSelector"}, peer
+        assert set(peer["namespaceSelector"]) == {"matchLabels"}, peer
+        [namespace] = peer["namespaceSelector"]["matchLabels"].values()
+        assert peer["podSelector"]["matchLabels"], peer
+        peers[namespace] = peer["podSelector"]["matchLabels"]
+    return peers
+
+
+def test_network_policy_admits_the_api_port_only_from_ingress_nginx_and_prometheus(manifests):
+    policy = find(manifests, "NetworkPolicy", "tokserve")
+    namespaces = [
+        peer["namespaceSelector"]["matchLabels"]
+        for rule in policy["spec"]["ingress"]
+        for peer in rule["from"]
+    ]
+    # The label Kubernetes sets on every namespace: nobody has to label theirs.
+    assert all(set(labels) == {"kubernetes.io/metadata.name"} for labels in namespaces)
+    assert ingress_peers(policy) == {
+        "ingress-nginx": {"app.kubernetes.io/name": "ingress-nginx"},
+        "monitoring": {"app.kubernetes.io/name": "prometheus"},
+    }
+    # The controller of the Ingress's class, and the Prometheus prometheus-adapter queries.
+    assert find(manifests, "Ingress", "tokserve")["spec"]["ingressClassName"] == "nginx"
+    adapter = yaml.safe_load(
+        (K8S / "components/hpa-queue-depth/prometheus-adapter-values.yaml").read_text()
+    )
+    assert urlsplit(adapter["prometheus"]["url"]).hostname.split(".")[1] == "monitoring"
+
+
+def readme_yaml_block(containing: str) -> str:
+    """The first yaml block of docker/README.md that contains ``containing``."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (DOCKER / "README.md").read_text(), re.DOTALL)
+    [first, *_] = [block for block in blocks if containing in block]
+    return first
+
+
+def render_cpu_with_patch(tmp_path: Path, patch: str) -> list[dict]:
+    """The cpu overlay with one more patch file, as an overlay of a user's would add it."""
+    path = tmp_path / "patch.yaml"
+    path.write_text(patch)
+    root = K8S / "overlays/cpu"
+    kustomization = _load_kustomization(root, "Kustomization")
+    patches = [*kustomization.get("patches", []), {"path": str(path)}]
+    return kustomize_build(root, {**kustomization, "patches": patches})
+
+
+def test_readme_patch_replaces_the_network_policy_peers_whole(tmp_path):
+    patch = readme_yaml_block("kind: NetworkPolicy")
+    resources = render_cpu_with_patch(tmp_path, patch)
+    policy = find(resources, "NetworkPolicy", "tokserve")
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+    expected = ingress_peers(yaml.safe_load(patch))
+    assert ingress_peers(policy) == expected
+    assert "ingress-nginx" not in expected, "the example shows other peers than the defaults"
+    base = find(_rendered("cpu"), "NetworkPolicy", "tokserve")
+    assert policy["spec"]["egress"] == base["spec"]["egress"], "only the peers change"
+
+
+def test_redis_url_carries_the_secret_password_even_when_an_overlay_patches_the_url(tmp_path):
+    # The external Redis of deployment.yaml's comment. kustomize moves a patched env entry to the
+    # front, so a password defined by an env entry would come after it and not be expanded.
+    resources = render_cpu_with_patch(tmp_path, readme_yaml_block("TOKSERVE_REDIS_URL"))
+    environment = container_environment(tokserve_container(resources), resources, SECRETS)
+    url = urlsplit(environment["TOKSERVE_REDIS_URL"])
+    assert url.scheme == "rediss"
+    assert url.password == REDIS_PASSWORD
+    assert url.hostname != "tokserve-redis"
+
+
+def test_redis_password_is_a_placeholder_that_redis_refuses(manifests):
+    # tests/test_redis_auth.py starts Redis with it and sees the refusal.
+    secret = secret_data(manifests, "tokserve-redis-auth")
+    assert secret is not None
+    assert secret["REDIS_PASSWORD"].startswith("REPLACE-ME")
+    [redis] = pod_spec(find(manifests, "Deployment", "tokserve-redis"))["containers"]
+    assert (
+        container_environment(redis, manifests, {})["REDIS_PASSWORD"] == (secret["REDIS_PASSWORD"])
+    )
+
+
+def test_prometheus_scrapes_with_a_key_wherever_the_pods_require_keys(manifests):
+    container = tokserve_container(manifests)
+    [keys] = [entry for entry in container["env"] if entry["name"] == "TOKSERVE_API_KEYS"]
+    selector = keys["valueFrom"]["secretKeyRef"]
+    monitor = find(manifests, "ServiceMonitor", "tokserve")
+    authorizations = [endpoint.get("authorization") for endpoint in monitor["spec"]["endpoints"]]
+    if selector.get("optional", False):
+        # The operator rejects a monitor whose credential's Secret is missing, optional or not:
+        # while the keys are optional, so is the monitor's key (k8s/components/api-keys).
+        assert authorizations == [None]
+        return
+    credentials = {"name": selector["name"], "key": "metrics-scrape-key"}
+    assert authorizations == [{"type": "Bearer", "credentials": credentials}]
+    # The key Prometheus sends is one the pods accept, with the Secret made as documented.
+    environment = container_environment(container, manifests, SECRETS)
+    scrape_key = SECRETS[credentials["name"]][credentials["key"]]
+    assert scrape_key in Settings(api_keys=environment["TOKSERVE_API_KEYS"]).api_keys
+    with pytest.raises(AssertionError, match="would not start"):
+        container_environment(container, manifests, {})
 
 
 def test_gpu_overlay_asks_for_one_gpu_on_gpu_nodes_with_the_cuda_image():
@@ -455,7 +669,7 @@ def test_renderer_merges_containers_by_name_and_refuses_unknown_lists():
             {
                 "name": "a",
                 "image": "x",
-                "env": [{"name": "K", "value": "1"}, {"name": "L", "value": "2"}],
+                "env": [{"name": "L", "value": "2"}, {"name": "K", "value": "1"}],
             }
         ]
     }
@@ -735,11 +949,11 @@ def test_compose_runs_two_replicas_behind_nginx_with_a_bounded_lru_redis():
     assert tokserve["image"] == f"tokserve:{PYPROJECT['project']['version']}-cpu"
     assert tokserve["read_only"] is True
     assert any(mount.split(":")[0] == "/tmp" for mount in tokserve["tmpfs"])
-    assert tokserve["environment"]["TOKSERVE_REDIS_URL"] == "redis://redis:6379/0"
     assert "ports" not in tokserve, "replicas are reached through nginx only"
     assert "tokserve" in services["nginx"]["depends_on"]
+    # redis-server's flags, after the entrypoint that adds the password (tests/test_redis_auth.py)
     command = services["redis"]["command"]
-    assert command[0] == "redis-server"
+    assert services["redis"]["entrypoint"][-1] == "redis-server"
     assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
     maxmemory = size_bytes(command[command.index("--maxmemory") + 1].removesuffix("b"))
     assert maxmemory < size_bytes(services["redis"]["deploy"]["resources"]["limits"]["memory"])
@@ -775,9 +989,51 @@ def test_nginx_balances_every_replica_and_retries_a_draining_one():
     )
 
 
-def test_prometheus_scrapes_every_replica():
+def prometheus_job() -> dict:
     config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     [job] = [job for job in config["scrape_configs"] if job["job_name"] == "tokserve"]
+    return job
+
+
+def test_prometheus_sends_a_key_exactly_when_compose_sets_api_keys():
+    # compose sets none (docker/README.md says why and how to add them); once it does, the
+    # scrape needs one of them or every replica's /metrics answers 401.
+    tokserve = compose()["services"]["tokserve"]
+    sets_keys = "TOKSERVE_API_KEYS" in json.dumps(tokserve)
+    job = prometheus_job()
+    assert sets_keys == ("authorization" in job)
+    if sets_keys:
+        credentials = job["authorization"]["credentials_file"]
+        assert credentials.startswith("/run/secrets/")
+        prometheus = compose()["services"]["prometheus"]
+        assert credentials.removeprefix("/run/secrets/") in prometheus.get("secrets", [])
+
+
+def test_compose_secrets_are_files_git_never_commits():
+    secrets = compose()["secrets"]
+    assert "redis_password" in secrets
+    for name, secret in secrets.items():
+        path = DOCKER / secret["file"]
+        assert path.parent.is_dir(), f"{name}: docker/README.md tells users to create {path}"
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--quiet", "--no-index", str(path)], cwd=ROOT, timeout=30
+        )
+        assert ignored.returncode == 0, f"{path.relative_to(ROOT)} could be committed"
+
+
+def test_password_files_the_readme_has_users_write_are_git_ignored():
+    readme = (DOCKER / "README.md").read_text()
+    written = re.findall(r"> ((?:docker|k8s)/\S*(?:secrets|password)\S*)", readme)
+    assert {"docker/secrets/redis_password", "k8s/overlays/cpu/redis-password.env"} <= set(written)
+    for path in written:
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--quiet", "--no-index", path], cwd=ROOT, timeout=30
+        )
+        assert ignored.returncode == 0, f"{path} could be committed"
+
+
+def test_prometheus_scrapes_every_replica():
+    job = prometheus_job()
     assert job["metrics_path"] == "/metrics"
     [discovery] = job["dns_sd_configs"]
     assert discovery["names"] == ["tokserve"] and discovery["type"] == "A"
