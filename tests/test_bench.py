@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 from app.media import decode_audio, decode_image
@@ -19,6 +22,19 @@ from bench.media import image_file, unique_copy, wav_file
 from bench.report import op_summary
 from bench.run import main
 from bench.scenarios import Sweep
+from bench.soak import (
+    HOSTILE,
+    WELL_FORMED,
+    big_png,
+    binary_tokens_body,
+    list_tokens_body,
+    many_items_body,
+    multipart,
+    one_hertz_wav,
+    truncated,
+    weighted_cycle,
+)
+from bench.soak import main as soak_main
 from bench.workloads import OPS
 from tests.support import png_bytes, wav_bytes
 
@@ -167,3 +183,68 @@ def test_latency_times_each_model_as_served_and_in_float32_in_every_round(
         assert entry["met"] == (entry["median_ms"] < entry["target_ms"]), key
     assert entries["tiny-image float32"]["dtype"] == "float32"
     assert entries["tiny-audio served"]["item"] == "10 s of audio"
+
+
+def test_soak_sends_every_kind_and_reports_statuses_latency_memory_and_descriptors(
+    repo: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the hostile bodies are full size; the tiny server's limits refuse them cheaply
+    limits = ["TOKSERVE_MAX_IMAGE_PIXELS=1000000", "TOKSERVE_MAX_BODY_BYTES=8388608"]
+    out = tmp_path / "soak.json"
+    argv = ["--model-dir", str(repo), "--data-dir", str(data_dir), "--device", "cpu"]
+    argv += ["--images", "4", "--clips", "2", "--unloaded-per-kind", "2", "--idle-s", "0.2"]
+    # a light load (a third of saturation) for 2 s: about two rounds of the 31-request mix
+    argv += ["--saturation-s", "0.5", "--overload", "0.3", "--duration-s", "2", "--windows", "2"]
+    assert soak_main([*argv, "--env", *limits, "--out", str(out)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == results
+
+    kinds = results["requests"]["by_kind"]
+    assert list(kinds) == [*WELL_FORMED, *HOSTILE]
+    assert all(entry["sent"] >= 1 for entry in kinds.values()), kinds
+    assert results["requests"]["total"] == sum(entry["sent"] for entry in kinds.values())
+    assert kinds["disconnect_mid_upload"]["statuses"] == {
+        "client_closed": kinds["disconnect_mid_upload"]["sent"]
+    }
+    assert results["5xx"] == sum(sum(s.values()) for s in results["5xx_by_kind"].values())
+    assert results["saturation"]["throughput_rps"] > 0
+    assert results["settings"]["rate_rps"] == pytest.approx(
+        0.3 * results["saturation"]["throughput_rps"], abs=0.01
+    )
+    unloaded = results["latency_well_formed"]["unloaded"]
+    assert unloaded["answered_2xx"] == 8 and 0 < unloaded["p50_ms"] <= unloaded["p99_ms"]
+    assert results["latency_well_formed"]["soak"]["requests"] >= 4
+    assert results["healthz"]["probes"] > 0 and results["healthz"]["p99_ms"] > 0
+    memory = results["memory"]
+    assert 0 < memory["rss_after_warmup_mb"] <= memory["rss_high_water_mb"]
+    assert memory["rss_end_mb"] > 0 and memory["end_over_after_warmup"] > 0
+    assert results["fds"]["start"] > 0 and results["threads"]["start"] > 0
+    assert results["fds"]["end"] > 0 and results["threads"]["end"] > 0
+    assert results["server_alive"] is True and len(results["timeline"]) == 2
+    assert set(results["goals"]) == {
+        "5xx",
+        "healthz_p99_ms",
+        "rss_end_vs_after_warmup",
+        "fds_equal",
+        "threads_equal",
+    }
+    assert results["machine"]["cpu_count"] >= 1
+
+
+def test_soak_hostile_bodies_are_what_they_claim() -> None:
+    wav = one_hertz_wav()
+    info = sf.info(io.BytesIO(wav))
+    assert len(wav) == 644 and (info.samplerate, info.frames) == (1, 600)
+    assert len(msgpack.unpackb(many_items_body())["tokens"]) == 100_000
+    assert msgpack.unpackb(list_tokens_body(1000)) == {"tokens": [[0] * 1000]}
+    item = msgpack.unpackb(binary_tokens_body(4096))["tokens"]
+    assert item["shape"] == [1, 1024] and len(item["data"]) == 4096
+    png = big_png((400, 250))
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (400, 250)
+    half = truncated(png, 1)
+    assert half.startswith(png[:33]) and len(half) < len(png)
+    body, content_type = multipart([(png, "image/png"), (b"x", "image/png")], "b0")
+    assert content_type == "multipart/form-data; boundary=b0" and body.count(b"--b0") == 3
+    cycle = weighted_cycle({"a": 5, "b": 1})
+    assert sorted(next(cycle) for _ in range(6)) == ["a"] * 5 + ["b"]
