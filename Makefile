@@ -1,4 +1,5 @@
-# tokserve: `make run` serves the shipped models on CPU; `make test` runs the test suite.
+# tokserve: `make run` serves the shipped models on CPU; `make test` runs the test suite, then
+# its `numerics` tests again as on a CPU without bfloat16 arithmetic.
 # Both set up .venv themselves (Python 3.11+, torch 2.13.0 CPU build).
 
 PYTHON ?= python3
@@ -17,8 +18,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tokserve serve
 
+# the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m numerics
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests bench
