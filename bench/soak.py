@@ -3,13 +3,13 @@
 The run, in order: start the server (shipped models, embedded cache), or use ``--url``; encode
 a few photos and clips through it for the decode requests' tokens; send the well-formed requests
 one at a time (the unloaded latency); find the saturation rate of the well-formed mix in a short
-closed-loop phase (or take ``--rate``); then, for ``--duration-s``, send requests at twice that
-rate, open loop (Poisson arrivals that do not wait for answers), the well-formed mix with every
-hostile kind below among it, about a third of the traffic. Throughout, a separate process
-probes /healthz every 100 ms on a new connection (as a kubelet does), and the server's RSS is
-read every second from /proc. After the last answer and a short idle: RSS, open file
-descriptors and threads again. One JSON object goes to stdout (and ``--out``); progress to
-stderr.
+closed-loop phase (or take ``--rate``); idle, and read the server's RSS, open file descriptors
+and threads from /proc; then, for ``--duration-s``, send requests at twice the saturation rate,
+open loop (Poisson arrivals that do not wait for answers): the well-formed mix with each HOSTILE
+kind among it, about a third of the traffic. Meanwhile a separate process probes /healthz every
+100 ms on a new connection (as a kubelet does), and the RSS is read every second. After the last
+answer and the same idle, RSS, descriptors and threads again. One JSON object goes to stdout
+(and ``--out``); progress to stderr.
 
 Every request is counted by kind and outcome: the HTTP status, or ``client_closed`` (this client
 hung up on purpose), ``connection_error``, ``timeout`` (no answer within ``--client-timeout-s``).
@@ -773,7 +773,7 @@ class Measured:
     soak: Soak
     healthz: dict[str, Any]
     timeline: list[dict[str, Any]]
-    before: dict[str, int | None]  # after warm-up, idle, just before the soak
+    before: dict[str, int | None]  # after warm-up and the idle, just before the soak
     after: dict[str, int | None]  # after the last answer and the idle
     rss_peak_kb: int | None  # sampled during the soak
     rss_hwm_kb: int | None  # the kernel's high-water mark over the server's life
@@ -794,6 +794,7 @@ def measure(args: argparse.Namespace, url: str, pid: int | None) -> Measured:
             saturation = asyncio.run(find_saturation(url, traffic, args))
             rate = args.overload * saturation["throughput_rps"]
         asyncio.run(wait_idle(url))
+        time.sleep(args.idle_s)  # as before the end figures: connections just closed are gone
         before = server.snapshot()
         log.info("soak: %.1f req/s for %g s; server before: %s", rate, args.duration_s, before)
         with HealthzProbe(url) as probe:
@@ -975,7 +976,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=4, help="distinct 5 s audio clips")
     parser.add_argument("--client-timeout-s", type=float, default=120.0)
     parser.add_argument("--max-in-flight", type=int, default=1000)
-    parser.add_argument("--idle-s", type=float, default=15.0, help="idle before the end figures")
+    parser.add_argument(
+        "--idle-s", type=float, default=15.0, help="idle before the start and the end figures"
+    )
     parser.add_argument("--windows", type=int, default=10, help="slices of the timeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
