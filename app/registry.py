@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,9 +246,24 @@ def cpu_runs_bfloat16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...), or the platform's processor name
+    where /proc/cpuinfo does not say."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "vendor_id":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-cpu"
+
+
 def compute_fingerprint(device: torch.device, dtype: torch.dtype) -> str:
     """What decides the floating-point results of ``dtype`` on ``device`` besides the model, as
-    one line: torch's version, and on CPU the vector ISA ATen dispatches to, the bfloat16 units,
+    one line: torch's version, and on CPU the vendor (MKL picks its code paths by it: an AMD
+    and an Intel CPU with the same flags gave other searched codes), the vector ISA ATen
+    dispatches to, the bfloat16 units,
     the oneDNN cap and the thread count (which splits the sums); on CUDA the GPU, its compute
     capability, the CUDA version and whether float32 convolutions run in TF32."""
     if device.type == "cuda":
@@ -260,7 +276,7 @@ def compute_fingerprint(device: torch.device, dtype: torch.dtype) -> str:
         if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
             parts.append("tf32")
     else:
-        parts = [device.type, torch.backends.cpu.get_cpu_capability()]
+        parts = [device.type, cpu_vendor(), torch.backends.cpu.get_cpu_capability()]
         parts += ["amx"] if torch.cpu._is_amx_tile_supported() else []
         parts += ["avx512_bf16"] if torch.cpu._is_avx512_bf16_supported() else []
         cap = onednn_isa_cap()

@@ -17,7 +17,13 @@ import httpx
 import pytest
 import torch
 
-from app.registry import compute_fingerprint, cpu_runs_bfloat16, load_model, model_version
+from app.registry import (
+    compute_fingerprint,
+    cpu_runs_bfloat16,
+    cpu_vendor,
+    load_model,
+    model_version,
+)
 from tests.support import REPO_ROOT, TINY_IMAGE, served, settings_for, write_model
 
 CPU = torch.device("cpu")
@@ -122,8 +128,8 @@ def test_compute_fingerprint_tells_apart_each_emulated_cpu_and_thread_count(
     assert len(set(fingerprints.values())) == 4, fingerprints
     # the fresh process differs from the capped one here by ATen's vector ISA alone
     own_isa = torch.backends.cpu.get_cpu_capability()
-    assert f" cpu {own_isa} " in fingerprints["AVX2"]
-    assert emulated == fingerprints["AVX2"].replace(f" cpu {own_isa} ", " cpu AVX2 "), emulated
+    assert f" {own_isa} " in fingerprints["AVX2"]
+    assert emulated == fingerprints["AVX2"].replace(f" {own_isa} ", " AVX2 "), emulated
     assert "onednn<=AVX2" in emulated and torch.__version__ in emulated
     try:
         torch.set_num_threads(threads + 1)
@@ -170,3 +176,12 @@ async def test_models_endpoint_says_each_models_reproducibility_and_compute(
     assert by_name["tiny-image-hq"]["reproducibility"] == "host"
     assert {model["compute"] for model in listed} == {compute}
     assert one.json()["reproducibility"] == "host" and one.json()["compute"] == compute
+
+
+def test_compute_fingerprint_names_the_cpu_vendor(tmp_path: Path) -> None:
+    """An AMD and an Intel CPU with the same flags search to other codes: the vendor counts."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert cpu_vendor(cpuinfo) == "AuthenticAMD"
+    fingerprint = compute_fingerprint(torch.device("cpu"), torch.float32)
+    assert f" {cpu_vendor()} " in fingerprint

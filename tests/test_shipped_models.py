@@ -353,6 +353,23 @@ def test_refining_audio_codec_reconstructs_the_sweep_as_recorded_and_better_than
 
 
 @pytest.mark.numerics
+@torch.inference_mode()
+def test_refining_audio_codec_gives_a_clip_the_same_codes_alone_and_in_a_batch(
+    refining_audio_model: LoadedModel,
+) -> None:
+    """The search amplifies rounding, so a batched encoder pass would change the codes."""
+    codec = audio_codec(refining_audio_model)
+    sweep = golden_wave()
+    longer = torch.sin(torch.arange(2 * sweep.shape[-1]) * 0.05)[None, None] * 0.3
+    batch = torch.zeros(2, 1, longer.shape[-1])
+    batch[0], batch[1, :, : sweep.shape[-1]] = longer[0], sweep[0]
+    alone, _ = codec.encode(sweep, torch.tensor([sweep.shape[-1]]))
+    both, frames = codec.encode(batch, torch.tensor([longer.shape[-1], sweep.shape[-1]]))
+    assert frames.tolist() == [30, 15]
+    assert torch.equal(both[1, :, :15], alone[0])
+
+
+@pytest.mark.numerics
 def test_refined_encoding_brings_speech_closer_from_4_and_8_codebooks(
     audio_model: LoadedModel, refining_audio_model: LoadedModel
 ) -> None:

@@ -124,11 +124,30 @@ class RVQAudioCodec(nn.Module):
     def encode(
         self, wave: torch.Tensor, lengths: torch.Tensor, n_q: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """wave [B, C, T], lengths [B] -> tokens [B, n_q, F], frames [B]."""
-        latents = self.encoder(self.pad_to_hop(wave), lengths)
+        """wave [B, C, T], lengths [B] -> tokens [B, n_q, F], frames [B].
+
+        A searching codec encodes each item alone: the search amplifies the last bits of the
+        latents, which a batched convolution rounds differently from a lone one, so an item's
+        codes would depend on the batch it shared."""
         if self.refine_steps:
-            latents = self.refine(latents, wave, lengths)
+            return self._encode_each(wave, lengths, n_q)
+        latents = self.encoder(self.pad_to_hop(wave), lengths)
         return self.quantizer.encode(latents, n_q), self.frames_for(lengths)
+
+    def _encode_each(
+        self, wave: torch.Tensor, lengths: torch.Tensor, n_q: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode`` with the search, one item at a time; frames past an item's end are 0."""
+        frames = self.frames_for(lengths)
+        rows = n_q or self.quantizer.codebooks
+        tokens = torch.zeros(len(wave), rows, int(frames.max()), dtype=torch.long)
+        for item, length in enumerate(lengths.tolist()):
+            alone = wave[item : item + 1, :, :length]
+            own_length = lengths[item : item + 1]
+            latents = self.encoder(self.pad_to_hop(alone), own_length)
+            codes = self.quantizer.encode(self.refine(latents, alone, own_length), n_q)
+            tokens[item, :, : codes.shape[-1]] = codes[0].cpu()
+        return tokens.to(wave.device), frames
 
     def refine(
         self, latents: torch.Tensor, wave: torch.Tensor, lengths: torch.Tensor
