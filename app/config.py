@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_items: int = Field(default=64, ge=1)
     max_decode_tokens: int = Field(default=1_000_000, ge=1)
     request_timeout_s: float = 30.0
+    # API requests served at once; the next are answered 503 before their bodies are read.
+    max_in_flight: int = Field(default=64, ge=1)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # With API keys set, /docs, /openapi.json and /metrics need one too unless opened here.
     public_docs: bool = False

@@ -26,7 +26,7 @@ from app.config import Settings
 from app.errors import install_error_handlers
 from app.logs import configure_logging
 from app.metrics import BUILD_INFO, MODEL_INFO
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from app.pipeline import Pipeline
 from app.registry import ModelRegistry
 from app.runner import AudioRunner, ImageRunner
@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         install_keyed_docs(app)
     for router in (images.router, audio.router, models.router, health.router):
         app.include_router(router)
+    app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

@@ -76,6 +76,10 @@ CACHE_BYTES = Gauge(
     "tokserve_cache_bytes",
     "Bytes held by the in-process cache.",
 )
+IN_FLIGHT = Gauge(
+    "tokserve_requests_in_flight",
+    "API requests being served now (at most TOKSERVE_MAX_IN_FLIGHT).",
+)
 REJECTED = Counter(
     "tokserve_rejected_total",
     "Requests or items refused without being computed.",

@@ -1,4 +1,5 @@
-"""ASGI middleware: request metrics by route template, and the body size limit while reading."""
+"""ASGI middleware: request metrics by route template, the body size limit while reading, and
+admission: how many API requests are served at once."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge, problem_response
-from app.metrics import REQUEST_DURATION
+from app.errors import Overloaded, PayloadTooLarge, problem_response
+from app.metrics import IN_FLIGHT, REJECTED, REQUEST_DURATION
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -48,6 +49,45 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class AdmissionMiddleware:
+    """Serve at most ``max_in_flight`` POST requests to /v1 at once and answer the next ones 503
+    at once, before their bodies are read: past capacity, queueing only grows every request's
+    latency and the memory held for it. Stamps each request's arrival (``state.arrived``, in
+    time.monotonic() seconds), from which its deadline counts."""
+
+    def __init__(self, app: ASGIApp, max_in_flight: int) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["arrived"] = time.monotonic()
+        if scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            REJECTED.labels("in_flight").inc()
+            exc = Overloaded(
+                f"The server is serving {self.max_in_flight} requests (TOKSERVE_MAX_IN_FLIGHT); "
+                "retry after a second, or on another replica.",
+                headers={"Retry-After": "1"},
+            )
+            await problem_response(exc.status, exc.title, exc.detail, exc.headers)(
+                scope, receive, send
+            )
+            return
+        self.in_flight += 1
+        IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            IN_FLIGHT.dec()
 
 
 class MetricsMiddleware:

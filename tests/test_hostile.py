@@ -120,6 +120,49 @@ async def test_decode_items_adding_up_to_more_audio_than_a_request_may_hold_are_
         assert (await client.post("/v1/audio/decode", json={"tokens": [codes]})).status_code == 200
 
 
+async def _held_body(body: bytes, release: asyncio.Event) -> Any:
+    """A body whose last byte waits for ``release``: its request stays in flight until then."""
+    yield body[:-1]
+    await release.wait()
+    yield body[-1:]
+
+
+async def test_requests_past_max_in_flight_are_answered_503_before_their_bodies_are_read(
+    repo: Path,
+) -> None:
+    async with served(settings_for(repo, max_in_flight=1)) as client:
+        release = asyncio.Event()
+        image = png_bytes(seed=41)
+        held = asyncio.ensure_future(
+            client.post("/v1/images/encode", content=_held_body(image, release))
+        )
+        await asyncio.sleep(0.05)
+        turned_away = await client.post("/v1/images/encode", content=image)
+        assert_problem(turned_away, 503, "TOKSERVE_MAX_IN_FLIGHT")
+        assert turned_away.headers["retry-after"] == "1"
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/v1/models")).status_code == 200
+        release.set()
+        assert (await held).status_code == 200
+        assert (await client.post("/v1/images/encode", content=image)).status_code == 200
+
+
+async def test_a_requests_deadline_counts_from_its_arrival_not_from_its_last_byte(
+    client: httpx.AsyncClient,
+) -> None:
+    release = asyncio.Event()
+    slow = asyncio.ensure_future(
+        client.post(
+            "/v1/images/encode",
+            content=_held_body(png_bytes(seed=42), release),
+            headers={"X-Request-Timeout": "0.1"},
+        )
+    )
+    await asyncio.sleep(0.3)
+    release.set()
+    assert_problem(await slow, 504, "deadline")
+
+
 class _Blocking:
     """A prepare step that holds its pool thread until released, counting who got one."""
 

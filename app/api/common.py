@@ -77,7 +77,8 @@ def use_model(request: Request, model: LoadedModel) -> LoadedModel:
 
 
 def deadline_of(request: Request, services: Services) -> float:
-    """time.monotonic() by which work must have started: X-Request-Timeout or the default."""
+    """time.monotonic() by which work must have started: X-Request-Timeout or the default,
+    counted from the request's arrival (time spent reading its body counts too)."""
     timeout_s = services.settings.request_timeout_s
     header = request.headers.get("x-request-timeout")
     if header is not None:
@@ -89,7 +90,8 @@ def deadline_of(request: Request, services: Services) -> float:
             raise BadRequest(
                 f"X-Request-Timeout must be a number of seconds in (0, 3600], not {header!r}."
             )
-    return time.monotonic() + timeout_s
+    arrived: float = getattr(request.state, "arrived", time.monotonic())
+    return arrived + timeout_s
 
 
 def _content_type(request: Request) -> str:
