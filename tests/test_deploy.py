@@ -30,6 +30,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from app import metrics
 from app.config import Settings
+from tests.support import served, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -602,6 +603,19 @@ def test_prometheus_scrapes_with_a_key_wherever_the_pods_require_keys(manifests)
     assert scrape_key in Settings(api_keys=environment["TOKSERVE_API_KEYS"]).api_keys
     with pytest.raises(AssertionError, match="would not start"):
         container_environment(container, manifests, {})
+
+
+async def test_the_scrape_key_opens_metrics_that_keys_close(repo):
+    # What Prometheus sends with the api-keys component, against the app with the pods' keys.
+    keys = SECRETS["tokserve-api-keys"]
+    settings = settings_for(repo, api_keys=keys["TOKSERVE_API_KEYS"], warmup=False)
+    async with served(settings) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        bearer = {"Authorization": f"Bearer {keys['metrics-scrape-key']}"}
+        scraped = await http.get("/metrics", headers=bearer)
+        assert (await http.get("/healthz")).status_code == 200, "probes need no key"
+    assert scraped.status_code == 200
+    assert "tokserve_" in scraped.text
 
 
 def test_gpu_overlay_asks_for_one_gpu_on_gpu_nodes_with_the_cuda_image():
