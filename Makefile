@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+JEMALLOC := $(VENV)/.jemalloc
 
 .PHONY: run test lint fmt bench clean
 
@@ -15,11 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The images' allocator (docker/Dockerfile): the tests and the soak run the server with it.
+$(JEMALLOC): | $(STAMP)
+	ldconfig -p | grep -q libjemalloc.so.2 || { apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2; }
+	touch $(JEMALLOC)
+
 run: $(STAMP)
 	$(BIN)/tokserve serve
 
 # the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic
-test: $(STAMP)
+test: $(STAMP) $(JEMALLOC)
 	$(BIN)/python -m pytest -q
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m numerics
 
