@@ -19,11 +19,12 @@ from typing import Any, cast
 
 import torch
 
-from app.registry import CONFIG_FILE, DTYPES, ModelLoadError
+from app.model_folder import CONFIG_FILE, DTYPES, ModelLoadError
+from app.registry import build_backend
 from app.tokenizers.adapters import fit_length
 from app.tokenizers.base import AudioTokenizer, ImageTokenizer, Tokenizer, TokenizerInfo
-from app.tokenizers.exported import Program, build_exported, load_program
-from app.tokenizers.hf import build_transformers, supported_classes
+from app.tokenizers.exported import Program, load_program
+from app.tokenizers.hf import supported_classes
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PROGRAM_PAIRS = [("encoder.pt2", "decoder.pt2"), ("encoder.jit", "decoder.jit")]
@@ -143,11 +144,8 @@ def guess_backend(source: Path) -> str:
 
 
 def build(folder: Path, config: dict[str, Any]) -> Tokenizer:
-    """The model on the CPU, through the builders the server uses."""
-    device = torch.device("cpu")
-    if config["backend"] == "transformers":
-        return build_transformers(folder, config, device, torch.float32)
-    return build_exported(folder, config, device)
+    """The model on the CPU in float32, through the registry's builder, as the server loads it."""
+    return build_backend(folder, config, config["backend"], torch.device("cpu"), torch.float32)
 
 
 def transformers_config(args: argparse.Namespace, source: Path) -> dict[str, Any]:

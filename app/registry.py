@@ -1,45 +1,40 @@
 """The model repository: finds models/<name>/config.json, builds their backends, owns them.
 
-A model folder holds ``config.json`` (backend, modality, architecture, serving options),
-``model.safetensors`` and a README.md model card. Its version is a hash of config, weights and
-dtype, so a cache entry can never outlive the weights that produced it; batching options are
-left out of it, so tuning them keeps the cache. A model whose tokens depend on the host's
-arithmetic (``reproducibility``) also hashes the host's ``compute_fingerprint``.
+Each backend (native, transformers, exported) is a module of app/tokenizers with a ``build``
+function; the table ``BACKENDS`` maps config.json's ``backend`` to it. What a model folder is
+and how its version is hashed is app/model_folder.py's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 
 from app.config import Settings
 from app.errors import NotFound
-from app.tokenizers.audio import RVQAudioCodec
+from app.model_folder import (
+    CONFIG_FILE,
+    DTYPES,
+    ModelLoadError,
+    WeightFiles,
+    hashed_inputs,
+    model_version,
+    read_config,
+    weight_states,
+)
+from app.tokenizers import exported, hf, native
 from app.tokenizers.base import Tokenizer, TokenizerInfo
-from app.tokenizers.image import FSQImageTokenizer
 
 log = logging.getLogger("tokserve.registry")
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-_WEIGHT_SUFFIXES = {".safetensors", ".pt2", ".jit", ".bin"}
-
-NATIVE_ARCHITECTURES: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
-    "fsq_image": FSQImageTokenizer.from_config,
-    "rvq_audio": RVQAudioCodec.from_config,
-}
 LOAD_ATTEMPTS = 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ONEDNN_MAX_CPU_ISA values whose ISA computes in bfloat16 (AVX512-BF16 and every ISA above it);
 # SSE41 ... AVX512_CORE_VNNI and AVX2_VNNI_2 only convert to it. Unset, ALL and DEFAULT (and
 # names oneDNN does not know, which it ignores) cap nothing.
@@ -62,10 +57,24 @@ NON_BFLOAT16_ISAS = {
     "AVX512_CORE_VNNI",
 }
 Reproducibility = Literal["portable", "host"]
+Build = Callable[[Path, dict[str, Any], torch.device, torch.dtype], Tokenizer]
 
 
-class ModelLoadError(RuntimeError):
-    """A model folder that cannot be served; the message names the model and the fix."""
+@dataclass(frozen=True)
+class Backend:
+    """One kind of model folder: ``build`` makes its tokenizer on a device in a dtype;
+    ``weight_files`` names the files it loads from outside the model and source folders."""
+
+    build: Build
+    weight_files: WeightFiles | None = None
+
+
+# config.json's ``backend`` -> how to serve it
+BACKENDS = {
+    "native": Backend(native.build),
+    "transformers": Backend(hf.build),
+    "exported": Backend(exported.build, exported.weight_files),
+}
 
 
 @dataclass(frozen=True)
@@ -131,72 +140,6 @@ class LoadedModel:
         }
 
 
-def version_files(*folders: Path, files: Sequence[Path] = ()) -> list[Path]:
-    """What a version hashes besides the config: the weight files of the model folder and its
-    source folder (with the source's own config), if any, and ``files`` (weights the config
-    names elsewhere, such as an exported program in a subfolder)."""
-    hashed: list[Path] = []
-    for index, folder in enumerate(folders):
-        for path in sorted(folder.iterdir()):
-            own_config = path.name == CONFIG_FILE and index == 0
-            if path.suffix in _WEIGHT_SUFFIXES or (path.name == CONFIG_FILE and not own_config):
-                hashed.append(path)
-    seen = {path.resolve() for path in hashed}
-    return hashed + [path for path in files if path.resolve() not in seen]
-
-
-def model_version(
-    config: dict[str, Any],
-    dtype: torch.dtype,
-    *folders: Path,
-    files: Sequence[Path] = (),
-    compute: str | None = None,
-) -> str:
-    """blake2b of what decides the tokens, 16 hex: config.json less its ``serving`` options
-    (batching never changes a token), the dtype the model runs in, ``version_files`` and, for a
-    model whose tokens depend on the host, ``compute`` (its ``compute_fingerprint``)."""
-    digest = hashlib.blake2b(digest_size=8)
-    model_config = {key: value for key, value in config.items() if key != "serving"}
-    digest.update(json.dumps(model_config, sort_keys=True).encode())
-    digest.update(str(dtype).encode())
-    if compute is not None:
-        digest.update(compute.encode())
-    for path in version_files(*folders, files=files):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def hashed_inputs(folder: Path, config: dict[str, Any]) -> tuple[list[Path], list[Path]]:
-    """The folders and extra files a model folder's version hashes (see ``version_files``)."""
-    source = source_of(folder, config)
-    files: list[Path] = []
-    if config.get("backend") == "exported":
-        from app.tokenizers.exported import program_paths  # it imports this module
-
-        files = program_paths(folder, config)
-    return [folder, *([source] if source else [])], files
-
-
-def weight_states(folder: Path, config: dict[str, Any]) -> list[tuple[str, int, int, int]] | None:
-    """(path, inode, size, mtime in ns) of each file the version hashes: replacing or rewriting
-    one changes them. None while some are missing (loading then says which)."""
-    try:
-        folders, files = hashed_inputs(folder, config)
-        states = []
-        for path in version_files(*folders, files=files):
-            stat = path.stat()
-            states.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns))
-    except (OSError, ValueError):
-        return None
-    return states
-
-
-def source_of(folder: Path, config: dict[str, Any]) -> Path | None:
-    """The folder config.json's ``source`` names (relative to the model folder), if any."""
-    return (folder / config["source"]).resolve() if "source" in config else None
-
-
 def resolve_device(requested: str) -> torch.device:
     """``auto`` takes the first GPU when there is one, the CPU otherwise."""
     if requested == "auto":
@@ -205,28 +148,6 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"TOKSERVE_DEVICE={requested} but no CUDA device is available")
     return device
-
-
-def native_weights(folder: Path, config: dict[str, Any]) -> Path:
-    """The weights file a native model folder serves: its own, or its ``source`` folder's."""
-    return (source_of(folder, config) or folder) / WEIGHTS_FILE
-
-
-def build_native(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
-    """Instantiate a native architecture from config.json and load model.safetensors: the
-    folder's own, or that of the folder ``source`` names (one set of weights, two configs)."""
-    arch_name = config.get("architecture")
-    if arch_name not in NATIVE_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{folder.name}: unknown native architecture {arch_name!r}; "
-            f"known: {sorted(NATIVE_ARCHITECTURES)}"
-        )
-    model = NATIVE_ARCHITECTURES[arch_name](config.get("arch", {}))
-    weights = native_weights(folder, config)
-    if not weights.is_file():
-        raise ModelLoadError(f"{folder.name}: {weights} is missing")
-    model.load_state_dict(load_file(str(weights)))
-    return model
 
 
 def onednn_isa_cap() -> str | None:
@@ -301,26 +222,9 @@ def run_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def for_inference(
-    module: torch.nn.Module, device: torch.device, dtype: torch.dtype
-) -> torch.nn.Module:
-    """``module`` in eval mode on ``device`` in ``dtype``. On CPU its 2-D convolution weights
-    are stored channels-last, which oneDNN runs about a quarter faster (image-fsq-256 without
-    its feedback pass, float32, 2 cores: 45-52 ms an encode and decode, 34-40 channels-last;
-    one token in several thousand rounds the other way)."""
-    module = module.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu":
-        # Module.to takes memory_format at run time; its type stubs omit it
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return module
-
-
 def load_model(folder: Path, settings: Settings) -> LoadedModel:
     """Read one model folder and build its backend on the configured device."""
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{folder.name}: cannot read {CONFIG_FILE}: {exc}") from exc
+    config = read_config(folder)
     backend = config.get("backend", "native")
     serving = ServingOptions.resolve(config, settings)
     device = resolve_device(settings.device)
@@ -331,17 +235,18 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
             f"{folder.name}: model name {name!r} contains ':', which cache keys use as their "
             "separator; choose a name without it."
         )
+    chosen = backend_named(folder, backend)
     # A trainer exporting new weights while the server starts must not leave the old weights
     # served under the new weights' version: load again until no hashed file changed meanwhile.
     for _ in range(LOAD_ATTEMPTS):
-        before = weight_states(folder, config)
-        tokenizer = build_backend(folder, config, backend, device, dtype)
+        before = weight_states(folder, config, chosen.weight_files)
+        tokenizer = chosen.build(folder, config, device, dtype)
         repro = reproducibility(tokenizer.info)
         compute = compute_fingerprint(device, dtype)
-        folders, files = hashed_inputs(folder, config)
+        folders, files = hashed_inputs(folder, config, chosen.weight_files)
         hashed_compute = compute if repro == "host" else None
         version = model_version(config, dtype, *folders, files=files, compute=hashed_compute)
-        if weight_states(folder, config) == before:
+        if weight_states(folder, config, chosen.weight_files) == before:
             break
         log.warning("%s: weight files changed while it loaded; loading it again", name)
     else:
@@ -365,24 +270,21 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     )
 
 
+def backend_named(folder: Path, name: str) -> Backend:
+    """The backend config.json's ``backend`` names; ModelLoadError for one that is unknown."""
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise ModelLoadError(
+            f"{folder.name}: unknown backend {name!r}; known: {', '.join(BACKENDS)}"
+        )
+    return backend
+
+
 def build_backend(
     folder: Path, config: dict[str, Any], backend: str, device: torch.device, dtype: torch.dtype
 ) -> Tokenizer:
     """The tokenizer of one model folder's backend, on ``device``."""
-    if backend == "native":
-        return for_inference(build_native(folder, config), device, dtype)  # type: ignore[return-value]
-    if backend == "transformers":
-        # imported here: they import ModelLoadError from this module, and transformers is optional
-        from app.tokenizers.hf import build_transformers
-
-        return build_transformers(folder, config, device, dtype)
-    if backend == "exported":
-        from app.tokenizers.exported import build_exported
-
-        return build_exported(folder, config, device)
-    raise ModelLoadError(
-        f"{folder.name}: unknown backend {backend!r}; known: native, transformers, exported"
-    )
+    return backend_named(folder, backend).build(folder, config, device, dtype)
 
 
 def discover(model_dirs: list[str]) -> list[Path]:

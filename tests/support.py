@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from app.config import Settings
 from app.main import create_app
-from app.registry import NATIVE_ARCHITECTURES
+from app.tokenizers.native import NATIVE_ARCHITECTURES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -21,8 +21,10 @@ from app import registry
 from app.cache import MemoryCache, RedisCache, cache_key, canonical_params, create_cache
 from app.cache_format import pack_array, unpack_array
 from app.config import Settings
-from app.registry import ModelLoadError, load_model, model_version
+from app.model_folder import ModelLoadError, model_version
+from app.registry import load_model
 from app.single_flight import SingleFlight
+from app.tokenizers import native
 from app.tokenizers.image import FSQImageTokenizer
 from tests.redis_server import RedisServer
 from tests.support import TINY_IMAGE, write_model
@@ -664,7 +666,7 @@ def swap_weights_after_each_read(
     """Make the next ``swaps`` native loads end with new weights renamed into place, as a
     trainer exporting a checkpoint does; returns the seeds written, in order."""
     written: list[int] = []
-    build = registry.build_native
+    build = native.build_native
 
     def build_then_swap(folder: Path, config: dict[str, Any]) -> torch.nn.Module:
         module = build(folder, config)
@@ -673,7 +675,7 @@ def swap_weights_after_each_read(
             write_model(root, TINY_IMAGE, seed=written[-1])
         return module
 
-    monkeypatch.setattr(registry, "build_native", build_then_swap)
+    monkeypatch.setattr(native, "build_native", build_then_swap)
     return written
 
 

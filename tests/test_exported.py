@@ -24,7 +24,8 @@ from torch.export import Dim
 from app.cli import main
 from app.config import Settings
 from app.media import decode_audio
-from app.registry import NATIVE_ARCHITECTURES, load_model
+from app.registry import load_model
+from app.tokenizers.native import NATIVE_ARCHITECTURES
 from tests.support import TINY_AUDIO, TINY_IMAGE, png_bytes, served, settings_for, tiny_repo
 from tests.support import wav_bytes as make_wav
 

@@ -28,7 +28,8 @@ from PIL import Image
 from app.cli import main
 from app.config import Settings
 from app.media import decode_audio
-from app.registry import ModelLoadError, load_model
+from app.model_folder import ModelLoadError
+from app.registry import load_model
 from tests.support import png_bytes, served, settings_for
 
 SAMPLE_RATE = 8000

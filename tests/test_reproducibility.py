@@ -17,12 +17,12 @@ import httpx
 import pytest
 import torch
 
+from app.model_folder import model_version
 from app.registry import (
     compute_fingerprint,
     cpu_runs_bfloat16,
     cpu_vendor,
     load_model,
-    model_version,
 )
 from tests.support import REPO_ROOT, TINY_IMAGE, served, settings_for, write_model
 

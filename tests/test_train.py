@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from app.registry import NATIVE_ARCHITECTURES
 from app.tokenizers.fsq import FSQ
+from app.tokenizers.native import NATIVE_ARCHITECTURES
 from app.train import trainer as trainer_module
 from app.train.codecs import opus_at_bitrate
 from app.train.config import TrainConfig

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.export.passes import move_to_device_pass
 
-from app.registry import DTYPES, ModelLoadError, source_of
+from app.model_folder import DTYPES, ModelLoadError, source_of
 from app.tokenizers.adapters import BadOption, FramedAudioCodec, PixelRange, check_options
 from app.tokenizers.base import Tokenizer, TokenizerInfo
 
@@ -147,21 +147,24 @@ class ExportedAudioCodec(FramedAudioCodec):
         return _pick(self.decoder(*inputs), self.output_index).float()
 
 
-def program_paths(folder: Path, config: dict[str, Any]) -> list[Path]:
+def weight_files(folder: Path, config: dict[str, Any]) -> list[Path]:
     """The encoder and decoder files config.json's ``program`` section names."""
     spec = config.get("program", {})
     base = source_of(folder, config) or folder
     return [base / str(_required(spec, role)) for role in ("encoder", "decoder")]
 
 
-def build_exported(folder: Path, config: dict[str, Any], device: torch.device) -> Tokenizer:
-    """The program pair config.json's ``program`` section names, as a Tokenizer."""
+def build(
+    folder: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> Tokenizer:
+    """The program pair config.json's ``program`` section names, as a Tokenizer on ``device``;
+    ``dtype`` is not used: the programs take the dtype ``program.dtype`` declares."""
     name = folder.name
     spec = dict(config.get("program", {}))
     base = source_of(folder, config) or folder
     modality = config.get("modality")
     try:
-        paths = program_paths(folder, config)
+        paths = weight_files(folder, config)
         for path in paths:
             if path.suffix not in FORMATS or not path.is_file():
                 raise BadOption(f"{path} is not a .pt2 or .jit file")

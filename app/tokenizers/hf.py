@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from app.registry import ModelLoadError, source_of
+from app.model_folder import ModelLoadError, source_of
 from app.tokenizers.adapters import BadOption
 from app.tokenizers.base import Tokenizer
 from app.tokenizers.hf_audio import (
@@ -127,7 +127,7 @@ def load_pretrained(name: str, class_name: str, source: Path) -> Any:
     return model
 
 
-def build_transformers(
+def build(
     folder: Path, config: dict[str, Any], device: torch.device, dtype: torch.dtype
 ) -> Tokenizer:
     """The model named by config.json's ``class``, loaded from ``source``, as a Tokenizer."""
