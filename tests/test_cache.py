@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from app import registry
 from app.cache import MemoryCache, RedisCache, cache_key, canonical_params, create_cache
-from app.cache_format import pack_array, unpack_array
+from app.cache.format import pack_array, unpack_array
 from app.config import Settings
 from app.model_folder import ModelLoadError, model_version
 from app.registry import load_model
