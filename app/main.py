@@ -20,10 +20,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from app.api import audio, health, images, models
 from app.api.common import require_api_key
+from app.api.problems import install_error_handlers
 from app.batching import Batcher
 from app.cache import create_cache
 from app.config import Settings
-from app.errors import install_error_handlers
 from app.logs import configure_logging
 from app.metrics import BUILD_INFO, MODEL_INFO
 from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware

@@ -7,7 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import Overloaded, PayloadTooLarge, problem_response
+from app.api.problems import problem_response
+from app.errors import Overloaded, PayloadTooLarge
 from app.metrics import IN_FLIGHT, REJECTED, REQUEST_DURATION
 
 
