@@ -76,7 +76,8 @@ class AdmissionMiddleware:
             exc = Overloaded(
                 f"The server is serving {self.max_in_flight} requests (TOKSERVE_MAX_IN_FLIGHT); "
                 "retry after a second, or on another replica.",
-                headers={"Retry-After": "1"},
+                # closing spares reading a body nobody will use; the client reconnects to retry
+                headers={"Retry-After": "1", "Connection": "close"},
             )
             await problem_response(exc.status, exc.title, exc.detail, exc.headers)(
                 scope, receive, send

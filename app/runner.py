@@ -16,9 +16,17 @@ import torch
 
 from app.registry import LoadedModel
 from app.tokenizers.base import AudioTokenizer, ImageTokenizer
+from app.tokens import token_dtype
 
 # Audio items are batched with others of a similar length, so that padding wastes at most 25%.
 LENGTH_BUCKET_RATIO = 1.25
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an accelerator out-of-memory error, which a smaller batch may avoid."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
 
 
 def _to_device(batch: torch.Tensor, model: LoadedModel) -> torch.Tensor:
@@ -26,6 +34,11 @@ def _to_device(batch: torch.Tensor, model: LoadedModel) -> torch.Tensor:
     if model.device.type == "cuda":
         batch = batch.pin_memory().to(model.device, non_blocking=True)
     return batch.to(model.device, dtype=model.dtype if batch.is_floating_point() else batch.dtype)
+
+
+def _host_tokens(tokens: torch.Tensor, model: LoadedModel) -> np.ndarray:
+    """Device tokens -> a host array in the model's token dtype, the one every answer keeps."""
+    return tokens.to("cpu", torch.int32).numpy().astype(token_dtype(model.info.vocab_size))
 
 
 def to_rgb8(pixels: torch.Tensor) -> torch.Tensor:
@@ -51,11 +64,16 @@ class ImageRunner:
         """Only images of one size share a batch."""
         return tuple(pixels.shape)
 
+    @staticmethod
+    def decode_group(tokens: np.ndarray) -> Hashable:
+        """Grids of one shape share a batch."""
+        return tuple(tokens.shape)
+
     @torch.inference_mode()
     def encode_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
         pixels = _to_device(torch.stack(items), self.model)
         tokens = self.tokenizer.encode(pixels)
-        return list(tokens.to("cpu", torch.int32).numpy())
+        return list(_host_tokens(tokens, self.model))
 
     @torch.inference_mode()
     def decode_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
@@ -90,7 +108,7 @@ class AudioRunner:
         tokens, frames = self.tokenizer.encode(
             _to_device(batch, self.model), _to_device(lengths, self.model)
         )
-        host = tokens.to("cpu", torch.int32).numpy()
+        host = _host_tokens(tokens, self.model)
         return [host[i, :, : int(f)] for i, f in enumerate(frames.cpu())]
 
     @torch.inference_mode()

@@ -67,7 +67,7 @@ async def test_image_encode_raw_body_returns_one_grid(client: httpx.AsyncClient)
 
 async def test_repeated_image_encode_is_answered_from_cache(client: httpx.AsyncClient) -> None:
     first = (await client.post("/v1/images/encode", content=png_bytes(seed=3))).json()
-    await client.app.state.services.pipeline.flush()  # type: ignore[attr-defined]
+    await client.app.state.engine.pipeline.flush()  # type: ignore[attr-defined]
     second = (await client.post("/v1/images/encode", content=png_bytes(seed=3))).json()
     assert second["items"][0]["cached"] is True
     assert second["items"][0]["tokens"] == first["items"][0]["tokens"]
@@ -118,7 +118,7 @@ async def test_image_decode_png_holds_the_decoders_pixels_in_8_bits(
 ) -> None:
     grid = np.random.default_rng(1).integers(0, VOCAB, (GRID, GRID))
     response = await client.post("/v1/images/decode", json={"tokens": grid.tolist()})
-    model = client.app.state.services.registry.get("tiny-image", "image")  # type: ignore[attr-defined]
+    model = client.app.state.engine.registry.get("tiny-image", "image")  # type: ignore[attr-defined]
     with torch.inference_mode():
         pixels = model.tokenizer.decode(torch.from_numpy(grid)[None]).numpy()[0]
     expected = np.rint((np.clip(pixels, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
@@ -369,7 +369,7 @@ async def _while_in_flight(
 ) -> tuple[httpx.Response, ...]:
     """Send ``first``, and ``then`` once first's computation is in flight (others join it)."""
     leader = asyncio.create_task(first)
-    flights = client.app.state.services.pipeline.flights  # type: ignore[attr-defined]
+    flights = client.app.state.engine.pipeline.flights  # type: ignore[attr-defined]
     async with asyncio.timeout(10):
         while not len(flights):
             await asyncio.sleep(0.001)
@@ -556,7 +556,7 @@ async def test_api_keys_are_required_when_configured(repo: Path) -> None:
 async def test_readiness_fails_at_once_when_draining_while_requests_still_work(
     client: httpx.AsyncClient,
 ) -> None:
-    client.app.state.services.begin_drain()  # type: ignore[attr-defined]
+    client.app.state.engine.begin_drain()  # type: ignore[attr-defined]
     assert_problem(await client.get("/readyz"), 503, "draining")
     assert (await client.post("/v1/images/encode", content=png_bytes(seed=8))).status_code == 200
 

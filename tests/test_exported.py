@@ -177,9 +177,9 @@ async def test_exported_audio_pairs_give_the_native_tokens_for_mixed_lengths(
 ) -> None:
     clips = [make_wav(n / SAMPLE_RATE, SAMPLE_RATE, freq=300.0 + n / 20) for n in CLIP_SAMPLES]
     async with served(settings_for(repo, warmup=False, cache_max_bytes=0)) as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
+        engine = client.app.state.engine  # type: ignore[attr-defined]
         waves = [decode_audio(clip, SAMPLE_RATE)[0] for clip in clips]
-        expected = [t.tolist() for t in services.runners["tiny-audio"].encode_batch(waves)]
+        expected = [t.tolist() for t in engine.endpoints["tiny-audio"].runner.encode_batch(waves)]
         assert [len(t[0]) for t in expected] == [math.ceil(n / HOP) for n in CLIP_SAMPLES]
         for fmt in ("pt2", "jit"):
             model = f"audio-{fmt}"
@@ -188,7 +188,7 @@ async def test_exported_audio_pairs_give_the_native_tokens_for_mixed_lengths(
             )
             assert [item["tokens"] for item in response.json()["items"]] == expected
             # one forward over both lengths, through the runner the batcher calls
-            batched = services.runners[model].encode_batch(waves)
+            batched = engine.endpoints[model].runner.encode_batch(waves)
             assert [t.tolist() for t in batched] == expected
             wav = await client.post(f"/v1/audio/decode?model={model}", json={"tokens": expected[1]})
             info = sf.info(io.BytesIO(wav.content))

@@ -287,7 +287,7 @@ async def test_audio_codec_reports_its_figures_and_batches_like_alone(
         assert [r.json()["items"][0]["tokens"] for r in concurrent] == expected
 
         # one forward over both lengths, through the runner the batcher calls
-        runner = client.app.state.services.runners[name]  # type: ignore[attr-defined]
+        runner = client.app.state.engine.endpoints[name].runner  # type: ignore[attr-defined]
         waves = [decode_audio(clip, SAMPLE_RATE)[0] for clip in clips]
         assert [t.tolist() for t in runner.encode_batch(waves)] == expected
         arrays = [np.array(tokens, dtype=np.int32) for tokens in expected]

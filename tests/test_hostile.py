@@ -19,11 +19,12 @@ import pytest
 import soundfile as sf
 from prometheus_client import REGISTRY
 
-from app.api import common
+from app.api import requests
 from app.batching import Batcher
 from app.cache import MemoryCache, cache_key, canonical_params
 from app.errors import DeadlineExceeded
 from app.pipeline import Job, Pipeline, unchanged
+from app.tokens import key_bytes
 from tests.support import TINY_AUDIO, png_bytes, served, settings_for, wav_bytes
 
 GRID = 8
@@ -54,9 +55,10 @@ async def test_a_token_body_over_the_token_budget_is_refused_by_size_not_parsed(
     repo: Path,
 ) -> None:
     async with served(settings_for(repo, max_decode_tokens=1000)) as client:
-        garbage = b"\xc1" * (common.token_body_limit(client.app.state.settings) + 1)  # type: ignore[attr-defined]
+        garbage = b"\xc1" * (requests.token_body_limit(client.app.state.settings) + 1)  # type: ignore[attr-defined]
         response = await client.post("/v1/audio/decode", content=garbage, headers=MSGPACK)
         assert_problem(response, 413, "TOKSERVE_MAX_DECODE_TOKENS")
+        assert response.headers["connection"] == "close"
         streamed = await client.post("/v1/audio/decode", content=_chunks(garbage), headers=MSGPACK)
         assert_problem(streamed, 413, "TOKSERVE_MAX_DECODE_TOKENS")
 
@@ -71,13 +73,13 @@ async def test_token_bodies_are_parsed_off_the_event_loop(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parsed_on: list[str] = []
-    parse_json = common._parse_json
+    parse_json = requests._parse_json
 
     def recording(body: bytes) -> Any:
         parsed_on.append(threading.current_thread().name)
         return parse_json(body)
 
-    monkeypatch.setattr(common, "_parse_json", recording)
+    monkeypatch.setattr(requests, "_parse_json", recording)
     tokens = np.zeros((GRID, GRID), int).tolist()
     response = await client.post("/v1/images/decode", json={"tokens": tokens})
     assert response.status_code == 200
@@ -140,6 +142,7 @@ async def test_requests_past_max_in_flight_are_answered_503_before_their_bodies_
         turned_away = await client.post("/v1/images/encode", content=image)
         assert_problem(turned_away, 503, "TOKSERVE_MAX_IN_FLIGHT")
         assert turned_away.headers["retry-after"] == "1"
+        assert turned_away.headers["connection"] == "close"  # its body is not read
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/v1/models")).status_code == 200
         release.set()
@@ -270,10 +273,10 @@ async def test_a_cached_value_that_does_not_fit_the_model_is_a_counted_miss(
     url = request.getfixturevalue("redis_server").url if backend == "redis" else None
     image = png_bytes(seed=31)
     async with served(settings_for(repo, redis_url=url)) as client:
-        services = client.app.state.services  # type: ignore[attr-defined]
-        model = services.registry.get("tiny-image", "image")
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        model = engine.registry.get("tiny-image", "image")
         key = cache_key(model.name, model.version, "encode", canonical_params(resize="crop"), image)
-        await services.cache.set_many([(key, POISONS[poison])])
+        await engine.cache.set_many([(key, POISONS[poison])])
         invalid = _cache_counter("invalid")
         response = await client.post("/v1/images/encode", content=image)
         assert response.status_code == 200, response.text
@@ -287,10 +290,10 @@ async def test_a_cached_value_that_does_not_fit_the_model_is_a_counted_miss(
 
 async def test_cached_audio_tokens_of_another_length_are_a_miss(client: httpx.AsyncClient) -> None:
     clip = wav_bytes(seconds=0.5, freq=523.0)  # 25 frames
-    services = client.app.state.services  # type: ignore[attr-defined]
-    model = services.registry.get("tiny-audio", "audio")
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    model = engine.registry.get("tiny-audio", "audio")
     key = cache_key(model.name, model.version, "encode", "", clip)
-    await services.cache.set_many([(key, np.zeros((K, 40), np.uint16))])
+    await engine.cache.set_many([(key, np.zeros((K, 40), np.uint16))])
     (item,) = (await client.post("/v1/audio/encode", content=clip)).json()["items"]
     assert item["cached"] is False and item["frames"] == 25
     (again,) = (await client.post("/v1/audio/encode", content=clip)).json()["items"]
@@ -300,10 +303,10 @@ async def test_cached_audio_tokens_of_another_length_are_a_miss(client: httpx.As
 async def test_cached_decoded_media_that_is_not_the_asked_format_is_a_miss(repo: Path) -> None:
     async with served(settings_for(repo, cache_decode=True)) as client:
         tokens = np.ones((GRID, GRID), int)
-        services = client.app.state.services  # type: ignore[attr-defined]
-        model = services.registry.get("tiny-image", "image")
-        key = cache_key(model.name, model.version, "decode", "format=png", common.key_bytes(tokens))
-        await services.cache.set_many([(key, np.frombuffer(b"GIF89a" + bytes(64), np.uint8))])
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        model = engine.registry.get("tiny-image", "image")
+        key = cache_key(model.name, model.version, "decode", "format=png", key_bytes(tokens))
+        await engine.cache.set_many([(key, np.frombuffer(b"GIF89a" + bytes(64), np.uint8))])
         response = await client.post("/v1/images/decode", json={"tokens": tokens.tolist()})
         assert response.status_code == 200
         assert response.content.startswith(b"\x89PNG")

@@ -73,7 +73,7 @@ def request_label_sets() -> Iterator[dict[str, str]]:
 
 async def encode(client: httpx.AsyncClient, image: bytes) -> httpx.Response:
     response = await client.post(f"{ENCODE_ROUTE}?model={IMAGE}&resize=crop", content=image)
-    await client.app.state.services.pipeline.flush()  # type: ignore[attr-defined]
+    await client.app.state.engine.pipeline.flush()  # type: ignore[attr-defined]
     return response
 
 

@@ -46,3 +46,12 @@ def test_readme_examples_round_trip_a_real_photo_and_recording(tmp_path: Path) -
     frame_s = 320 / 24000
     assert decoded.samplerate == 24000
     assert abs(decoded.duration - source.duration) <= frame_s
+
+
+def test_readme_in_process_example_runs_as_shown() -> None:
+    section = README.read_text().split("### In-process, without HTTP", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "README has no python block under 'In-process, without HTTP'"
+    done = run([sys.executable, "-c", match.group(1) + "\nprint(len(png))"], REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) > 1000

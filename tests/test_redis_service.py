@@ -30,7 +30,7 @@ async def test_hits_come_from_redis_and_match_the_computed_tokens(
 ) -> None:
     async with served(redis_settings(repo, redis_server)) as client:
         first = await encode(client, 1)
-        await client.app.state.services.pipeline.flush()  # type: ignore[attr-defined]
+        await client.app.state.engine.pipeline.flush()  # type: ignore[attr-defined]
         again = await encode(client, 1)
     assert (first["cached"], again["cached"]) == (False, True)
     assert again["tokens"] == first["tokens"]
@@ -59,7 +59,7 @@ async def test_redis_restarted_hits_resume_within_5_s_without_restarting_tokserv
         cached = False
         while not cached and time.monotonic() - restarted < 5:
             await encode(client, 7)  # a miss that writes back once Redis answers again
-            await client.app.state.services.pipeline.flush()  # type: ignore[attr-defined]
+            await client.app.state.engine.pipeline.flush()  # type: ignore[attr-defined]
             cached = bool((await encode(client, 7))["cached"])
     assert cached
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.main import usable_cpus
+from app.engine import usable_cpus
 from bench.server import server_process
 from tests.support import REPO_ROOT, png_bytes, wav_bytes
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from app.api.common import ServicesDep, require_api_key
+from app.api.deps import EngineDep, require_api_key
 from app.errors import Overloaded
 
 router = APIRouter(tags=["operations"])
@@ -19,16 +19,16 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: models loaded and warmed up, not draining")
-async def readyz(services: ServicesDep) -> dict[str, Any]:
-    if not services.ready or services.draining:
-        state = "draining" if services.draining else "starting"
+async def readyz(engine: EngineDep) -> dict[str, Any]:
+    if not engine.ready or engine.draining:
+        state = "draining" if engine.draining else "starting"
         raise Overloaded(f"Not ready: the server is {state}.", headers={"Retry-After": "1"})
-    return {"status": "ready", "models": services.registry.names()}
+    return {"status": "ready", "models": engine.registry.names()}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request, services: ServicesDep) -> Response:
+async def metrics(request: Request, engine: EngineDep) -> Response:
     """With API keys set, a scraper sends one too unless TOKSERVE_PUBLIC_METRICS opens this."""
-    if not services.settings.public_metrics:
-        await require_api_key(request, services)
+    if not engine.settings.public_metrics:
+        await require_api_key(request, engine)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from app.api.common import ServicesDep, require_api_key
+from app.api.deps import EngineDep, require_api_key
 from app.api.schemas import ModelsResponse
 from app.errors import NotFound
 
@@ -25,18 +25,18 @@ LIMITS = (
 
 
 @router.get("", response_model=ModelsResponse, summary="Loaded models and request limits")
-async def list_models(services: ServicesDep) -> dict[str, Any]:
+async def list_models(engine: EngineDep) -> dict[str, Any]:
     """Each loaded model, and the limits a client splits its work by."""
-    settings = services.settings
+    settings = engine.settings
     return {
-        "models": [m.describe() for m in services.registry.models.values()],
+        "models": [m.describe() for m in engine.registry.models.values()],
         "limits": {name: getattr(settings, name) for name in LIMITS},
     }
 
 
 @router.get("/{name}", summary="One model")
-async def get_model(name: str, services: ServicesDep) -> dict[str, Any]:
-    model = services.registry.models.get(name)
+async def get_model(name: str, engine: EngineDep) -> dict[str, Any]:
+    model = engine.registry.models.get(name)
     if model is None:
-        raise NotFound(f"Unknown model {name!r}; loaded models: {services.registry.names()}.")
+        raise NotFound(f"Unknown model {name!r}; loaded models: {engine.registry.names()}.")
     return model.describe()

@@ -1,97 +1,28 @@
-"""What every resource shares: dependencies, reading items from a request, answering tokens."""
+"""Reading a request: media items from raw, multipart or base64 JSON bodies, token bodies from
+JSON or msgpack, each bounded before it is parsed; and cancelling work when the client leaves."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import secrets
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from functools import partial
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import msgpack
-import numpy as np
-from fastapi import Depends, Request
+from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.config import Settings
-from app.errors import (
-    BadRequest,
-    ClientGone,
-    PayloadTooLarge,
-    ProblemError,
-    Unauthorized,
-    Unprocessable,
-)
+from app.engine import Engine
+from app.errors import BadRequest, ClientGone, PayloadTooLarge, ProblemError, Unprocessable
 from app.media import parse_base64
-from app.registry import LoadedModel
-from app.services import Services
 
 T = TypeVar("T")
-MSGPACK = "application/msgpack"
-NPY = "application/x-npy"
-ResponseFormat = Literal["json", "msgpack", "npy"]
-# the media types that name each format, in Accept and (msgpack) in Content-Type
-_FORMAT_TYPES: dict[ResponseFormat, tuple[str, ...]] = {
-    "msgpack": (MSGPACK, "application/x-msgpack"),
-    "npy": (NPY,),
-    "json": ("application/json",),
-}
-
-
-async def get_services(request: Request) -> Services:
-    """The app's Services (async: FastAPI would run a plain function in its thread pool)."""
-    services: Services = request.app.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-async def require_api_key(request: Request, services: ServicesDep) -> None:
-    """When TOKSERVE_API_KEYS is set, every /v1 request carries one of them (async: no thread)."""
-    keys = services.settings.api_keys
-    if not keys:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    if not any(secrets.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise Unauthorized(
-            "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-
-def use_model(request: Request, model: LoadedModel) -> LoadedModel:
-    """Label this request's metrics with the model that serves it."""
-    request.state.model = model.name
-    return model
-
-
-def deadline_of(request: Request, services: Services) -> float:
-    """time.monotonic() by which work must have started: X-Request-Timeout or the default,
-    counted from the request's arrival (time spent reading its body counts too)."""
-    timeout_s = services.settings.request_timeout_s
-    header = request.headers.get("x-request-timeout")
-    if header is not None:
-        try:
-            timeout_s = float(header)
-        except ValueError:
-            timeout_s = -1.0
-        if not 0 < timeout_s <= 3600:
-            raise BadRequest(
-                f"X-Request-Timeout must be a number of seconds in (0, 3600], not {header!r}."
-            )
-    arrived: float = getattr(request.state, "arrived", time.monotonic())
-    return arrived + timeout_s
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 
 
 def _content_type(request: Request) -> str:
@@ -112,21 +43,21 @@ def _check_count(count: int, max_items: int, what: str) -> None:
 
 
 async def read_media_items(
-    request: Request, services: Services, what: str
+    request: Request, engine: Engine, what: str
 ) -> list[bytes | ProblemError]:
     """Raw media of every item: the body itself, each multipart file, or JSON base64 strings.
     An item that cannot be read (bad base64) holds its problem; JSON is parsed off the loop."""
     content_type = _content_type(request)
     if content_type == "multipart/form-data":
-        form = await _read_form(request, services, what)
+        form = await _read_form(request, engine, what)
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        _check_count(len(files), services.settings.max_items, what)
+        _check_count(len(files), engine.settings.max_items, what)
         blobs: list[bytes | ProblemError] = [await upload.read() for upload in files]
         await form.close()
         return blobs
     if content_type == "application/json":
         body = await request.body()
-        return await off_loop(services, _base64_items, body, services.settings.max_items, what)
+        return await engine.off_loop(_base64_items, body, engine.settings.max_items, what)
     body = await request.body()
     if not body:
         raise BadRequest(f"The request body is empty; send the {what[:-1]} file's bytes.")
@@ -151,13 +82,6 @@ def _base64_items(body: bytes, max_items: int, what: str) -> list[bytes | Proble
     return items
 
 
-async def off_loop(services: Services, work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)`` in the media pool: parsing large bodies must not stall the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(
-        services.media_pool, partial(work, *args)
-    )
-
-
 class _InMemoryMultiPartParser(MultiPartParser):
     """Keeps file parts in memory, as JSON bodies are: each is read whole right after parsing
     and the body limit bounds them. Starlette spools parts over 1 MB to the temporary directory,
@@ -166,9 +90,9 @@ class _InMemoryMultiPartParser(MultiPartParser):
     spool_max_size = sys.maxsize
 
 
-async def _read_form(request: Request, services: Services, what: str) -> FormData:
+async def _read_form(request: Request, engine: Engine, what: str) -> FormData:
     """The multipart form, parsing at most one part more than the item limit allows."""
-    max_items = services.settings.max_items
+    max_items = engine.settings.max_items
     try:
         async with contextlib.aclosing(request.stream()) as stream:
             parser = _InMemoryMultiPartParser(
@@ -231,12 +155,12 @@ def _depth(value: Any) -> int:
 
 
 async def read_token_request(
-    request: Request, services: Services, item_ndim: int, layout: str
+    request: Request, engine: Engine, item_ndim: int, layout: str
 ) -> TokenRequest:
     """Parse ``{model, tokens}`` from JSON or msgpack, off the event loop, after checking the
     body's size against what MAX_DECODE_TOKENS allows; tokens is one item or a list of at
     most MAX_ITEMS items."""
-    settings = services.settings
+    settings = engine.settings
     limit = token_body_limit(settings)
     body = await _read_at_most(
         request,
@@ -246,9 +170,9 @@ async def read_token_request(
     )
     if not body:
         raise BadRequest(f'The body is empty; send {{"model": ..., "tokens": {layout}}}.')
-    binary = _content_type(request) in _FORMAT_TYPES["msgpack"]
-    return await off_loop(
-        services, _parse_tokens, body, binary, item_ndim, layout, settings.max_items, limit
+    binary = _content_type(request) in MSGPACK_TYPES
+    return await engine.off_loop(
+        _parse_tokens, body, binary, item_ndim, layout, settings.max_items, limit
     )
 
 
@@ -256,7 +180,10 @@ async def _read_at_most(request: Request, limit: int, why: str) -> bytes:
     """The body, refused with 413 as soon as it passes ``limit`` bytes (by Content-Length or
     while it streams in), so an oversized one is never held whole."""
     declared = request.headers.get("content-length", "")
-    too_large = PayloadTooLarge(f"{why}; send fewer or shorter items per request.")
+    # closing spares reading the rest of a body nobody will use
+    too_large = PayloadTooLarge(
+        f"{why}; send fewer or shorter items per request.", headers={"Connection": "close"}
+    )
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
@@ -309,112 +236,6 @@ def _parse_tokens(
 
 def _is_binary(item: Any) -> bool:
     return isinstance(item, dict)
-
-
-async def token_items(
-    services: Services, body: TokenRequest, check: Callable[[Any, str], np.ndarray]
-) -> list[np.ndarray | ProblemError]:
-    """Each item of a decode request as ``check(item, where)`` makes it, or its own problem;
-    off the event loop (a million ids take a while to convert)."""
-
-    def convert() -> list[np.ndarray | ProblemError]:
-        arrays: list[np.ndarray | ProblemError] = []
-        for index, item in enumerate(body.items):
-            try:
-                arrays.append(check(item, "tokens" if body.single else f"tokens[{index}]"))
-            except ProblemError as exc:
-                arrays.append(exc)
-        return arrays
-
-    return await off_loop(services, convert)
-
-
-def token_array(item: Any, where: str, vocab_size: int) -> np.ndarray:
-    """One item of a decode request as an int64 array; refuses non-integers and ids out of range."""
-    if isinstance(item, dict):
-        shape = item.get("shape")
-        if not isinstance(shape, list) or not all(type(n) is int for n in shape):
-            raise Unprocessable(f"{where}: a binary item's 'shape' must be a list of integers.")
-        try:
-            dtype = np.dtype(item["dtype"])
-            if dtype.byteorder == "=":  # unstated: binary tokens are little-endian
-                dtype = dtype.newbyteorder("<")
-            array = np.frombuffer(item["data"], dtype=dtype)
-            array = array.reshape(shape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Unprocessable(
-                f"{where}: a binary item needs 'dtype', 'shape' and 'data' (bytes: binary items "
-                f"come in msgpack bodies) that agree ({exc})."
-            ) from exc
-    else:
-        try:
-            array = np.asarray(item)
-        except ValueError as exc:
-            raise Unprocessable(f"{where} is ragged: every row must have the same length.") from exc
-    if array.size == 0:
-        raise Unprocessable(f"{where} holds no token ids; send at least one.")
-    if array.dtype.kind not in "iu":
-        found = "nulls or integers beyond 64 bits" if array.dtype.kind == "O" else array.dtype.name
-        raise Unprocessable(f"{where} must hold integer token ids, not {found}.")
-    if not isinstance(item, dict) and _holds_bool(item):
-        raise Unprocessable(f"{where} must hold integer token ids, not true or false.")
-    if array.min() < 0 or array.max() >= vocab_size:
-        raise Unprocessable(
-            f"{where} holds ids from {array.min()} to {array.max()}; "
-            f"this model accepts 0 to {vocab_size - 1}."
-        )
-    return array.astype(np.int64)
-
-
-def _holds_bool(rows: list[Any]) -> bool:
-    """Whether nested lists hold true/false anywhere (numpy reads them as 1 and 0 among ints)."""
-    values = rows
-    while values and isinstance(values[0], list):
-        values = list(itertools.chain.from_iterable(values))
-    return any(type(value) is bool for value in values)
-
-
-def check_token_budget(arrays: list[np.ndarray | ProblemError], settings: Settings) -> None:
-    """Refuse a decode request whose readable items hold more than MAX_DECODE_TOKENS tokens."""
-    total = sum(a.size for a in arrays if isinstance(a, np.ndarray))
-    limit = settings.max_decode_tokens
-    if total > limit:
-        raise PayloadTooLarge(
-            f"{total} tokens in one request; at most {limit} (TOKSERVE_MAX_DECODE_TOKENS)."
-        )
-
-
-def key_bytes(array: np.ndarray) -> bytes:
-    """Cache identity of a token array: its shape and little-endian int32 ids."""
-    return np.asarray(array.shape, "<u4").tobytes() + array.astype("<i4").tobytes()
-
-
-def _accept_ranges(accept: str) -> dict[str, float]:
-    """``Accept`` as {media range: q}; a range without a q, or with an unreadable one, is 1."""
-    ranges = {}
-    for part in accept.lower().split(","):
-        media_range, *params = (piece.strip() for piece in part.split(";"))
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip() == "q":
-                with contextlib.suppress(ValueError):
-                    q = float(value)
-        if media_range:
-            ranges[media_range] = q
-    return ranges
-
-
-def response_format(request: Request) -> ResponseFormat:
-    """Content negotiation on Accept: msgpack or npy when named with a q above 0 and not below
-    JSON's (msgpack on a tie with npy), JSON otherwise."""
-    ranges = _accept_ranges(request.headers.get("accept", ""))
-
-    def q_of(fmt: ResponseFormat) -> float:
-        return max((ranges[t] for t in _FORMAT_TYPES[fmt] if t in ranges), default=0.0)
-
-    binary: ResponseFormat = max(("msgpack", "npy"), key=q_of)  # max keeps the first on a tie
-    return binary if q_of(binary) > 0 and q_of(binary) >= q_of("json") else "json"
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

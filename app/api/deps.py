@@ -1,0 +1,60 @@
+"""Dependencies of the routes: the engine, the API key, a request's deadline and model label."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.engine import Engine
+from app.errors import BadRequest, Unauthorized
+
+
+async def get_engine(request: Request) -> Engine:
+    """The app's Engine (async: FastAPI would run a plain function in its thread pool)."""
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+async def require_api_key(request: Request, engine: EngineDep) -> None:
+    """When TOKSERVE_API_KEYS is set, every /v1 request carries one of them (async: no thread)."""
+    keys = engine.settings.api_keys
+    if not keys:
+        return
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not any(secrets.compare_digest(given.encode(), key.encode()) for key in keys):
+        raise Unauthorized(
+            "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def label_model(request: Request, model: str) -> None:
+    """Label this request's metrics with the model that serves it."""
+    request.state.model = model
+
+
+def deadline_of(request: Request, engine: Engine) -> float:
+    """time.monotonic() by which work must have started: X-Request-Timeout or the default,
+    counted from the request's arrival (time spent reading its body counts too)."""
+    timeout_s = engine.settings.request_timeout_s
+    header = request.headers.get("x-request-timeout")
+    if header is not None:
+        try:
+            timeout_s = float(header)
+        except ValueError:
+            timeout_s = -1.0
+        if not 0 < timeout_s <= 3600:
+            raise BadRequest(
+                f"X-Request-Timeout must be a number of seconds in (0, 3600], not {header!r}."
+            )
+    arrived: float = getattr(request.state, "arrived", time.monotonic())
+    return arrived + timeout_s

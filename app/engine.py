@@ -1,0 +1,661 @@
+"""The serving core as a library: loaded models behind typed encode and decode calls.
+
+``Engine`` owns the models, one ``Endpoint`` per model (its runner and its encode and decode
+queues), the token cache, single-flight and the media thread pool. HTTP routes are thin
+adapters over it; a bulk job or an actor calls the same methods in-process:
+
+    engine = Engine.build(Settings())
+    await engine.start()
+    answer = await engine.encode_images([open("photo.jpg", "rb").read()])
+    answer.items[0].tokens  # [32, 32] uint16, or the item's ProblemError
+    await engine.stop()
+
+``SyncEngine`` runs one on a background event loop for code that is not async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from app.batching import Batcher
+from app.cache import Fits, TokenCache, canonical_params, create_cache
+from app.config import Settings
+from app.errors import PayloadTooLarge, ProblemError, Unprocessable
+from app.media import (
+    ResizeMode,
+    audio_header,
+    decode_audio,
+    decode_image,
+    encode_audio,
+    encode_image,
+)
+from app.pipeline import ItemResult, Job, Pipeline, unchanged
+from app.registry import LoadedModel, ModelRegistry
+from app.runner import AudioRunner, ImageRunner
+from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
+
+log = logging.getLogger("tokserve.engine")
+
+T = TypeVar("T")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+AUDIO_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One encoded item: tokens ([h, w] or [K, F], the model's token dtype), whether the cache
+    answered, and its figures (shape; for audio codebooks, frames, frame_rate, sample_rate and
+    duration_s)."""
+
+    tokens: np.ndarray
+    cached: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Media:
+    """One decoded item: the file's bytes, its media type, whether the cache answered, and its
+    figures (width and height, or sample_rate and duration_s)."""
+
+    data: bytes
+    media_type: str
+    cached: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """One call's results, in the order of its items; an item that failed holds its problem."""
+
+    model: str
+    version: str
+    items: list[T | ProblemError]
+
+
+def _check_request_seconds(total_s: float, settings: Settings, what: str) -> None:
+    """Refuse a call whose items add up to more audio than MAX_REQUEST_AUDIO_SECONDS."""
+    limit = settings.max_request_audio_seconds
+    if total_s > limit:
+        raise PayloadTooLarge(
+            f"The request's items {what} {total_s:.1f} s of audio in all; at most {limit:g} s per "
+            "request (TOKSERVE_MAX_REQUEST_AUDIO_SECONDS): split them into several requests."
+        )
+
+
+def _check_token_budget(arrays: Sequence[np.ndarray | ProblemError], settings: Settings) -> None:
+    """Refuse a decode whose readable items hold more than MAX_DECODE_TOKENS tokens."""
+    total = sum(a.size for a in arrays if isinstance(a, np.ndarray))
+    limit = settings.max_decode_tokens
+    if total > limit:
+        raise PayloadTooLarge(
+            f"{total} tokens in one request; at most {limit} (TOKSERVE_MAX_DECODE_TOKENS)."
+        )
+
+
+class Endpoint(ABC):
+    """One model's encode and decode: its runner and two queues, and how its items are checked,
+    cached and described. ``ImageEndpoint`` and ``AudioEndpoint`` fill in the modality."""
+
+    runner: ImageRunner | AudioRunner
+
+    def __init__(self, model: LoadedModel, engine: Engine) -> None:
+        self.model = model
+        self.engine = engine
+        self.settings = engine.settings
+        self.encoder: Batcher[Any, Any] = self._batcher("encode", self.runner.encode_batch)
+        self.decoder: Batcher[Any, Any] = self._batcher("decode", self.runner.decode_batch)
+
+    def _batcher(self, op: str, run_batch: Callable[[list[Any]], list[Any]]) -> Batcher[Any, Any]:
+        serving = self.model.serving
+        return Batcher(
+            self.model.name,
+            op,
+            run_batch,
+            max_batch_size=serving.max_batch_size,
+            max_wait_ms=serving.max_wait_ms,
+            max_queue=serving.max_queue,
+        )
+
+    def answer(self, items: list[T | ProblemError]) -> Answer[T]:
+        return Answer(self.model.name, self.model.version, items)
+
+    async def _run(
+        self,
+        job: Job,
+        items: Sequence[Any | ProblemError],
+        key_of: Callable[[Any], bytes],
+        fits: Callable[[int], Fits],
+        deadline: float | None,
+    ) -> list[ItemResult]:
+        """The items that were read, through the pipeline; the others keep their problem."""
+        ready = [i for i, item in enumerate(items) if not isinstance(item, ProblemError)]
+        results = [
+            ItemResult(None, error=item) if isinstance(item, ProblemError) else ItemResult(None)
+            for item in items
+        ]
+        if ready:
+            computed = await self.engine.pipeline.run(
+                job,
+                [items[i] for i in ready],
+                [key_of(items[i]) for i in ready],
+                deadline,
+                [fits(i) for i in ready],
+            )
+            for index, result in zip(ready, computed, strict=True):
+                results[index] = result
+        return results
+
+    async def _decode(
+        self,
+        items: Sequence[Any],
+        check: Callable[[Any, str], np.ndarray],
+        single: bool,
+    ) -> list[np.ndarray | ProblemError]:
+        """Each item to decode as ``check`` makes it, or its own problem; in the media pool."""
+
+        def convert() -> list[np.ndarray | ProblemError]:
+            arrays: list[np.ndarray | ProblemError] = []
+            for index, item in enumerate(items):
+                try:
+                    arrays.append(check(item, "tokens" if single else f"tokens[{index}]"))
+                except ProblemError as exc:
+                    arrays.append(exc)
+            return arrays
+
+        arrays = await self.engine.off_loop(convert)
+        _check_token_budget(arrays, self.settings)
+        return arrays
+
+    @abstractmethod
+    def warm_up(self) -> None:
+        """One encode and one decode on inputs of the model's own shapes, before readiness."""
+
+
+class ImageEndpoint(Endpoint):
+    """encode: image files -> token grids [h, w]; decode: grids -> PNG, WebP or JPEG files."""
+
+    runner: ImageRunner
+
+    def __init__(self, model: LoadedModel, engine: Engine) -> None:
+        self.runner = ImageRunner(model)
+        super().__init__(model, engine)
+        info = model.info
+        self.size = info.image_size or (256, 256)
+        self.grid = list(info.grid or ())
+
+    async def encode(
+        self, images: Sequence[bytes | ProblemError], resize: ResizeMode, deadline: float | None
+    ) -> Answer[Tokens]:
+        """Image files (or their problems from reading them) -> one token grid each."""
+        job = Job(
+            model=self.model,
+            op="encode",
+            batcher=self.encoder,
+            prepare=partial(
+                decode_image,
+                size=self.size,
+                resize=resize,
+                max_pixels=self.settings.max_image_pixels,
+            ),
+            group=ImageRunner.group,
+            finish=unchanged,
+            params=canonical_params(resize=resize),
+        )
+        info = self.model.info
+        fits = token_fits(info.vocab_size, self.grid[0], self.grid[1])
+        results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
+        return self.answer(
+            [
+                Tokens(r.array, r.cached, {"shape": list(r.array.shape)})
+                if r.array is not None
+                else _problem(r)
+                for r in results
+            ]
+        )
+
+    def grid_of(self, item: Any, where: str) -> np.ndarray:
+        """One item to decode as an int64 grid of this model's shape."""
+        array = token_array(item, where, self.model.info.vocab_size)
+        if list(array.shape) != self.grid:
+            raise Unprocessable(
+                f"{where}: grid {list(array.shape)} does not match model {self.model.name}'s "
+                f"grid {self.grid} (rows x columns)."
+            )
+        return array
+
+    async def decode(
+        self, grids: Sequence[Any], fmt: str, deadline: float | None, single: bool = False
+    ) -> Answer[Media]:
+        """Token grids (lists, arrays or binary items) -> one image file each."""
+        arrays = await self._decode(grids, self.grid_of, single)
+        media_type = IMAGE_MEDIA_TYPES[fmt]
+
+        def to_file(rgb: np.ndarray) -> np.ndarray:
+            return np.frombuffer(encode_image(rgb, fmt), dtype=np.uint8)
+
+        job = Job(
+            model=self.model,
+            op="decode",
+            batcher=self.decoder,
+            prepare=unchanged,
+            group=ImageRunner.decode_group,
+            finish=to_file,
+            params=canonical_params(format=fmt),
+            use_cache=self.settings.cache_decode,
+        )
+        fits = file_fits(media_type)
+        results = await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+        height, width = self.size
+        figures = {"width": width, "height": height}
+        return self.answer(
+            [
+                Media(r.array.tobytes(), media_type, r.cached, figures)
+                if r.array is not None
+                else _problem(r)
+                for r in results
+            ]
+        )
+
+    def warm_up(self) -> None:
+        height, width = self.size
+        tokens = self.runner.encode_batch([torch.zeros(3, height, width)])[0]
+        self.runner.decode_batch([np.asarray(tokens)])
+
+
+class AudioEndpoint(Endpoint):
+    """encode: audio files -> tokens [K, F]; decode: [k, F] -> WAV, FLAC or OGG files."""
+
+    runner: AudioRunner
+
+    def __init__(self, model: LoadedModel, engine: Engine) -> None:
+        self.runner = AudioRunner(model)
+        super().__init__(model, engine)
+        info = model.info
+        self.sample_rate = info.sample_rate or 24000
+        self.frame_rate = info.frame_rate or 0.0
+        self.hop = info.hop_length or 1
+        self.codebooks = info.codebooks
+        # a decoder that needs every codebook declares it (exported programs do)
+        self.fewest_codebooks = int(info.extra.get("decode_codebooks", 1))
+
+    def check_codebooks(self, codebooks: int | None) -> None:
+        """Refuse asking for more codebooks than the model has."""
+        if codebooks is not None and not 1 <= codebooks <= self.codebooks:
+            raise Unprocessable(
+                f"codebooks={codebooks}, but model {self.model.name} has {self.codebooks}; "
+                f"ask for 1 to {self.codebooks}."
+            )
+
+    async def encode(
+        self,
+        clips: Sequence[bytes | ProblemError],
+        codebooks: int | None,
+        deadline: float | None,
+    ) -> Answer[Tokens]:
+        """Audio files (or their problems from reading them) -> tokens [k, F] each, the first
+        ``codebooks`` of the model's (all when None)."""
+        self.check_codebooks(codebooks)
+        settings = self.settings
+        declared = await self.engine.off_loop(
+            _declared_seconds, clips, settings.min_audio_sample_rate
+        )
+        _check_request_seconds(sum(s for s in declared if s is not None), settings, "last")
+        info = self.model.info
+        job = Job(
+            model=self.model,
+            op="encode",
+            batcher=self.encoder,
+            prepare=partial(
+                _wave_only,
+                sample_rate=self.sample_rate,
+                channels=info.channels or 1,
+                max_seconds=settings.max_audio_seconds,
+                min_sample_rate=settings.min_audio_sample_rate,
+            ),
+            group=AudioRunner.encode_group,
+            finish=unchanged,
+        )
+
+        def fits(index: int) -> Fits:
+            # the clip's declared length, to the frame (resampling may round by one either way)
+            expected = math.ceil((declared[index] or 0.0) * self.frame_rate)
+            frames = (max(1, expected - 1), expected + 1)
+            return token_fits(info.vocab_size, self.codebooks, frames=frames)
+
+        results = await self._run(job, clips, raw_bytes, fits, deadline)
+        items: list[Tokens | ProblemError] = []
+        for result in results:
+            if result.array is None:
+                items.append(_problem(result))
+                continue
+            tokens = result.array[: codebooks or self.codebooks]
+            frames = int(tokens.shape[1])
+            figures = {
+                "shape": list(tokens.shape),
+                "codebooks": int(tokens.shape[0]),
+                "frames": frames,
+                "frame_rate": self.frame_rate,
+                "sample_rate": self.sample_rate,
+                "duration_s": round(frames / self.frame_rate, 6) if self.frame_rate else 0.0,
+            }
+            items.append(Tokens(tokens, result.cached, figures))
+        return self.answer(items)
+
+    def codes_of(self, item: Any, where: str) -> np.ndarray:
+        """One item to decode as int64 codes [k, F] this model can decode."""
+        array = token_array(item, where, self.model.info.vocab_size)
+        fewest, most = self.fewest_codebooks, self.codebooks
+        if array.ndim != 2 or not fewest <= array.shape[0] <= most or array.shape[1] < 1:
+            rows = f"{fewest} to {most}" if fewest < most else f"{fewest}"
+            raise Unprocessable(
+                f"{where} of shape {list(array.shape)} does not fit model {self.model.name}: "
+                f"send [k][F] with {rows} codebooks (rows) and at least one frame."
+            )
+        max_seconds = self.settings.max_audio_seconds
+        if array.shape[1] * self.hop > max_seconds * self.sample_rate:
+            raise PayloadTooLarge(
+                f"{where}: {array.shape[1]} frames decode to "
+                f"{array.shape[1] * self.hop / self.sample_rate:.1f} s of audio; at most "
+                f"{max_seconds:g} s (TOKSERVE_MAX_AUDIO_SECONDS, "
+                f"{int(max_seconds * self.sample_rate / self.hop)} frames) per item."
+            )
+        return array
+
+    async def decode(
+        self, codes: Sequence[Any], fmt: str, deadline: float | None, single: bool = False
+    ) -> Answer[Media]:
+        """Codes [k, F] (lists, arrays or binary items) -> one audio file each."""
+        arrays = await self._decode(codes, self.codes_of, single)
+        seconds = [
+            a.shape[1] * self.hop / self.sample_rate if isinstance(a, np.ndarray) else 0.0
+            for a in arrays
+        ]
+        _check_request_seconds(sum(seconds), self.settings, "decode to")
+        media_type = AUDIO_MEDIA_TYPES[fmt]
+        sample_rate = self.sample_rate
+
+        def to_file(wave: torch.Tensor) -> np.ndarray:
+            return np.frombuffer(encode_audio(wave, sample_rate, fmt), dtype=np.uint8)
+
+        job = Job(
+            model=self.model,
+            op="decode",
+            batcher=self.decoder,
+            prepare=unchanged,
+            group=AudioRunner.decode_group,
+            finish=to_file,
+            params=canonical_params(format=fmt),
+            use_cache=self.settings.cache_decode,
+        )
+        fits = file_fits(media_type)
+        results = await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+        return self.answer(
+            [
+                Media(
+                    r.array.tobytes(),
+                    media_type,
+                    r.cached,
+                    {"sample_rate": sample_rate, "duration_s": round(duration_s, 6)},
+                )
+                if r.array is not None
+                else _problem(r)
+                for r, duration_s in zip(results, seconds, strict=True)
+            ]
+        )
+
+    def warm_up(self) -> None:
+        wave = torch.zeros(self.model.info.channels or 1, self.sample_rate)
+        tokens = self.runner.encode_batch([wave])[0]
+        self.runner.decode_batch([np.asarray(tokens)])
+
+
+def _problem(result: ItemResult) -> ProblemError:
+    assert result.error is not None  # an ItemResult holds an array or its problem
+    return result.error
+
+
+def _wave_only(
+    blob: bytes, sample_rate: int, channels: int, max_seconds: float, min_sample_rate: int
+) -> torch.Tensor:
+    return decode_audio(blob, sample_rate, channels, max_seconds, min_sample_rate)[0]
+
+
+def _declared_seconds(clips: Sequence[bytes | ProblemError], min_rate: int) -> list[float | None]:
+    """Each clip's duration as its header declares it; None where unreadable or refused anyway
+    (below the minimum rate: that clip fails alone)."""
+    seconds: list[float | None] = []
+    for clip in clips:
+        header = audio_header(clip) if isinstance(clip, bytes) else None
+        usable = header is not None and header[0] >= min_rate
+        seconds.append(header[1] / header[0] if header is not None and usable else None)
+    return seconds
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2).
+
+    os.cpu_count() is the node's cores: a pod limited to 4 CPUs on a 64-core node would decode
+    64 images at once within a memory limit sized for a few.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity is the limit
+    return cpus
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux: per thread; never lowers it)."""
+    if hasattr(os, "setpriority"):
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, max(current, nice))
+
+
+class Engine:
+    """Models, their endpoints, the cache, single-flight and the media pool, owned together from
+    ``start`` to ``stop``; typed encode and decode calls for routes, bulk jobs and actors."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        cache: TokenCache,
+        media_pool: ThreadPoolExecutor,
+        media_share: int,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.cache = cache
+        self.media_pool = media_pool
+        self.pipeline = Pipeline(cache, media_pool, media_share)
+        self.endpoints: dict[str, ImageEndpoint | AudioEndpoint] = {}
+        for model in registry.models.values():
+            endpoint = ImageEndpoint if model.modality == "image" else AudioEndpoint
+            self.endpoints[model.name] = endpoint(model, self)
+        self.ready = False
+        self.draining_since: float | None = None  # time.monotonic() of SIGTERM
+
+    @classmethod
+    def build(cls, settings: Settings, registry: ModelRegistry | None = None) -> Engine:
+        """Load the models (unless given), open the cache and the media pool: a thread per
+        usable CPU, at TOKSERVE_REQUEST_NICE. One call may take half the media threads, so the
+        others' files are decoded meanwhile."""
+        media_threads = max(2, usable_cpus())
+        media_pool = ThreadPoolExecutor(
+            max_workers=media_threads,
+            thread_name_prefix="media",
+            initializer=lower_priority,
+            initargs=(settings.request_nice,),
+        )
+        return cls(
+            settings,
+            registry if registry is not None else ModelRegistry.load(settings),
+            create_cache(settings),
+            media_pool,
+            media_share=media_threads // 2,
+        )
+
+    async def start(self) -> None:
+        """Start every queue's worker, and warm each model up unless TOKSERVE_WARMUP is off."""
+        for endpoint in self.endpoints.values():
+            await endpoint.encoder.start()
+            await endpoint.decoder.start()
+        if self.settings.warmup:
+            await asyncio.to_thread(self.warm_up)
+        self.ready = True
+        log.info("ready: %s", ", ".join(self.registry.names()) or "no models")
+
+    def warm_up(self) -> None:
+        """Run each model once, so the first request pays no lazy initialisation."""
+        for name, endpoint in self.endpoints.items():
+            start = time.perf_counter()
+            endpoint.warm_up()
+            log.info("warmed up %s in %.0f ms", name, 1000 * (time.perf_counter() - start))
+
+    async def stop(self) -> None:
+        """Let queued work finish within what is left of the drain time, then release all."""
+        self.ready = False
+        self.begin_drain()
+        drain_s = self.drain_left_s()
+        queues = [b for e in self.endpoints.values() for b in (e.encoder, e.decoder)]
+        await asyncio.gather(*(batcher.stop(drain_s) for batcher in queues))
+        await self.pipeline.flush()
+        await self.cache.close()
+        self.media_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def begin_drain(self) -> None:
+        """Readiness fails from now on; the drain time counts from the first call."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def drain_left_s(self) -> float:
+        """What remains of TOKSERVE_DRAIN_TIMEOUT_S for the queues, after in-flight requests."""
+        spent = time.monotonic() - (self.draining_since or time.monotonic())
+        return max(0.0, self.settings.drain_timeout_s - spent)
+
+    def image(self, model: str | None = None) -> ImageEndpoint:
+        """The named image model's endpoint, or the first image model's."""
+        endpoint = self.endpoints[self.registry.get(model, "image").name]
+        assert isinstance(endpoint, ImageEndpoint)
+        return endpoint
+
+    def audio(self, model: str | None = None) -> AudioEndpoint:
+        """The named audio model's endpoint, or the first audio model's."""
+        endpoint = self.endpoints[self.registry.get(model, "audio").name]
+        assert isinstance(endpoint, AudioEndpoint)
+        return endpoint
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in the media pool: large parsing must not stall the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.media_pool, partial(work, *args))
+
+    async def encode_images(
+        self,
+        images: Sequence[bytes | ProblemError],
+        model: str | None = None,
+        resize: ResizeMode = "crop",
+        deadline: float | None = None,
+    ) -> Answer[Tokens]:
+        """Image files -> token grids [h, w]; ``deadline`` in time.monotonic() seconds."""
+        return await self.image(model).encode(images, resize, deadline)
+
+    async def decode_images(
+        self,
+        grids: Sequence[Any],
+        model: str | None = None,
+        fmt: str = "png",
+        deadline: float | None = None,
+    ) -> Answer[Media]:
+        """Token grids [h, w] -> image files (png, webp or jpeg)."""
+        return await self.image(model).decode(grids, fmt, deadline)
+
+    async def encode_audio(
+        self,
+        clips: Sequence[bytes | ProblemError],
+        model: str | None = None,
+        codebooks: int | None = None,
+        deadline: float | None = None,
+    ) -> Answer[Tokens]:
+        """Audio files -> tokens [k, F] (the first ``codebooks``; all when None)."""
+        return await self.audio(model).encode(clips, codebooks, deadline)
+
+    async def decode_audio(
+        self,
+        codes: Sequence[Any],
+        model: str | None = None,
+        fmt: str = "wav",
+        deadline: float | None = None,
+    ) -> Answer[Media]:
+        """Codes [k, F] -> audio files (wav, flac or ogg)."""
+        return await self.audio(model).decode(codes, fmt, deadline)
+
+
+class SyncEngine:
+    """An Engine on its own event loop thread, for code that is not async:
+
+    with SyncEngine(Settings()) as engine:
+        grid = engine.encode_images([photo]).items[0].tokens
+    """
+
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.engine = Engine.build(settings, registry)
+        self._call(self.engine.start())
+
+    def _call(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
+    def __enter__(self) -> SyncEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drain and stop the engine, then its loop."""
+        self._call(self.engine.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def encode_images(self, images: Sequence[bytes], **options: Any) -> Answer[Tokens]:
+        """Engine.encode_images, waited for."""
+        return self._call(self.engine.encode_images(images, **options))
+
+    def decode_images(self, grids: Sequence[Any], **options: Any) -> Answer[Media]:
+        """Engine.decode_images, waited for."""
+        return self._call(self.engine.decode_images(grids, **options))
+
+    def encode_audio(self, clips: Sequence[bytes], **options: Any) -> Answer[Tokens]:
+        """Engine.encode_audio, waited for."""
+        return self._call(self.engine.encode_audio(clips, **options))
+
+    def decode_audio(self, codes: Sequence[Any], **options: Any) -> Answer[Media]:
+        """Engine.decode_audio, waited for."""
+        return self._call(self.engine.decode_audio(codes, **options))
