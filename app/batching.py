@@ -18,8 +18,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import torch
-
 from app.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
 from app.metrics import BATCH_SIZE, INFERENCE_DURATION, QUEUE_DEPTH, QUEUE_WAIT, REJECTED
 
@@ -29,13 +27,6 @@ R = TypeVar("R")
 log = logging.getLogger("tokserve.batching")
 
 RETRY_AFTER_S = "1"
-
-
-def default_is_oom(exc: BaseException) -> bool:
-    """True for an accelerator out-of-memory error, which a smaller batch may avoid."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-    )
 
 
 @dataclass(eq=False)
@@ -57,6 +48,7 @@ class Batcher(Generic[T, R]):
     An item arriving while the worker is idle starts at once. Items arriving while a batch runs
     gather; when the worker frees, the next batch takes up to ``max_batch_size`` items of the
     oldest item's group, waiting for more at most until ``max_wait_ms`` after that item arrived.
+    A batch that fails with an error ``is_oom`` recognises (out of memory) is retried in halves.
     """
 
     _loop: asyncio.AbstractEventLoop
@@ -71,7 +63,7 @@ class Batcher(Generic[T, R]):
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
-        is_oom: Callable[[BaseException], bool] = default_is_oom,
+        is_oom: Callable[[BaseException], bool],
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(

@@ -46,7 +46,7 @@ from app.media import (
 )
 from app.pipeline import ItemResult, Job, Pipeline, unchanged
 from app.registry import LoadedModel, ModelRegistry
-from app.runner import AudioRunner, ImageRunner
+from app.runner import AudioRunner, ImageRunner, is_out_of_memory
 from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
 
 log = logging.getLogger("tokserve.engine")
@@ -130,6 +130,7 @@ class Endpoint(ABC):
             max_batch_size=serving.max_batch_size,
             max_wait_ms=serving.max_wait_ms,
             max_queue=serving.max_queue,
+            is_oom=is_out_of_memory,
         )
 
     def answer(self, items: list[T | ProblemError]) -> Answer[T]:

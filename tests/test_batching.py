@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from app.batching import Batcher
 from app.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from app.runner import is_out_of_memory
 
 DIM = 8
 
@@ -81,7 +82,13 @@ async def make_batcher(request: pytest.FixtureRequest) -> AsyncIterator[MakeBatc
     started: list[Batcher[torch.Tensor, torch.Tensor]] = []
 
     async def make(model: MatmulModel, **settings: Any) -> Batcher[torch.Tensor, torch.Tensor]:
-        options = {"max_batch_size": 8, "max_wait_ms": 5.0, "max_queue": 64, **settings}
+        options = {
+            "max_batch_size": 8,
+            "max_wait_ms": 5.0,
+            "max_queue": 64,
+            "is_oom": is_out_of_memory,
+            **settings,
+        }
         batcher = Batcher[torch.Tensor, torch.Tensor](request.node.name, "encode", model, **options)
         await batcher.start()
         started.append(batcher)

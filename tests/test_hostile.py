@@ -24,6 +24,7 @@ from app.batching import Batcher
 from app.cache import MemoryCache, cache_key, canonical_params
 from app.errors import DeadlineExceeded
 from app.pipeline import Job, Pipeline, unchanged
+from app.runner import is_out_of_memory
 from app.tokens import key_bytes
 from tests.support import TINY_AUDIO, png_bytes, served, settings_for, wav_bytes
 
@@ -185,7 +186,13 @@ async def _pipeline_with(
 ) -> tuple[Pipeline, Job, Batcher[Any, Any], ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="media")
     batcher: Batcher[Any, Any] = Batcher(
-        "fake", "encode", list, max_batch_size=4, max_wait_ms=1, max_queue=16
+        "fake",
+        "encode",
+        list,
+        max_batch_size=4,
+        max_wait_ms=1,
+        max_queue=16,
+        is_oom=is_out_of_memory,
     )
     await batcher.start()
     job = Job(
