@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     # Idle HTTP connections stay open this long: longer than load balancers keep theirs (nginx
     # and cloud LBs: 60 s), so a proxy never reuses a connection the server has just closed.
     keep_alive_s: int = Field(default=75, ge=1)
-    # Nice value of the threads that parse requests and media (event loop, media pool); above the
-    # model threads' 0 so a forward's OpenMP threads are not preempted when cores are contended.
+    # Nice value of the media threads (decoding uploads, encoding answers, parsing bodies): above
+    # the model threads' 0, so a forward's OpenMP threads are not preempted when cores are
+    # contended. The event loop keeps the process's own: it answers /healthz and admits requests.
     request_nice: int = Field(default=5, ge=0, le=19)
 
     log_level: str = "INFO"

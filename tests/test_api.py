@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import math
 import os
@@ -602,7 +603,15 @@ async def test_a_client_that_disconnects_has_its_queued_item_dropped(
     assert after == batches
 
 
-async def test_request_threads_run_at_lower_priority_than_model_threads(repo: Path) -> None:
+async def test_what_loading_allocated_is_frozen_out_of_the_garbage_collector(repo: Path) -> None:
+    gc.unfreeze()
+    async with served(settings_for(repo)):
+        assert gc.get_freeze_count() > 10_000  # torch's modules and the models' objects
+
+
+async def test_media_threads_run_at_lower_priority_than_model_threads_and_event_loop(
+    repo: Path,
+) -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     nice = min(base + 3, 19)
     async with served(settings_for(repo, request_nice=nice)) as http:
@@ -615,4 +624,4 @@ async def test_request_threads_run_at_lower_priority_than_model_threads(repo: Pa
         assert len(model_threads) == 4 and media_threads
         assert {niceness[n] for n in model_threads} == {base}
         assert {niceness[n] for n in media_threads} == {nice}
-        assert os.getpriority(os.PRIO_PROCESS, 0) == nice  # the event loop's thread
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the event loop's thread
