@@ -784,6 +784,17 @@ class Measured:
     server_alive: bool
 
 
+def cache_bytes(url: str) -> int | None:
+    """Bytes the server's in-process cache holds (tokserve_cache_bytes): tokens it keeps on
+    purpose, which RSS growth over a soak should not be blamed on."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    except httpx.HTTPError:
+        return None
+    match = re.search(r"^tokserve_cache_bytes ([0-9.e+]+)$", text, re.MULTILINE)
+    return int(float(match.group(1))) if match else None
+
+
 def measure(args: argparse.Namespace, url: str, pid: int | None) -> Measured:
     """The phases against a running server: prepare, unloaded, saturation, soak, idle."""
     with ServerProcess(pid) as server:
@@ -799,7 +810,7 @@ def measure(args: argparse.Namespace, url: str, pid: int | None) -> Measured:
             rate = args.overload * saturation["throughput_rps"]
         asyncio.run(wait_idle(url))
         time.sleep(args.idle_s)  # as before the end figures: connections just closed are gone
-        before = server.snapshot()
+        before = {**server.snapshot(), "cache_bytes": cache_bytes(url)}
         log.info("soak: %.1f req/s for %g s; server before: %s", rate, args.duration_s, before)
         with HealthzProbe(url) as probe:
             soak = asyncio.run(
@@ -819,7 +830,7 @@ def measure(args: argparse.Namespace, url: str, pid: int | None) -> Measured:
         with suppress(httpx.HTTPError):  # a server that died answers no /metrics
             asyncio.run(wait_idle(url, timeout_s=60))
         time.sleep(args.idle_s)
-        after = server.snapshot()
+        after = {**server.snapshot(), "cache_bytes": cache_bytes(url)}
         return Measured(
             traffic=traffic,
             unloaded=quiet,
@@ -875,6 +886,16 @@ def document(
     before, after = measured.before, measured.after
     rss_before, rss_after = before["rss_kb"], after["rss_kb"]
     growth = rss_after / rss_before - 1 if rss_before and rss_after else None
+    cached_kb = (
+        (after["cache_bytes"] - before["cache_bytes"]) // 1024
+        if (before["cache_bytes"] is not None and after["cache_bytes"] is not None)
+        else None
+    )
+    growth_net = (
+        (rss_after - cached_kb) / rss_before - 1
+        if rss_before and rss_after and cached_kb is not None
+        else None
+    )
     hostile_share = sum(WEIGHTS[k] for k in HOSTILE) / sum(WEIGHTS.values())
     lag = sorted(soak.start_lag_s)
     healthz_p99 = measured.healthz["p99_ms"]
@@ -929,6 +950,10 @@ def document(
             "rss_end_mb": mb(rss_after),
             "rss_high_water_mb": mb(measured.rss_hwm_kb),
             "end_over_after_warmup": round(1 + growth, 3) if growth is not None else None,
+            "cache_growth_mb": mb(cached_kb) if cached_kb is not None else None,
+            "end_less_cache_growth_over_after_warmup": round(1 + growth_net, 3)
+            if growth_net is not None
+            else None,
         },
         "fds": {"start": before["fds"], "end": after["fds"]},
         "threads": {"start": before["threads"], "end": after["threads"]},
@@ -945,6 +970,11 @@ def document(
                 None if growth is None else round(growth, 3),
                 f"within +-{GOAL_RSS_GROWTH:g}",
                 None if growth is None else abs(growth) <= GOAL_RSS_GROWTH,
+            ),
+            "rss_end_less_cache_growth_vs_after_warmup": goal(
+                None if growth_net is None else round(growth_net, 3),
+                f"within +-{GOAL_RSS_GROWTH:g}",
+                None if growth_net is None else abs(growth_net) <= GOAL_RSS_GROWTH,
             ),
             "fds_equal": goal(
                 [before["fds"], after["fds"]],

@@ -219,6 +219,7 @@ def test_soak_sends_every_kind_and_reports_statuses_latency_memory_and_descripto
     memory = results["memory"]
     assert 0 < memory["rss_after_warmup_mb"] <= memory["rss_high_water_mb"]
     assert memory["rss_end_mb"] > 0 and memory["end_over_after_warmup"] > 0
+    assert memory["cache_growth_mb"] >= 0  # the soak's unique requests were cached
     assert results["fds"]["start"] > 0 and results["threads"]["start"] > 0
     assert results["fds"]["end"] > 0 and results["threads"]["end"] > 0
     assert results["server_alive"] is True and len(results["timeline"]) == 2
@@ -226,6 +227,7 @@ def test_soak_sends_every_kind_and_reports_statuses_latency_memory_and_descripto
         "5xx_other_than_503",
         "healthz_p99_ms",
         "rss_end_vs_after_warmup",
+        "rss_end_less_cache_growth_vs_after_warmup",
         "fds_equal",
         "threads_equal",
     }
