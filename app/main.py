@@ -59,7 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await engine.start()
     # What loading allocated (modules, weights) leaves the collector's generations: a full
     # collection then scans only what requests allocate, where it scanned the whole torch heap
-    # with the GIL held and stalled the event loop (soak /healthz p99 548 -> 93 ms).
+    # with the GIL held and stalled the event loop (bench.soak's /healthz probe shows it).
     gc.freeze()
     try:
         yield
