@@ -23,9 +23,9 @@ class GracefulServer(uvicorn.Server):
         self.app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        services = getattr(self.app.state, "services", None)
-        if services is not None:
-            services.begin_drain()
+        engine = getattr(self.app.state, "engine", None)
+        if engine is not None:
+            engine.begin_drain()
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit
         if sig == signal.SIGTERM and sig in self._captured_signals:
