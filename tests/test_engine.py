@@ -112,3 +112,15 @@ def test_sync_engine_serves_code_that_is_not_async(repo: Path) -> None:
         (png,) = engine.decode_images([grid.tokens]).items
     assert isinstance(png, Media) and png.data.startswith(b"\x89PNG")
     assert not isinstance(grid, ProblemError)
+
+
+def test_each_models_queues_take_its_serving_options_unless_the_environment_overrides(
+    repo: Path,
+) -> None:
+    """tiny-image's config.json: max_batch_size 8, max_wait_ms 5, max_queue 64."""
+    own = Engine.build(settings_for(repo))
+    overridden = Engine.build(settings_for(repo, max_batch_size=3, max_queue=7))
+    for queue in (own.image().encoder, own.image().decoder):
+        assert (queue.max_batch_size, queue.max_wait_s, queue.max_queue) == (8, 0.005, 64)
+    for queue in (overridden.audio().encoder, overridden.image().decoder):
+        assert (queue.max_batch_size, queue.max_wait_s, queue.max_queue) == (3, 0.005, 7)
