@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
+import numpy as np
 import soundfile as sf
 from PIL import Image
 
@@ -32,13 +35,27 @@ def test_readme_examples_round_trip_a_real_photo_and_recording(tmp_path: Path) -
     (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
     with server_process(REPO_ROOT / "models") as (_, url):
         script = usage_block("bash").replace("http://127.0.0.1:8000", url)
-        result = run(["bash", "-euo", "pipefail", "-c", script], tmp_path)
+        # every curl of the README fails the script on a 4xx or 5xx, not only on no answer
+        fail = 'curl() { command curl --fail-with-body "$@"; }\n'
+        result = run(["bash", "-euo", "pipefail", "-c", fail + script], tmp_path)
         python = usage_block("python").replace("http://127.0.0.1:8000", url)
         client = run([sys.executable, "-c", python + "\nprint(len(png), len(wav))"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert client.returncode == 0, client.stderr
     assert '"status":"ready"' in result.stdout
     assert "tokserve_request_duration_seconds_count" in result.stdout
+    grids = {
+        name: json.loads((tmp_path / name).read_text())["items"][0]
+        for name in ("image-tokens.json", "image-tokens-hq.json")
+    }
+    assert all(grid["shape"] == [32, 32] for grid in grids.values()), grids
+    binary = msgpack.unpackb((tmp_path / "image-tokens.msgpack").read_bytes())["items"][0]
+    assert (binary["dtype"], binary["shape"]) == ("uint16", [32, 32])
+    assert binary["tokens"] == np.array(grids["image-tokens.json"]["tokens"], "<u2").tobytes()
+    codes = json.loads((tmp_path / "audio-tokens.json").read_text())["items"][0]
+    codes_hq = json.loads((tmp_path / "audio-tokens-hq.json").read_text())["items"][0]
+    assert codes["codebooks"] == 8 and codes_hq["codebooks"] == 4
+    assert codes["frames"] == codes_hq["frames"] > 0
     with Image.open(tmp_path / "reconstruction.png") as image:
         assert image.format == "PNG" and image.size == (256, 256)
     source = sf.info(str(REPO_ROOT / "examples" / "speech.ogg"))
