@@ -2,26 +2,25 @@
 
 Each backend (native, transformers, exported) is a module of app/tokenizers with a ``build``
 function; the table ``BACKENDS`` maps config.json's ``backend`` to it. What a model folder is
-and how its version is hashed is app/model_folder.py's.
+and how its version is hashed is app/model_folder.py's; which dtype a model runs in and what
+arithmetic its tokens depend on is app/compute.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from app.compute import Reproducibility, compute_fingerprint, reproducibility, run_dtype
 from app.config import Settings
 from app.errors import NotFound
 from app.model_folder import (
     CONFIG_FILE,
-    DTYPES,
     ModelLoadError,
     WeightFiles,
     hashed_inputs,
@@ -35,28 +34,6 @@ from app.tokenizers.base import Tokenizer, TokenizerInfo
 log = logging.getLogger("tokserve.registry")
 
 LOAD_ATTEMPTS = 3
-# ONEDNN_MAX_CPU_ISA values whose ISA computes in bfloat16 (AVX512-BF16 and every ISA above it);
-# SSE41 ... AVX512_CORE_VNNI and AVX2_VNNI_2 only convert to it. Unset, ALL and DEFAULT (and
-# names oneDNN does not know, which it ignores) cap nothing.
-BFLOAT16_ISAS = {
-    "AVX512_CORE_BF16",
-    "AVX512_CORE_FP16",
-    "AVX10_1_512",
-    "AVX512_CORE_AMX",
-    "AVX10_1_512_AMX",
-    "AVX512_CORE_AMX_FP16",
-    "AVX10_1_512_AMX_FP16",
-}
-NON_BFLOAT16_ISAS = {
-    "SSE41",
-    "AVX",
-    "AVX2",
-    "AVX2_VNNI",
-    "AVX2_VNNI_2",
-    "AVX512_CORE",
-    "AVX512_CORE_VNNI",
-}
-Reproducibility = Literal["portable", "host"]
 Build = Callable[[Path, dict[str, Any], torch.device, torch.dtype], Tokenizer]
 
 
@@ -148,78 +125,6 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"TOKSERVE_DEVICE={requested} but no CUDA device is available")
     return device
-
-
-def onednn_isa_cap() -> str | None:
-    """The ISA ``ONEDNN_MAX_CPU_ISA`` limits oneDNN to, upper-cased (oneDNN reads it so), or
-    None where it limits nothing: unset, ALL, DEFAULT, or a name oneDNN ignores."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    return cap if cap in BFLOAT16_ISAS | NON_BFLOAT16_ISAS else None
-
-
-def cpu_runs_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX) and ``ONEDNN_MAX_CPU_ISA``
-    lets oneDNN use it: there bfloat16 convolutions run 2-3x faster than float32; elsewhere
-    oneDNN would only emulate them. The cap is the documented way to run as a CPU without it."""
-    cap = onednn_isa_cap()
-    if cap is not None and cap not in BFLOAT16_ISAS:
-        return False
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...), or the platform's processor name
-    where /proc/cpuinfo does not say."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "vendor_id":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
-
-
-def compute_fingerprint(device: torch.device, dtype: torch.dtype) -> str:
-    """What decides the floating-point results of ``dtype`` on ``device`` besides the model, as
-    one line: torch's version, and on CPU the vendor (MKL picks its code paths by it: an AMD
-    and an Intel CPU with the same flags gave other searched codes), the vector ISA ATen
-    dispatches to, the bfloat16 units,
-    the oneDNN cap and the thread count (which splits the sums); on CUDA the GPU, its compute
-    capability, the CUDA version and whether float32 convolutions run in TF32."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        parts = [
-            torch.cuda.get_device_name(device),
-            f"sm_{major}{minor}",
-            f"cuda {torch.version.cuda}",
-        ]
-        if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-            parts.append("tf32")
-    else:
-        parts = [device.type, cpu_vendor(), torch.backends.cpu.get_cpu_capability()]
-        parts += ["amx"] if torch.cpu._is_amx_tile_supported() else []
-        parts += ["avx512_bf16"] if torch.cpu._is_avx512_bf16_supported() else []
-        cap = onednn_isa_cap()
-        parts += [f"onednn<={cap}"] if cap else []
-        parts.append(f"threads {torch.get_num_threads()}")
-    return " ".join([f"torch {torch.__version__}", *parts])
-
-
-def reproducibility(info: TokenizerInfo) -> Reproducibility:
-    """``host`` for a tokenizer that searches its codes at encode time (``refine_steps`` > 0):
-    its many steps carry the host's float rounding into the tokens, so they differ between CPUs
-    (and thread counts). ``portable`` for one-pass encoders: their tokens depend only on the
-    version, but for the rare rounding tie."""
-    return "host" if info.extra.get("refine_steps", 0) > 0 else "portable"
-
-
-def run_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype a model asking for ``name`` runs in on ``device``: that one on CUDA; on CPU
-    bfloat16 where the CPU computes in it, float32 otherwise (float16 has no fast CPU path)."""
-    if device.type == "cuda" or (name == "bfloat16" and cpu_runs_bfloat16()):
-        return DTYPES[name]
-    return torch.float32
 
 
 def load_model(folder: Path, settings: Settings) -> LoadedModel:

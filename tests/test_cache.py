@@ -17,11 +17,11 @@ import torch
 from prometheus_client import REGISTRY
 from safetensors.torch import load_file
 
-from app import registry
+from app import compute, registry
 from app.cache import MemoryCache, RedisCache, cache_key, canonical_params, create_cache
 from app.cache.format import pack_array, unpack_array
 from app.config import Settings
-from app.model_folder import ModelLoadError, model_version
+from app.model_folder import DTYPES, ModelLoadError, model_version
 from app.registry import load_model
 from app.single_flight import SingleFlight
 from app.tokenizers import native
@@ -601,7 +601,7 @@ def test_model_version_is_kept_when_only_batching_options_change(tmp_path: Path)
 def test_a_model_asking_for_bfloat16_runs_in_it_on_a_cpu_that_computes_in_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry, "cpu_runs_bfloat16", lambda: True)
+    monkeypatch.setattr(compute, "cpu_runs_bfloat16", lambda: True)
     folder = write_model(tmp_path, {**TINY_IMAGE, "serving": {"dtype": "bfloat16"}})
     loaded = load_model(folder, Settings(device="cpu"))
     assert loaded.dtype == torch.bfloat16
@@ -613,14 +613,14 @@ def test_a_model_asking_for_bfloat16_runs_in_it_on_a_cpu_that_computes_in_it(
 def test_a_cpu_without_fast_half_precision_runs_the_model_in_float32(
     asked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry, "cpu_runs_bfloat16", lambda: False)
+    monkeypatch.setattr(compute, "cpu_runs_bfloat16", lambda: False)
     folder = write_model(tmp_path, {**TINY_IMAGE, "serving": {"dtype": asked}})
     assert load_model(folder, Settings(device="cpu")).dtype == torch.float32
 
 
 @pytest.mark.parametrize("asked", ["float32", "bfloat16", "float16"])
 def test_cuda_runs_a_model_in_the_dtype_it_asks_for(asked: str) -> None:
-    assert registry.run_dtype(asked, torch.device("cuda")) == registry.DTYPES[asked]
+    assert compute.run_dtype(asked, torch.device("cuda")) == DTYPES[asked]
 
 
 def test_model_named_with_a_colon_is_refused_at_load_not_at_its_first_request(

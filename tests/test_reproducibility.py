@@ -17,13 +17,9 @@ import httpx
 import pytest
 import torch
 
+from app.compute import compute_fingerprint, cpu_runs_bfloat16, cpu_vendor
 from app.model_folder import model_version
-from app.registry import (
-    compute_fingerprint,
-    cpu_runs_bfloat16,
-    cpu_vendor,
-    load_model,
-)
+from app.registry import load_model
 from tests.support import REPO_ROOT, TINY_IMAGE, served, settings_for, write_model
 
 CPU = torch.device("cpu")
@@ -101,11 +97,11 @@ def test_cpu_runs_bfloat16_only_where_the_cpu_flags_and_the_onednn_cap_allow_it(
 def test_compute_fingerprint_tells_apart_each_emulated_cpu_and_thread_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The emulations of issue 22: oneDNN capped below AMX, below AVX512-BF16, and to AVX2 with
+    """The emulations: oneDNN capped below AMX, below AVX512-BF16, and to AVX2 with
     ATen's kernels too (that one needs a fresh process: ATen reads its cap at start)."""
     threads = torch.get_num_threads()
     script = (
-        "import torch; from app.registry import compute_fingerprint; "
+        "import torch; from app.compute import compute_fingerprint; "
         f"torch.set_num_threads({threads}); "
         "print(compute_fingerprint(torch.device('cpu'), torch.float32))"
     )

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 import torch
 
+from app.compute import cpu_runs_bfloat16
 from app.config import Settings
-from app.registry import LoadedModel, cpu_runs_bfloat16, load_model
+from app.registry import LoadedModel, load_model
 from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.image import FSQImageTokenizer
 from app.train.data import AUDIO_SUFFIXES, IMAGE_SUFFIXES, center_square, split_files, to_pixels
@@ -279,7 +280,7 @@ def test_image_model_runs_in_bfloat16_where_the_cpu_computes_in_it_and_decodes_a
     image_model: LoadedModel, float32_image_model: LoadedModel
 ) -> None:
     """Where the CPU flags (amx_tile, avx512_bf16) and this process's ONEDNN_MAX_CPU_ISA say
-    the CPU computes in bfloat16, read here apart from the registry's own check."""
+    the CPU computes in bfloat16, read here apart from app.compute's own check."""
     expected = bfloat16_expected(os.environ.get("ONEDNN_MAX_CPU_ISA"))
     assert cpu_runs_bfloat16() == expected
     assert image_model.dtype == (torch.bfloat16 if expected else torch.float32)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from app.compute import cpu_runs_bfloat16
 from app.model_folder import CONFIG_FILE, native_weights
-from app.registry import cpu_runs_bfloat16
 from app.train.config import TrainConfig
 from app.train.ema import WeightEMA
 from app.train.export import export_model
