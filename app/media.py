@@ -60,7 +60,7 @@ _WAV_UNKNOWN_LENGTHS = (0, 0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
-class AudioInfo:
+class DecodedAudio:
     """What an upload was and what it became: rates in Hz, duration in seconds of the source."""
 
     source_sample_rate: int
@@ -255,7 +255,7 @@ def decode_audio(
     channels: int = 1,
     max_seconds: float = 600.0,
     min_sample_rate: int = 1,
-) -> tuple[torch.Tensor, AudioInfo]:
+) -> tuple[torch.Tensor, DecodedAudio]:
     """Decode audio bytes to wave [channels, T] float32 at sample_rate Hz (soxr HQ resampling).
 
     Rate, duration and channels are checked from the header before samples are read; stereo
@@ -326,14 +326,14 @@ def decode_audio(
                 f"send at least 1/{sample_rate} s of audio."
             )
     wave = torch.from_numpy(np.ascontiguousarray(samples.T, dtype=np.float32))
-    info = AudioInfo(
+    decoded = DecodedAudio(
         source_sample_rate=source_rate,
         source_channels=source_channels,
         duration_s=duration_s,
         sample_rate=sample_rate,
         samples=wave.shape[1],
     )
-    return wave, info
+    return wave, decoded
 
 
 def _check_channels(source_channels: int, channels: int) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from app.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMedia
 from app.media import (
-    AudioInfo,
+    DecodedAudio,
     decode_audio,
     decode_image,
     encode_audio,
@@ -383,10 +383,10 @@ def test_resampling_44k1_to_24k_keeps_a_1khz_sine_at_1khz() -> None:
     assert abs(peak_hz(wave[0], 24000) - 1000.0) <= 1.0
 
 
-def test_audio_info_reports_the_source_and_the_result() -> None:
+def test_decoded_audio_reports_the_source_and_the_result() -> None:
     stereo = np.stack([sine(300.0, 44100, 0.5)] * 2, axis=1)
     _, info = decode_audio(audio_bytes(stereo, 44100), 22050)
-    assert info == AudioInfo(
+    assert info == DecodedAudio(
         source_sample_rate=44100,
         source_channels=2,
         duration_s=0.5,
