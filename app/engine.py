@@ -47,6 +47,7 @@ from app.media import (
 from app.pipeline import ItemResult, Job, Pipeline, unchanged
 from app.registry import LoadedModel, ModelRegistry
 from app.runner import AudioRunner, ImageRunner, is_out_of_memory
+from app.tokenizers.base import AudioInfo, ImageInfo
 from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
 
 log = logging.getLogger("tokserve.engine")
@@ -193,12 +194,12 @@ class ImageEndpoint(Endpoint):
 
     runner: ImageRunner
 
-    def __init__(self, model: LoadedModel, engine: Engine) -> None:
+    def __init__(self, model: LoadedModel, info: ImageInfo, engine: Engine) -> None:
         self.runner = ImageRunner(model)
         super().__init__(model, engine)
-        info = model.info
-        self.size = info.image_size or (256, 256)
-        self.grid = list(info.grid or ())
+        self.info = info
+        self.size = info.image_size
+        self.grid = list(info.grid)
 
     async def encode(
         self, images: Sequence[bytes | ProblemError], resize: ResizeMode, deadline: float | None
@@ -218,8 +219,7 @@ class ImageEndpoint(Endpoint):
             finish=unchanged,
             params=canonical_params(resize=resize),
         )
-        info = self.model.info
-        fits = token_fits(info.vocab_size, self.grid[0], self.grid[1])
+        fits = token_fits(self.info.vocab_size, self.grid[0], self.grid[1])
         results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
         return self.answer(
             [
@@ -232,7 +232,7 @@ class ImageEndpoint(Endpoint):
 
     def grid_of(self, item: Any, where: str) -> np.ndarray:
         """One item to decode as an int64 grid of this model's shape."""
-        array = token_array(item, where, self.model.info.vocab_size)
+        array = token_array(item, where, self.info.vocab_size)
         if list(array.shape) != self.grid:
             raise Unprocessable(
                 f"{where}: grid {list(array.shape)} does not match model {self.model.name}'s "
@@ -284,13 +284,13 @@ class AudioEndpoint(Endpoint):
 
     runner: AudioRunner
 
-    def __init__(self, model: LoadedModel, engine: Engine) -> None:
+    def __init__(self, model: LoadedModel, info: AudioInfo, engine: Engine) -> None:
         self.runner = AudioRunner(model)
         super().__init__(model, engine)
-        info = model.info
-        self.sample_rate = info.sample_rate or 24000
-        self.frame_rate = info.frame_rate or 0.0
-        self.hop = info.hop_length or 1
+        self.info = info
+        self.sample_rate = info.sample_rate
+        self.frame_rate = info.frame_rate
+        self.hop = info.hop_length
         self.codebooks = info.codebooks
         # a decoder that needs every codebook declares it (exported programs do)
         self.fewest_codebooks = int(info.extra.get("decode_codebooks", 1))
@@ -317,7 +317,6 @@ class AudioEndpoint(Endpoint):
             _declared_seconds, clips, settings.min_audio_sample_rate
         )
         _check_request_seconds(sum(s for s in declared if s is not None), settings, "last")
-        info = self.model.info
         job = Job(
             model=self.model,
             op="encode",
@@ -325,7 +324,7 @@ class AudioEndpoint(Endpoint):
             prepare=partial(
                 _wave_only,
                 sample_rate=self.sample_rate,
-                channels=info.channels or 1,
+                channels=self.info.channels,
                 max_seconds=settings.max_audio_seconds,
                 min_sample_rate=settings.min_audio_sample_rate,
             ),
@@ -337,7 +336,7 @@ class AudioEndpoint(Endpoint):
             # the clip's declared length, to the frame (resampling may round by one either way)
             expected = math.ceil((declared[index] or 0.0) * self.frame_rate)
             frames = (max(1, expected - 1), expected + 1)
-            return token_fits(info.vocab_size, self.codebooks, frames=frames)
+            return token_fits(self.info.vocab_size, self.codebooks, frames=frames)
 
         results = await self._run(job, clips, raw_bytes, fits, deadline)
         items: list[Tokens | ProblemError] = []
@@ -353,14 +352,14 @@ class AudioEndpoint(Endpoint):
                 "frames": frames,
                 "frame_rate": self.frame_rate,
                 "sample_rate": self.sample_rate,
-                "duration_s": round(frames / self.frame_rate, 6) if self.frame_rate else 0.0,
+                "duration_s": round(frames / self.frame_rate, 6),
             }
             items.append(Tokens(tokens, result.cached, figures))
         return self.answer(items)
 
     def codes_of(self, item: Any, where: str) -> np.ndarray:
         """One item to decode as int64 codes [k, F] this model can decode."""
-        array = token_array(item, where, self.model.info.vocab_size)
+        array = token_array(item, where, self.info.vocab_size)
         fewest, most = self.fewest_codebooks, self.codebooks
         if array.ndim != 2 or not fewest <= array.shape[0] <= most or array.shape[1] < 1:
             rows = f"{fewest} to {most}" if fewest < most else f"{fewest}"
@@ -421,7 +420,7 @@ class AudioEndpoint(Endpoint):
         )
 
     def warm_up(self) -> None:
-        wave = torch.zeros(self.model.info.channels or 1, self.sample_rate)
+        wave = torch.zeros(self.info.channels, self.sample_rate)
         tokens = self.runner.encode_batch([wave])[0]
         self.runner.decode_batch([np.asarray(tokens)])
 
@@ -490,8 +489,12 @@ class Engine:
         self.pipeline = Pipeline(cache, media_pool, media_share)
         self.endpoints: dict[str, ImageEndpoint | AudioEndpoint] = {}
         for model in registry.models.values():
-            endpoint = ImageEndpoint if model.modality == "image" else AudioEndpoint
-            self.endpoints[model.name] = endpoint(model, self)
+            info = model.info
+            self.endpoints[model.name] = (
+                ImageEndpoint(model, info, self)
+                if isinstance(info, ImageInfo)
+                else AudioEndpoint(model, info, self)
+            )
         self.ready = False
         self.draining_since: float | None = None  # time.monotonic() of SIGTERM
 

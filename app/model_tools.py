@@ -22,7 +22,14 @@ import torch
 from app.model_folder import CONFIG_FILE, DTYPES, ModelLoadError
 from app.registry import build_backend
 from app.tokenizers.adapters import fit_length
-from app.tokenizers.base import AudioTokenizer, ImageTokenizer, Tokenizer, TokenizerInfo
+from app.tokenizers.base import (
+    AudioInfo,
+    AudioTokenizer,
+    ImageInfo,
+    ImageTokenizer,
+    Tokenizer,
+    TokenizerInfo,
+)
 from app.tokenizers.exported import Program, load_program
 from app.tokenizers.hf import supported_classes
 
@@ -130,10 +137,10 @@ def model_card(name: str, config: dict[str, Any], info: TokenizerInfo, report: s
 def bit_rate(info: TokenizerInfo) -> str:
     """What the tokens cost: kbit/s for audio, bits per pixel for images."""
     bits = math.log2(info.vocab_size) * info.codebooks
-    if info.modality == "audio":
-        return f"{bits * (info.frame_rate or 0) / 1000:g} kbit/s"
-    height, width = info.image_size or (1, 1)
-    rows, cols = info.grid or (0, 0)
+    if isinstance(info, AudioInfo):
+        return f"{bits * info.frame_rate / 1000:g} kbit/s"
+    height, width = info.image_size
+    rows, cols = info.grid
     return f"{bits * rows * cols / (height * width):.3g} bits per pixel"
 
 
@@ -258,24 +265,24 @@ def measure(encoder: Program, args: argparse.Namespace) -> dict[str, Any]:
 def round_trip(tokenizer: Tokenizer) -> str:
     """Encode and decode a synthetic input; check every shape and id, report the fidelity."""
     info = tokenizer.info
-    if info.modality == "image":
+    if isinstance(info, ImageInfo):
         image = cast(ImageTokenizer, tokenizer)
-        height, width = info.image_size or (0, 0)
+        height, width = info.image_size
         ys = torch.linspace(-1, 1, height)[:, None]
         xs = torch.linspace(-1, 1, width)[None, :]
         pixels = torch.stack([xs.expand(height, width), ys.expand(height, width), xs * ys])[None]
         tokens = image.encode(pixels.to(image.device))
-        check(tuple(tokens.shape) == (1, *(info.grid or ())), f"tokens {tuple(tokens.shape)}")
+        check(tuple(tokens.shape) == (1, *info.grid), f"tokens {tuple(tokens.shape)}")
         check_ids(tokens, info)
         decoded = image.decode(tokens).float().cpu()
         check(decoded.shape == pixels.shape, f"decoded pixels {tuple(decoded.shape)}")
         error = (decoded - pixels).pow(2).mean().item()
         return f"ok, PSNR {10 * math.log10(4 / max(error, 1e-12)):.1f} dB"
     audio = cast(AudioTokenizer, tokenizer)
-    rate, hop = info.sample_rate or 1, info.hop_length or 1
+    rate, hop = info.sample_rate, info.hop_length
     time_s = torch.arange(rate // 2) / rate
     chirp = 0.5 * torch.sin(2 * math.pi * (220 + 440 * time_s) * time_s)
-    wave = chirp.expand(1, info.channels or 1, len(chirp))
+    wave = chirp.expand(1, info.channels, len(chirp))
     lengths = torch.tensor([len(chirp)], device=audio.device)
     tokens, frames = audio.encode(wave.to(audio.device), lengths)
     expected = (1, info.codebooks, math.ceil(len(chirp) / hop))
@@ -303,7 +310,7 @@ def check_ids(tokens: torch.Tensor, info: TokenizerInfo) -> None:
 
 def summary(info: TokenizerInfo) -> str:
     """One line of the figures a client needs."""
-    if info.modality == "image":
+    if isinstance(info, ImageInfo):
         return (
             f"image {info.image_size}, grid {info.grid}, downsample {info.downsample}, "
             f"vocab {info.vocab_size}"

@@ -29,7 +29,7 @@ from app.model_folder import (
     weight_states,
 )
 from app.tokenizers import exported, hf, native
-from app.tokenizers.base import Tokenizer, TokenizerInfo
+from app.tokenizers.base import Modality, Tokenizer, TokenizerInfo
 
 log = logging.getLogger("tokserve.registry")
 
@@ -98,7 +98,7 @@ class LoadedModel:
         return self.tokenizer.info
 
     @property
-    def modality(self) -> str:
+    def modality(self) -> Modality:
         return self.info.modality
 
     def describe(self) -> dict[str, Any]:
@@ -146,6 +146,7 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     for _ in range(LOAD_ATTEMPTS):
         before = weight_states(folder, config, chosen.weight_files)
         tokenizer = chosen.build(folder, config, device, dtype)
+        check_modality(folder, config, tokenizer)
         repro = reproducibility(tokenizer.info)
         compute = compute_fingerprint(device, dtype)
         folders, files = hashed_inputs(folder, config, chosen.weight_files)
@@ -173,6 +174,21 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
         compute=compute,
         metadata={key: config[key] for key in ("class", "source") if key in config},
     )
+
+
+def check_modality(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer of another modality than config.json's ``modality`` (where it
+    names one): the folder describes one model and holds another, a mistake to report at
+    start-up rather than leave for the first request to find."""
+    declared = config.get("modality", tokenizer.info.modality)
+    if declared != tokenizer.info.modality:
+        backend = config.get("backend", "native")
+        model = config.get("class") or config.get("architecture") or "its model"
+        raise ModelLoadError(
+            f"{folder.name}: config.json says modality {declared!r}, but its {backend} backend "
+            f"built {model} as an {tokenizer.info.modality} tokenizer; set modality to "
+            f"{tokenizer.info.modality!r} or name a model of modality {declared!r}."
+        )
 
 
 def backend_named(folder: Path, name: str) -> Backend:

@@ -16,13 +16,13 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from app.config import Settings
 from app.registry import LoadedModel, load_model
-from app.tokenizers.base import AudioTokenizer, ImageTokenizer
+from app.tokenizers.base import AudioTokenizer, ImageInfo, ImageTokenizer
 from app.train.evaluate import median_ms
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,16 +32,14 @@ TARGET_MS = {"image": 100.0, "audio": 500.0}
 
 def round_trip(model: LoadedModel) -> Callable[[], object]:
     """A call that encodes and decodes one item of the model's own size, in its dtype."""
-    info = model.tokenizer.info
+    info = model.info
     seeded = torch.Generator().manual_seed(0)
-    if info.modality == "image":
-        image = model.tokenizer
-        assert isinstance(image, ImageTokenizer) and info.image_size is not None
+    if isinstance(info, ImageInfo):
+        image = cast(ImageTokenizer, model.tokenizer)
         pixels = torch.rand(1, 3, *info.image_size, generator=seeded) * 2 - 1
         pixels = pixels.to(model.device, model.dtype)
         return lambda: image.decode(image.encode(pixels))
-    audio = model.tokenizer
-    assert isinstance(audio, AudioTokenizer) and info.sample_rate and info.channels
+    audio = cast(AudioTokenizer, model.tokenizer)
     samples = AUDIO_SECONDS * info.sample_rate
     wave = 0.1 * torch.randn(1, info.channels, samples, generator=seeded)
     wave = wave.to(model.device, model.dtype)
@@ -68,7 +66,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 rounds[key].append(median_ms(run, args.repeats))
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "models": {}}
     for key, (model, _) in variants.items():
-        modality = model.tokenizer.info.modality
+        modality = model.modality
         median = statistics.median(rounds[key])
         results["models"][key] = {
             "model": model.name,

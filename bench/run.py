@@ -25,6 +25,7 @@ import httpx
 
 from app.config import Settings
 from app.registry import LoadedModel, ModelRegistry
+from app.tokenizers.base import ImageInfo
 from bench import machine
 from bench.ceiling import Ceiling, batch_sizes, best_of, measure_ceiling
 from bench.loadgen import LevelPlan
@@ -191,7 +192,9 @@ def measure_cache(url: str, model: LoadedModel, data_dir: Path, profile: Profile
     cache = asyncio.run(
         cache_scenario(url, hits, misses, len(pngs), profile.cache_concurrency, plan)
     )
-    height, width = model.info.image_size or (256, 256)
+    info = model.info
+    assert isinstance(info, ImageInfo)
+    height, width = info.image_size
     cache["input"] = f"{width}x{height} PNG photos, {model.name}, embedded memory cache"
     cache["summary"] = cache_summary(cache)
     return cache

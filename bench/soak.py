@@ -743,11 +743,11 @@ async def prepare(url: str, data_dir: Path, images: int, clips: int) -> Media:
         models = (await response.json())["models"]
     image = next(m for m in models if m["modality"] == "image")
     audio = next(m for m in models if m["modality"] == "audio")
-    height, width = image.get("image_size") or (256, 256)
+    height, width = image["image_size"]
     pictures = photos(data_dir, (height, width), images)
     jpegs = [image_file(p, "jpeg") for p in pictures]
     pngs = [image_file(p, "png") for p in pictures[:1]]
-    rate, channels = audio["sample_rate"], audio.get("channels") or 1
+    rate, channels = audio["sample_rate"], audio["channels"]
     wavs = [wav_file(c, rate) for c in audio_clips(data_dir, rate, channels, 5.0, clips)]
     image_path = f"/v1/images/encode?model={image['name']}"
     audio_path = f"/v1/audio/encode?model={audio['name']}"

@@ -15,6 +15,7 @@ import numpy as np
 from app.media import decode_audio, decode_image
 from app.registry import LoadedModel
 from app.runner import AudioRunner, ImageRunner
+from app.tokenizers.base import AudioInfo, ImageInfo
 from bench.loadgen import Call, CallFactory
 from bench.media import audio_clips, image_file, photos, unique_copy, wav_file
 
@@ -83,8 +84,10 @@ def _encode_all(
 
 def image_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str, Workload]:
     """image_encode (JPEG photos at the model's size) and image_decode (their token grids)."""
+    info = model.info
+    assert isinstance(info, ImageInfo)
     runner = ImageRunner(model)
-    size = model.info.image_size or (256, 256)
+    size = info.image_size
     jpegs = [image_file(photo, "jpeg") for photo in photos(data_dir, size, count)]
     pixels = [decode_image(blob, size) for blob in jpegs]
     grids = _encode_all(runner.encode_batch, pixels, model.serving.max_batch_size)
@@ -106,18 +109,17 @@ def image_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str,
             "per request), answered as PNG",
             runner.decode_batch,
             grids,
-            unique_token_requests(
-                f"/v1/images/decode{query}", model.name, grids, model.info.vocab_size
-            ),
+            unique_token_requests(f"/v1/images/decode{query}", model.name, grids, info.vocab_size),
         ),
     }
 
 
 def audio_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str, Workload]:
     """audio_encode (5 s WAV clips of real recordings) and audio_decode (their tokens)."""
+    info = model.info
+    assert isinstance(info, AudioInfo)
     runner = AudioRunner(model)
-    rate = model.info.sample_rate or 24000
-    channels = model.info.channels or 1
+    rate, channels = info.sample_rate, info.channels
     wavs = [wav_file(clip, rate) for clip in audio_clips(data_dir, rate, channels, CLIP_S, count)]
     waves = [decode_audio(blob, rate, channels)[0] for blob in wavs]
     tokens = _encode_all(runner.encode_batch, waves, model.serving.max_batch_size)
@@ -138,14 +140,13 @@ def audio_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str,
             "per request), answered as WAV",
             runner.decode_batch,
             tokens,
-            unique_token_requests(
-                f"/v1/audio/decode{query}", model.name, tokens, model.info.vocab_size
-            ),
+            unique_token_requests(f"/v1/audio/decode{query}", model.name, tokens, info.vocab_size),
         ),
     }
 
 
 def cache_uploads(model: LoadedModel, data_dir: Path, count: int) -> list[bytes]:
     """``count`` photos as PNG at the image model's size, for the cache scenario."""
-    size = model.info.image_size or (256, 256)
-    return [image_file(photo, "png") for photo in photos(data_dir, size, count)]
+    info = model.info
+    assert isinstance(info, ImageInfo)
+    return [image_file(photo, "png") for photo in photos(data_dir, info.image_size, count)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from app.single_flight import SingleFlight
 from app.tokenizers import native
 from app.tokenizers.image import FSQImageTokenizer
 from tests.redis_server import RedisServer
-from tests.support import TINY_IMAGE, write_model
+from tests.support import TINY_AUDIO, TINY_IMAGE, write_model
 
 TIMEOUT_MS = 50.0
 BREAKER_FAILURES = 3
@@ -628,6 +629,22 @@ def test_model_named_with_a_colon_is_refused_at_load_not_at_its_first_request(
 ) -> None:
     folder = write_model(tmp_path / "a", {**TINY_IMAGE, "name": "acme:image"})
     with pytest.raises(ModelLoadError, match="':'"):
+        load_model(folder, Settings(device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("config", "built"), [(TINY_IMAGE, "image"), (TINY_AUDIO, "audio")], ids=["image", "audio"]
+)
+def test_a_backend_of_another_modality_than_config_json_says_is_refused_at_load(
+    config: dict[str, Any], built: str, tmp_path: Path
+) -> None:
+    declared = "audio" if built == "image" else "image"
+    folder = write_model(tmp_path, {**config, "modality": declared})
+    expected = (
+        f"{config['name']}: config.json says modality '{declared}', but its native backend "
+        f"built {config['architecture']} as an {built} tokenizer; set modality to '{built}'"
+    )
+    with pytest.raises(ModelLoadError, match=re.escape(expected)):
         load_model(folder, Settings(device="cpu"))
 
 

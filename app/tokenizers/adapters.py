@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from app.tokenizers.base import TokenizerInfo
+from app.tokenizers.base import AudioInfo
 
 
 class BadOption(ValueError):
@@ -77,15 +77,13 @@ class FramedAudioCodec(ABC):
     never depend on what it was batched with.
     """
 
-    info: TokenizerInfo
+    info: AudioInfo
     device: torch.device
     padding_safe: bool
 
     @property
     def hop(self) -> int:
         """Samples per frame."""
-        if self.info.hop_length is None:
-            raise ValueError("an audio codec declares its hop_length")
         return self.info.hop_length
 
     @abstractmethod

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.tokenizers.base import TokenizerInfo
+from app.tokenizers.base import AudioInfo
 from app.tokenizers.rvq import ResidualVQ
 from app.tokenizers.seanet import SEANetDecoder, SEANetEncoder
 from app.tokenizers.search import ErrorFn, search_latents
@@ -100,9 +100,8 @@ class RVQAudioCodec(nn.Module):
         return next(self.parameters()).device
 
     @property
-    def info(self) -> TokenizerInfo:
-        return TokenizerInfo(
-            modality="audio",
+    def info(self) -> AudioInfo:
+        return AudioInfo(
             vocab_size=self.quantizer.codebook_size,
             codebooks=self.quantizer.codebooks,
             sample_rate=self.sample_rate,

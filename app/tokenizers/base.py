@@ -1,47 +1,69 @@
 """The Tokenizer protocol: what every backend implements, batch-first, on the model's device.
 
-A backend encodes and decodes batches and declares its metadata; queues, caching, media
-parsing and HTTP are the service's job, never the backend's.
+A backend encodes and decodes batches and declares its metadata (``ImageInfo`` or
+``AudioInfo``: the fields of its modality, every one required); queues, caching, media parsing
+and HTTP are the service's job, never the backend's.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 
 Modality = Literal["image", "audio"]
 
 
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What a client needs to know to produce and consume a model's tokens."""
+# kw_only lets the fields keep the order GET /v1/models answers them in, defaults or not
+@dataclass(frozen=True, kw_only=True)
+class ImageInfo:
+    """What a client needs to know to produce and consume an image model's token grids."""
 
-    modality: Modality
-    vocab_size: int  # per codebook
-    codebooks: int  # K: 1 for image tokenizers
-    # image
-    image_size: tuple[int, int] | None = None  # (H, W) the model expects
-    grid: tuple[int, int] | None = None  # (h, w) tokens per image
-    downsample: int | None = None
-    # audio
-    sample_rate: int | None = None
-    channels: int | None = None
-    hop_length: int | None = None
-    frame_rate: float | None = None
+    modality: ClassVar[Literal["image"]] = "image"
+    vocab_size: int
+    codebooks: int = 1  # one grid of tokens per image
+    image_size: tuple[int, int]  # (H, W) the model expects
+    grid: tuple[int, int]  # (h, w) tokens per image
+    downsample: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready metadata (tuples become lists, empty fields dropped)."""
-        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        """JSON-ready metadata, the modality first; ``extra`` only when it holds something."""
+        return _json_ready(self.modality, asdict(self))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioInfo:
+    """What a client needs to know to produce and consume an audio model's codes."""
+
+    modality: ClassVar[Literal["audio"]] = "audio"
+    vocab_size: int  # per codebook
+    codebooks: int  # K
+    sample_rate: int  # Hz
+    channels: int
+    hop_length: int  # samples per frame
+    frame_rate: float  # frames per second: sample_rate / hop_length
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready metadata, the modality first; ``extra`` only when it holds something."""
+        return _json_ready(self.modality, asdict(self))
+
+
+TokenizerInfo = ImageInfo | AudioInfo
+
+
+def _json_ready(modality: Modality, fields: dict[str, Any]) -> dict[str, Any]:
+    extra = fields.pop("extra")
+    return {"modality": modality, **fields, **({"extra": extra} if extra else {})}
 
 
 @runtime_checkable
 class ImageTokenizer(Protocol):
     """Images to a grid of token ids and back."""
 
-    info: TokenizerInfo
+    info: ImageInfo
     device: torch.device
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -57,7 +79,7 @@ class ImageTokenizer(Protocol):
 class AudioTokenizer(Protocol):
     """Waveforms to K codebooks of frame tokens and back; a batch may mix lengths."""
 
-    info: TokenizerInfo
+    info: AudioInfo
     device: torch.device
 
     def encode(

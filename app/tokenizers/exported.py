@@ -26,7 +26,7 @@ from torch.export.passes import move_to_device_pass
 
 from app.model_folder import DTYPES, ModelLoadError, source_of
 from app.tokenizers.adapters import BadOption, FramedAudioCodec, PixelRange, check_options
-from app.tokenizers.base import Tokenizer, TokenizerInfo
+from app.tokenizers.base import AudioInfo, ImageInfo, Tokenizer
 
 Program = Callable[..., Any]
 FORMATS = (".pt2", ".jit")
@@ -83,10 +83,8 @@ class ExportedImageTokenizer:
         self.output_index = int(spec.get("output_index", 0))
         self.pixels = PixelRange.from_dict(spec.get("pixels", {}))
         self.device = device
-        self.info = TokenizerInfo(
-            modality="image",
+        self.info = ImageInfo(
             vocab_size=int(_required(spec, "vocab_size")),
-            codebooks=1,
             image_size=(height, width),
             grid=(height // downsample, width // downsample),
             downsample=downsample,
@@ -97,8 +95,7 @@ class ExportedImageTokenizer:
         """pixels [B, 3, H, W] in [-1, 1] -> tokens [B, h, w]."""
         values = self.pixels.to_model(pixels.float()).to(self.dtype)
         tokens = _pick(self.encoder(values), self.output_index)
-        grid = self.info.grid or (0, 0)
-        return tokens.reshape(tokens.shape[0], *grid).long()
+        return tokens.reshape(tokens.shape[0], *self.info.grid).long()
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, h, w] -> pixels [B, 3, H, W] in [-1, 1]."""
@@ -122,8 +119,7 @@ class ExportedAudioCodec(FramedAudioCodec):
         self.padding_safe = self.lengths or bool(spec.get("causal", False))
         self.device = device
         codebooks = int(_required(spec, "codebooks"))
-        self.info = TokenizerInfo(
-            modality="audio",
+        self.info = AudioInfo(
             vocab_size=int(_required(spec, "vocab_size")),
             codebooks=codebooks,
             sample_rate=sample_rate,

@@ -145,13 +145,6 @@ def build(
         raise ModelLoadError(f"{name}: config.json needs 'source', the checkpoint's folder")
     model = load_pretrained(name, class_name, source).to(device=device, dtype=dtype).eval()
     try:
-        tokenizer = ADAPTERS[class_name](model, dict(config.get("options", {})), device)
+        return ADAPTERS[class_name](model, dict(config.get("options", {})), device)
     except BadOption as exc:
         raise ModelLoadError(f"{name}: {exc}") from exc
-    modality = config.get("modality", tokenizer.info.modality)
-    if modality != tokenizer.info.modality:
-        raise ModelLoadError(
-            f"{name}: config.json says modality {modality!r}, but {class_name} is "
-            f"{tokenizer.info.modality!r}"
-        )
-    return tokenizer

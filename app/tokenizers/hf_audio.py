@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from app.tokenizers.adapters import BadOption, FramedAudioCodec, check_options
-from app.tokenizers.base import TokenizerInfo
+from app.tokenizers.base import AudioInfo
 
 
 def _bandwidth(model: Any, options: dict[str, Any], name: str) -> tuple[float, dict[str, int]]:
@@ -40,9 +40,8 @@ def _codebooks(options: dict[str, Any], low: int, high: int, model: str) -> int:
 
 def _audio_info(
     config: Any, sample_rate: int, channels: int, hop: int, codebooks: int, **extra: Any
-) -> TokenizerInfo:
-    return TokenizerInfo(
-        modality="audio",
+) -> AudioInfo:
+    return AudioInfo(
         vocab_size=int(config.codebook_size),
         codebooks=codebooks,
         sample_rate=int(sample_rate),

@@ -12,16 +12,14 @@ import torch
 from torch.nn import functional as F
 
 from app.tokenizers.adapters import BadOption, PixelRange, check_options
-from app.tokenizers.base import TokenizerInfo
+from app.tokenizers.base import ImageInfo
 
 
 def _image_info(
     vocab_size: int, image_size: tuple[int, int], downsample: int, pixels: PixelRange
-) -> TokenizerInfo:
-    return TokenizerInfo(
-        modality="image",
+) -> ImageInfo:
+    return ImageInfo(
         vocab_size=vocab_size,
-        codebooks=1,
         image_size=image_size,
         grid=(image_size[0] // downsample, image_size[1] // downsample),
         downsample=downsample,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.tokenizers.base import TokenizerInfo
+from app.tokenizers.base import ImageInfo
 from app.tokenizers.fsq import FSQ
 from app.tokenizers.search import search_latents
 
@@ -174,12 +174,10 @@ class FSQImageTokenizer(nn.Module):
         return next(self.parameters()).device
 
     @property
-    def info(self) -> TokenizerInfo:
+    def info(self) -> ImageInfo:
         side = self.image_size // self.downsample
-        return TokenizerInfo(
-            modality="image",
+        return ImageInfo(
             vocab_size=self.quantizer.vocab_size,
-            codebooks=1,
             image_size=(self.image_size, self.image_size),
             grid=(side, side),
             downsample=self.downsample,
