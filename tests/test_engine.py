@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from app.engine import Engine, Media, SyncEngine, Tokens
+from app.endpoints import Media, Tokens
+from app.engine import Engine, SyncEngine
 from app.errors import NotFound, PayloadTooLarge, ProblemError, Unprocessable, UnsupportedMedia
 from tests.support import png_bytes, served, settings_for, wav_bytes
 

@@ -20,7 +20,7 @@ import numpy as np
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from app.engine import Answer, Media, Tokens
+from app.endpoints import Answer, Media, Tokens
 from app.errors import ProblemError, Unprocessable
 
 MSGPACK = "application/msgpack"

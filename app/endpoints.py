@@ -1,0 +1,439 @@
+"""One Endpoint per served model: its runner and queues, how its items are checked, cached
+and described, and the typed results it answers (Tokens, Media, or the item's ProblemError).
+
+The engine builds them and lends them its settings, pipeline and media pool (``Workers``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from app.batching import Batcher
+from app.cache import Fits, canonical_params
+from app.config import Settings
+from app.errors import PayloadTooLarge, ProblemError, Unprocessable
+from app.media import (
+    ResizeMode,
+    audio_header,
+    decode_audio,
+    decode_image,
+    encode_audio,
+    encode_image,
+)
+from app.pipeline import ItemResult, Job, Pipeline, unchanged
+from app.registry import LoadedModel
+from app.runner import AudioRunner, ImageRunner, is_out_of_memory
+from app.tokenizers.base import AudioInfo, ImageInfo
+from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
+
+T = TypeVar("T")
+IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+AUDIO_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One encoded item: tokens ([h, w] or [K, F], the model's token dtype), whether the cache
+    answered, and its figures (shape; for audio codebooks, frames, frame_rate, sample_rate and
+    duration_s)."""
+
+    tokens: np.ndarray
+    cached: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Media:
+    """One decoded item: the file's bytes, its media type, whether the cache answered, and its
+    figures (width and height, or sample_rate and duration_s)."""
+
+    data: bytes
+    media_type: str
+    cached: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """One call's results, in the order of its items; an item that failed holds its problem."""
+
+    model: str
+    version: str
+    items: list[T | ProblemError]
+
+
+class Workers(Protocol):
+    """What an endpoint uses of the engine it belongs to."""
+
+    settings: Settings
+    pipeline: Pipeline
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in the media pool."""
+        ...
+
+
+def _check_request_seconds(total_s: float, settings: Settings, what: str) -> None:
+    """Refuse a call whose items add up to more audio than MAX_REQUEST_AUDIO_SECONDS."""
+    limit = settings.max_request_audio_seconds
+    if total_s > limit:
+        raise PayloadTooLarge(
+            f"The request's items {what} {total_s:.1f} s of audio in all; at most {limit:g} s per "
+            "request (TOKSERVE_MAX_REQUEST_AUDIO_SECONDS): split them into several requests."
+        )
+
+
+def _check_token_budget(arrays: Sequence[np.ndarray | ProblemError], settings: Settings) -> None:
+    """Refuse a decode whose readable items hold more than MAX_DECODE_TOKENS tokens."""
+    total = sum(a.size for a in arrays if isinstance(a, np.ndarray))
+    limit = settings.max_decode_tokens
+    if total > limit:
+        raise PayloadTooLarge(
+            f"{total} tokens in one request; at most {limit} (TOKSERVE_MAX_DECODE_TOKENS)."
+        )
+
+
+class Endpoint(ABC):
+    """One model's encode and decode: its runner and two queues, and how its items are checked,
+    cached and described. ``ImageEndpoint`` and ``AudioEndpoint`` fill in the modality."""
+
+    runner: ImageRunner | AudioRunner
+
+    def __init__(self, model: LoadedModel, engine: Workers) -> None:
+        self.model = model
+        self.engine = engine
+        self.settings = engine.settings
+        self.encoder: Batcher[Any, Any] = self._batcher("encode", self.runner.encode_batch)
+        self.decoder: Batcher[Any, Any] = self._batcher("decode", self.runner.decode_batch)
+
+    def _batcher(self, op: str, run_batch: Callable[[list[Any]], list[Any]]) -> Batcher[Any, Any]:
+        serving = self.model.serving
+        return Batcher(
+            self.model.name,
+            op,
+            run_batch,
+            max_batch_size=serving.max_batch_size,
+            max_wait_ms=serving.max_wait_ms,
+            max_queue=serving.max_queue,
+            is_oom=is_out_of_memory,
+        )
+
+    def answer(self, items: list[T | ProblemError]) -> Answer[T]:
+        return Answer(self.model.name, self.model.version, items)
+
+    async def _run(
+        self,
+        job: Job,
+        items: Sequence[Any | ProblemError],
+        key_of: Callable[[Any], bytes],
+        fits: Callable[[int], Fits],
+        deadline: float | None,
+    ) -> list[ItemResult]:
+        """The items that were read, through the pipeline; the others keep their problem."""
+        ready = [i for i, item in enumerate(items) if not isinstance(item, ProblemError)]
+        results = [
+            ItemResult(None, error=item) if isinstance(item, ProblemError) else ItemResult(None)
+            for item in items
+        ]
+        if ready:
+            computed = await self.engine.pipeline.run(
+                job,
+                [items[i] for i in ready],
+                [key_of(items[i]) for i in ready],
+                deadline,
+                [fits(i) for i in ready],
+            )
+            for index, result in zip(ready, computed, strict=True):
+                results[index] = result
+        return results
+
+    async def _decode(
+        self,
+        items: Sequence[Any],
+        check: Callable[[Any, str], np.ndarray],
+        single: bool,
+    ) -> list[np.ndarray | ProblemError]:
+        """Each item to decode as ``check`` makes it, or its own problem; in the media pool."""
+
+        def convert() -> list[np.ndarray | ProblemError]:
+            arrays: list[np.ndarray | ProblemError] = []
+            for index, item in enumerate(items):
+                try:
+                    arrays.append(check(item, "tokens" if single else f"tokens[{index}]"))
+                except ProblemError as exc:
+                    arrays.append(exc)
+            return arrays
+
+        arrays = await self.engine.off_loop(convert)
+        _check_token_budget(arrays, self.settings)
+        return arrays
+
+    @abstractmethod
+    def warm_up(self) -> None:
+        """One encode and one decode on inputs of the model's own shapes, before readiness."""
+
+
+class ImageEndpoint(Endpoint):
+    """encode: image files -> token grids [h, w]; decode: grids -> PNG, WebP or JPEG files."""
+
+    runner: ImageRunner
+
+    def __init__(self, model: LoadedModel, info: ImageInfo, engine: Workers) -> None:
+        self.runner = ImageRunner(model)
+        super().__init__(model, engine)
+        self.info = info
+        self.size = info.image_size
+        self.grid = list(info.grid)
+
+    async def encode(
+        self, images: Sequence[bytes | ProblemError], resize: ResizeMode, deadline: float | None
+    ) -> Answer[Tokens]:
+        """Image files (or their problems from reading them) -> one token grid each."""
+        job = Job(
+            model=self.model,
+            op="encode",
+            batcher=self.encoder,
+            prepare=partial(
+                decode_image,
+                size=self.size,
+                resize=resize,
+                max_pixels=self.settings.max_image_pixels,
+            ),
+            group=ImageRunner.group,
+            finish=unchanged,
+            params=canonical_params(resize=resize),
+        )
+        fits = token_fits(self.info.vocab_size, self.grid[0], self.grid[1])
+        results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
+        return self.answer(
+            [
+                Tokens(r.array, r.cached, {"shape": list(r.array.shape)})
+                if r.array is not None
+                else _problem(r)
+                for r in results
+            ]
+        )
+
+    def grid_of(self, item: Any, where: str) -> np.ndarray:
+        """One item to decode as an int64 grid of this model's shape."""
+        array = token_array(item, where, self.info.vocab_size)
+        if list(array.shape) != self.grid:
+            raise Unprocessable(
+                f"{where}: grid {list(array.shape)} does not match model {self.model.name}'s "
+                f"grid {self.grid} (rows x columns)."
+            )
+        return array
+
+    async def decode(
+        self, grids: Sequence[Any], fmt: str, deadline: float | None, single: bool = False
+    ) -> Answer[Media]:
+        """Token grids (lists, arrays or binary items) -> one image file each."""
+        arrays = await self._decode(grids, self.grid_of, single)
+        media_type = IMAGE_MEDIA_TYPES[fmt]
+
+        def to_file(rgb: np.ndarray) -> np.ndarray:
+            return np.frombuffer(encode_image(rgb, fmt), dtype=np.uint8)
+
+        job = Job(
+            model=self.model,
+            op="decode",
+            batcher=self.decoder,
+            prepare=unchanged,
+            group=ImageRunner.decode_group,
+            finish=to_file,
+            params=canonical_params(format=fmt),
+            use_cache=self.settings.cache_decode,
+        )
+        fits = file_fits(media_type)
+        results = await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+        height, width = self.size
+        figures = {"width": width, "height": height}
+        return self.answer(
+            [
+                Media(r.array.tobytes(), media_type, r.cached, figures)
+                if r.array is not None
+                else _problem(r)
+                for r in results
+            ]
+        )
+
+    def warm_up(self) -> None:
+        height, width = self.size
+        tokens = self.runner.encode_batch([torch.zeros(3, height, width)])[0]
+        self.runner.decode_batch([np.asarray(tokens)])
+
+
+class AudioEndpoint(Endpoint):
+    """encode: audio files -> tokens [K, F]; decode: [k, F] -> WAV, FLAC or OGG files."""
+
+    runner: AudioRunner
+
+    def __init__(self, model: LoadedModel, info: AudioInfo, engine: Workers) -> None:
+        self.runner = AudioRunner(model)
+        super().__init__(model, engine)
+        self.info = info
+        self.sample_rate = info.sample_rate
+        self.frame_rate = info.frame_rate
+        self.hop = info.hop_length
+        self.codebooks = info.codebooks
+        # a decoder that needs every codebook declares it (exported programs do)
+        self.fewest_codebooks = int(info.extra.get("decode_codebooks", 1))
+
+    def check_codebooks(self, codebooks: int | None) -> None:
+        """Refuse asking for more codebooks than the model has."""
+        if codebooks is not None and not 1 <= codebooks <= self.codebooks:
+            raise Unprocessable(
+                f"codebooks={codebooks}, but model {self.model.name} has {self.codebooks}; "
+                f"ask for 1 to {self.codebooks}."
+            )
+
+    async def encode(
+        self,
+        clips: Sequence[bytes | ProblemError],
+        codebooks: int | None,
+        deadline: float | None,
+    ) -> Answer[Tokens]:
+        """Audio files (or their problems from reading them) -> tokens [k, F] each, the first
+        ``codebooks`` of the model's (all when None)."""
+        self.check_codebooks(codebooks)
+        settings = self.settings
+        declared = await self.engine.off_loop(
+            _declared_seconds, clips, settings.min_audio_sample_rate
+        )
+        _check_request_seconds(sum(s for s in declared if s is not None), settings, "last")
+        job = Job(
+            model=self.model,
+            op="encode",
+            batcher=self.encoder,
+            prepare=partial(
+                _wave_only,
+                sample_rate=self.sample_rate,
+                channels=self.info.channels,
+                max_seconds=settings.max_audio_seconds,
+                min_sample_rate=settings.min_audio_sample_rate,
+            ),
+            group=AudioRunner.encode_group,
+            finish=unchanged,
+        )
+
+        def fits(index: int) -> Fits:
+            # the clip's declared length, to the frame (resampling may round by one either way)
+            expected = math.ceil((declared[index] or 0.0) * self.frame_rate)
+            frames = (max(1, expected - 1), expected + 1)
+            return token_fits(self.info.vocab_size, self.codebooks, frames=frames)
+
+        results = await self._run(job, clips, raw_bytes, fits, deadline)
+        items: list[Tokens | ProblemError] = []
+        for result in results:
+            if result.array is None:
+                items.append(_problem(result))
+                continue
+            tokens = result.array[: codebooks or self.codebooks]
+            frames = int(tokens.shape[1])
+            figures = {
+                "shape": list(tokens.shape),
+                "codebooks": int(tokens.shape[0]),
+                "frames": frames,
+                "frame_rate": self.frame_rate,
+                "sample_rate": self.sample_rate,
+                "duration_s": round(frames / self.frame_rate, 6),
+            }
+            items.append(Tokens(tokens, result.cached, figures))
+        return self.answer(items)
+
+    def codes_of(self, item: Any, where: str) -> np.ndarray:
+        """One item to decode as int64 codes [k, F] this model can decode."""
+        array = token_array(item, where, self.info.vocab_size)
+        fewest, most = self.fewest_codebooks, self.codebooks
+        if array.ndim != 2 or not fewest <= array.shape[0] <= most or array.shape[1] < 1:
+            rows = f"{fewest} to {most}" if fewest < most else f"{fewest}"
+            raise Unprocessable(
+                f"{where} of shape {list(array.shape)} does not fit model {self.model.name}: "
+                f"send [k][F] with {rows} codebooks (rows) and at least one frame."
+            )
+        max_seconds = self.settings.max_audio_seconds
+        if array.shape[1] * self.hop > max_seconds * self.sample_rate:
+            raise PayloadTooLarge(
+                f"{where}: {array.shape[1]} frames decode to "
+                f"{array.shape[1] * self.hop / self.sample_rate:.1f} s of audio; at most "
+                f"{max_seconds:g} s (TOKSERVE_MAX_AUDIO_SECONDS, "
+                f"{int(max_seconds * self.sample_rate / self.hop)} frames) per item."
+            )
+        return array
+
+    async def decode(
+        self, codes: Sequence[Any], fmt: str, deadline: float | None, single: bool = False
+    ) -> Answer[Media]:
+        """Codes [k, F] (lists, arrays or binary items) -> one audio file each."""
+        arrays = await self._decode(codes, self.codes_of, single)
+        seconds = [
+            a.shape[1] * self.hop / self.sample_rate if isinstance(a, np.ndarray) else 0.0
+            for a in arrays
+        ]
+        _check_request_seconds(sum(seconds), self.settings, "decode to")
+        media_type = AUDIO_MEDIA_TYPES[fmt]
+        sample_rate = self.sample_rate
+
+        def to_file(wave: torch.Tensor) -> np.ndarray:
+            return np.frombuffer(encode_audio(wave, sample_rate, fmt), dtype=np.uint8)
+
+        job = Job(
+            model=self.model,
+            op="decode",
+            batcher=self.decoder,
+            prepare=unchanged,
+            group=AudioRunner.decode_group,
+            finish=to_file,
+            params=canonical_params(format=fmt),
+            use_cache=self.settings.cache_decode,
+        )
+        fits = file_fits(media_type)
+        results = await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+        return self.answer(
+            [
+                Media(
+                    r.array.tobytes(),
+                    media_type,
+                    r.cached,
+                    {"sample_rate": sample_rate, "duration_s": round(duration_s, 6)},
+                )
+                if r.array is not None
+                else _problem(r)
+                for r, duration_s in zip(results, seconds, strict=True)
+            ]
+        )
+
+    def warm_up(self) -> None:
+        wave = torch.zeros(self.info.channels, self.sample_rate)
+        tokens = self.runner.encode_batch([wave])[0]
+        self.runner.decode_batch([np.asarray(tokens)])
+
+
+def _problem(result: ItemResult) -> ProblemError:
+    assert result.error is not None  # an ItemResult holds an array or its problem
+    return result.error
+
+
+def _wave_only(
+    blob: bytes, sample_rate: int, channels: int, max_seconds: float, min_sample_rate: int
+) -> torch.Tensor:
+    return decode_audio(blob, sample_rate, channels, max_seconds, min_sample_rate)[0]
+
+
+def _declared_seconds(clips: Sequence[bytes | ProblemError], min_rate: int) -> list[float | None]:
+    """Each clip's duration as its header declares it; None where unreadable or refused anyway
+    (below the minimum rate: that clip fails alone)."""
+    seconds: list[float | None] = []
+    for clip in clips:
+        header = audio_header(clip) if isinstance(clip, bytes) else None
+        usable = header is not None and header[0] >= min_rate
+        seconds.append(header[1] / header[0] if header is not None and usable else None)
+    return seconds
