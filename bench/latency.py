@@ -2,8 +2,8 @@
 
 Each model is timed as the server loads it (its config's dtype, resolved for this device) and
 in float32, in interleaved rounds, so that a machine whose speed drifts from minute to minute
-slows every variant alike. Issue 3's targets on 2 CPU cores: an image under 100 ms, 10 s of
-audio under 500 ms.
+slows every variant alike. The targets on 2 CPU cores: an image under 100 ms, 10 s of audio
+under 500 ms.
 
     python -m bench.latency [--models image-fsq-256 audio-rvq-24k] [--rounds 5] [--repeats 21]
 """

@@ -1,4 +1,4 @@
-"""The benchmark's verdict: ratios against issue 4's and issue 5's targets, and a Markdown table."""
+"""The benchmark's verdict: ratios against the batching and cache targets, and a Markdown table."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def _rates(ceiling: Ceiling) -> str:
 
 
 def cache_summary(cache: dict[str, Any]) -> dict[str, Any]:
-    """Hit p50 and hit/miss throughput against issue 5's targets."""
+    """Hit p50 and hit/miss throughput against the cache's targets."""
     return {
         "hit_p50_ms": _target(cache["hit_p50_ms"], "< 3", cache["hit_p50_ms"] < 3),
         "hit_over_miss_throughput": _target(
