@@ -36,6 +36,8 @@ from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
 
 T = TypeVar("T")
 IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+# decode items holding up to about this many ids are checked on the caller's thread
+INLINE_CHECK_IDS = 16_384
 AUDIO_MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
 
 
@@ -161,7 +163,8 @@ class Endpoint(ABC):
         check: Callable[[Any, str], np.ndarray],
         single: bool,
     ) -> list[np.ndarray | ProblemError]:
-        """Each item to decode as ``check`` makes it, or its own problem; in the media pool."""
+        """Each item to decode as ``check`` makes it, or its own problem; in the media pool,
+        unless they hold so few ids that the thread hop would cost more."""
 
         def convert() -> list[np.ndarray | ProblemError]:
             arrays: list[np.ndarray | ProblemError] = []
@@ -172,7 +175,8 @@ class Endpoint(ABC):
                     arrays.append(exc)
             return arrays
 
-        arrays = await self.engine.off_loop(convert)
+        small = sum(_approximate_ids(item) for item in items) <= INLINE_CHECK_IDS
+        arrays = convert() if small else await self.engine.off_loop(convert)
         _check_token_budget(arrays, self.settings)
         return arrays
 
@@ -363,7 +367,7 @@ class AudioEndpoint(Endpoint):
         if array.shape[1] * self.hop > max_seconds * self.sample_rate:
             raise PayloadTooLarge(
                 f"{where}: {array.shape[1]} frames decode to "
-                f"{array.shape[1] * self.hop / self.sample_rate:.1f} s of audio; at most "
+                f"{array.shape[1] * self.hop / self.sample_rate:.3f} s of audio; at most "
                 f"{max_seconds:g} s (TOKSERVE_MAX_AUDIO_SECONDS, "
                 f"{int(max_seconds * self.sample_rate / self.hop)} frames) per item."
             )
@@ -415,6 +419,19 @@ class AudioEndpoint(Endpoint):
         wave = torch.zeros(self.info.channels, self.sample_rate)
         tokens = self.runner.encode_batch([wave])[0]
         self.runner.decode_batch([np.asarray(tokens)])
+
+
+def _approximate_ids(item: Any) -> int:
+    """About how many ids an item to decode holds, without reading them all: an array's size,
+    a binary item's bytes over two, rows times the first row's length for nested lists."""
+    if isinstance(item, np.ndarray):
+        return item.size
+    if isinstance(item, dict):
+        data = item.get("data")
+        return len(data) // 2 if isinstance(data, bytes | str) else 0
+    if isinstance(item, list) and item and isinstance(item[0], list):
+        return len(item) * len(item[0])
+    return len(item) if isinstance(item, list) else 1
 
 
 def _problem(result: ItemResult) -> ProblemError:

@@ -625,3 +625,11 @@ async def test_media_threads_run_at_lower_priority_than_model_threads_and_event_
         assert {niceness[n] for n in model_threads} == {base}
         assert {niceness[n] for n in media_threads} == {nice}
         assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the event loop's thread
+
+
+@pytest.mark.parametrize(("route", "what"), [("images", "image"), ("audio", "audio")])
+async def test_an_empty_body_names_the_file_it_expects(
+    client: httpx.AsyncClient, route: str, what: str
+) -> None:
+    response = await client.post(f"/v1/{route}/encode", content=b"")
+    assert_problem(response, 400, f"send the {what} file's bytes")

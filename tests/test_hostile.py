@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -70,7 +71,7 @@ async def _chunks(body: bytes, size: int = 4096) -> Any:
         yield body[start : start + size]
 
 
-async def test_token_bodies_are_parsed_off_the_event_loop(
+async def test_large_token_bodies_are_parsed_off_the_event_loop(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parsed_on: list[str] = []
@@ -82,9 +83,15 @@ async def test_token_bodies_are_parsed_off_the_event_loop(
 
     monkeypatch.setattr(requests, "_parse_json", recording)
     tokens = np.zeros((GRID, GRID), int).tolist()
-    response = await client.post("/v1/images/decode", json={"tokens": tokens})
-    assert response.status_code == 200
-    assert parsed_on and parsed_on[0].startswith("media")
+    small = json.dumps({"tokens": tokens})
+    large = " " * requests.INLINE_PARSE_BYTES + small  # a body only whitespace makes large
+    for body in (small, large):
+        response = await client.post(
+            "/v1/images/decode", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 200
+    assert parsed_on[0] == threading.current_thread().name  # small: inline, no thread hop
+    assert parsed_on[1].startswith("media")
 
 
 def _wav(samples: int, sample_rate: int) -> bytes:
