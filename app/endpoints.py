@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -180,6 +180,30 @@ class Endpoint(ABC):
         _check_token_budget(arrays, self.settings)
         return arrays
 
+    async def _to_files(
+        self,
+        arrays: Sequence[np.ndarray | ProblemError],
+        group: Callable[[np.ndarray], Hashable],
+        to_file: Callable[[Any], np.ndarray],
+        fmt: str,
+        media_type: str,
+        deadline: float | None,
+    ) -> list[ItemResult]:
+        """Checked token arrays through the decode queue, each answered as a file's bytes by
+        ``to_file`` (in the media pool) and cached as such when TOKSERVE_CACHE_DECODE is on."""
+        job = Job(
+            model=self.model,
+            op="decode",
+            batcher=self.decoder,
+            prepare=unchanged,
+            group=group,
+            finish=to_file,
+            params=canonical_params(format=fmt),
+            use_cache=self.settings.cache_decode,
+        )
+        fits = file_fits(media_type)
+        return await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+
     @abstractmethod
     def warm_up(self) -> None:
         """One encode and one decode on inputs of the model's own shapes, before readiness."""
@@ -246,18 +270,8 @@ class ImageEndpoint(Endpoint):
         def to_file(rgb: np.ndarray) -> np.ndarray:
             return np.frombuffer(encode_image(rgb, fmt), dtype=np.uint8)
 
-        job = Job(
-            model=self.model,
-            op="decode",
-            batcher=self.decoder,
-            prepare=unchanged,
-            group=ImageRunner.decode_group,
-            finish=to_file,
-            params=canonical_params(format=fmt),
-            use_cache=self.settings.cache_decode,
-        )
-        fits = file_fits(media_type)
-        results = await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+        group = ImageRunner.decode_group
+        results = await self._to_files(arrays, group, to_file, fmt, media_type, deadline)
         height, width = self.size
         figures = {"width": width, "height": height}
         return self.answer(
@@ -389,18 +403,8 @@ class AudioEndpoint(Endpoint):
         def to_file(wave: torch.Tensor) -> np.ndarray:
             return np.frombuffer(encode_audio(wave, sample_rate, fmt), dtype=np.uint8)
 
-        job = Job(
-            model=self.model,
-            op="decode",
-            batcher=self.decoder,
-            prepare=unchanged,
-            group=AudioRunner.decode_group,
-            finish=to_file,
-            params=canonical_params(format=fmt),
-            use_cache=self.settings.cache_decode,
-        )
-        fits = file_fits(media_type)
-        results = await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
+        group = AudioRunner.decode_group
+        results = await self._to_files(arrays, group, to_file, fmt, media_type, deadline)
         return self.answer(
             [
                 Media(
