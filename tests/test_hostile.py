@@ -46,11 +46,18 @@ def assert_problem(response: httpx.Response, status: int, *words: str) -> None:
 
 
 async def test_decode_of_more_items_than_max_items_is_refused_before_any_is_read(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    body = {"model": "tiny-audio", "tokens": [[[0]]] * 100_000}
-    response = await client.post("/v1/audio/decode", content=msgpack.packb(body), headers=MSGPACK)
+    body = msgpack.packb({"model": "tiny-audio", "tokens": [[[0]]] * 100_000})
+
+    def unpack_all(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("unpacking 100,000 items holds the GIL for ~80 ms")
+
+    monkeypatch.setattr(msgpack, "unpackb", unpack_all)  # the item count comes from headers
+    response = await client.post("/v1/audio/decode", content=body, headers=MSGPACK)
     assert_problem(response, 413, "100000 token items", "TOKSERVE_MAX_ITEMS")
+    as_json = await client.post("/v1/audio/decode", json={"tokens": [[[0]]] * 100_000})
+    assert_problem(as_json, 413, "100000 token items", "TOKSERVE_MAX_ITEMS")
 
 
 async def test_a_token_body_over_the_token_budget_is_refused_by_size_not_parsed(

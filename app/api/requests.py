@@ -203,6 +203,9 @@ def _parse_tokens(
     body: bytes, binary: bool, item_ndim: int, layout: str, max_items: int, limit: int
 ) -> TokenRequest:
     if binary:
+        count = _msgpack_item_count(body, item_ndim)
+        if count is not None:  # headers only: unpacking 100,000 tiny items holds the GIL ~80 ms
+            _check_count(count, max_items, "token items")
         try:
             payload = msgpack.unpackb(
                 body,
@@ -236,6 +239,39 @@ def _parse_tokens(
         f"'tokens' must be {layout} for one item, or a list of those for several "
         f"(got {depth} levels of nesting)."
     )
+
+
+def _msgpack_item_count(body: bytes, item_ndim: int) -> int | None:
+    """How many items a msgpack decode body's ``tokens`` list holds, read from its headers
+    alone; None when it holds one item, or is not such a list (the full parse says why)."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(body))
+    unpacker.feed(body)
+    try:
+        for _ in range(unpacker.read_map_header()):
+            if unpacker.unpack() != "tokens":
+                unpacker.skip()
+                continue
+            count: int = unpacker.read_array_header()
+            # a list of items nests one list more than an item does, or holds binary items (maps)
+            for depth in range(item_ndim):
+                kind = _msgpack_kind(body[unpacker.tell()])
+                if kind == "map":
+                    return count if depth == 0 else None
+                if kind != "array" or unpacker.read_array_header() == 0:
+                    return None
+            return count
+    except (ValueError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    return None
+
+
+def _msgpack_kind(first_byte: int) -> str:
+    """What a msgpack object is, from its first byte: "array", "map" or "other"."""
+    if 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD):
+        return "array"
+    if 0x80 <= first_byte <= 0x8F or first_byte in (0xDE, 0xDF):
+        return "map"
+    return "other"
 
 
 def _is_binary(item: Any) -> bool:
