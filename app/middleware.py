@@ -7,7 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import problem_response
+from app.api.problems import error_response
 from app.errors import Overloaded, PayloadTooLarge
 from app.metrics import IN_FLIGHT, REJECTED, REQUEST_DURATION
 
@@ -34,7 +34,7 @@ class BodyLimitMiddleware:
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 exc = _too_large(limit)
-                response = problem_response(exc.status, exc.title, exc.detail)
+                response = error_response(exc)
                 response.headers["Connection"] = "close"
                 await response(scope, receive, send)
                 return
@@ -79,9 +79,7 @@ class AdmissionMiddleware:
                 # closing spares reading a body nobody will use; the client reconnects to retry
                 headers={"Retry-After": "1", "Connection": "close"},
             )
-            await problem_response(exc.status, exc.title, exc.detail, exc.headers)(
-                scope, receive, send
-            )
+            await error_response(exc)(scope, receive, send)
             return
         self.in_flight += 1
         IN_FLIGHT.inc()
