@@ -141,6 +141,7 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
             "separator; choose a name without it."
         )
     chosen = backend_named(folder, backend)
+    compute = compute_fingerprint(device, dtype)
     # A trainer exporting new weights while the server starts must not leave the old weights
     # served under the new weights' version: load again until no hashed file changed meanwhile.
     for _ in range(LOAD_ATTEMPTS):
@@ -148,7 +149,6 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
         tokenizer = chosen.build(folder, config, device, dtype)
         check_modality(folder, config, tokenizer)
         repro = reproducibility(tokenizer.info)
-        compute = compute_fingerprint(device, dtype)
         folders, files = hashed_inputs(folder, config, chosen.weight_files)
         hashed_compute = compute if repro == "host" else None
         version = model_version(config, dtype, *folders, files=files, compute=hashed_compute)
