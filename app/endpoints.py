@@ -21,12 +21,14 @@ from app.cache import Fits, canonical_params
 from app.config import Settings
 from app.errors import PayloadTooLarge, ProblemError, Unprocessable
 from app.media import (
+    AudioHeader,
     ResizeMode,
     audio_header,
     decode_audio,
     decode_image,
     encode_audio,
     encode_image,
+    image_geometry,
 )
 from app.pipeline import ItemResult, Job, Pipeline, unchanged
 from app.registry import LoadedModel
@@ -240,15 +242,26 @@ class ImageEndpoint(Endpoint):
             params=canonical_params(resize=resize),
         )
         fits = token_fits(self.info.vocab_size, self.grid[0], self.grid[1])
+        geometry = await self.engine.off_loop(self._geometry, images, resize)
         results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
         return self.answer(
             [
-                Tokens(r.array, r.cached, {"shape": list(r.array.shape)})
+                Tokens(r.array, r.cached, {"shape": list(r.array.shape), **(where or {})})
                 if r.array is not None
                 else _problem(r)
-                for r in results
+                for r, where in zip(results, geometry, strict=True)
             ]
         )
+
+    def _geometry(
+        self, images: Sequence[bytes | ProblemError], resize: ResizeMode
+    ) -> list[dict[str, Any] | None]:
+        """Each image's source size, crop box and content box, read from its header: known
+        whether or not the cache answers for its tokens."""
+        return [
+            image_geometry(image, self.size, resize) if isinstance(image, bytes) else None
+            for image in images
+        ]
 
     def grid_of(self, item: Any, where: str) -> np.ndarray:
         """One item to decode as an int64 grid of this model's shape."""
@@ -323,9 +336,8 @@ class AudioEndpoint(Endpoint):
         ``codebooks`` of the model's (all when None)."""
         self.check_codebooks(codebooks)
         settings = self.settings
-        declared = await self.engine.off_loop(
-            _declared_seconds, clips, settings.min_audio_sample_rate
-        )
+        headers = await self.engine.off_loop(_headers, clips, settings.min_audio_sample_rate)
+        declared = [h.frames / h.sample_rate if h is not None else None for h in headers]
         _check_request_seconds(sum(s for s in declared if s is not None), settings, "last")
         job = Job(
             model=self.model,
@@ -350,7 +362,7 @@ class AudioEndpoint(Endpoint):
 
         results = await self._run(job, clips, raw_bytes, fits, deadline)
         items: list[Tokens | ProblemError] = []
-        for result in results:
+        for result, header in zip(results, headers, strict=True):
             if result.array is None:
                 items.append(_problem(result))
                 continue
@@ -363,6 +375,9 @@ class AudioEndpoint(Endpoint):
                 "frame_rate": self.frame_rate,
                 "sample_rate": self.sample_rate,
                 "duration_s": round(frames / self.frame_rate, 6),
+                "source_sample_rate": header.sample_rate if header else None,
+                "source_channels": header.channels if header else None,
+                "samples": header.frames if header else None,
             }
             items.append(Tokens(tokens, result.cached, figures))
         return self.answer(items)
@@ -449,12 +464,8 @@ def _wave_only(
     return decode_audio(blob, sample_rate, channels, max_seconds, min_sample_rate)[0]
 
 
-def _declared_seconds(clips: Sequence[bytes | ProblemError], min_rate: int) -> list[float | None]:
-    """Each clip's duration as its header declares it; None where unreadable or refused anyway
+def _headers(clips: Sequence[bytes | ProblemError], min_rate: int) -> list[AudioHeader | None]:
+    """Each clip's header (rate, frames, channels); None where unreadable or refused anyway
     (below the minimum rate: that clip fails alone)."""
-    seconds: list[float | None] = []
-    for clip in clips:
-        header = audio_header(clip) if isinstance(clip, bytes) else None
-        usable = header is not None and header[0] >= min_rate
-        seconds.append(header[1] / header[0] if header is not None and usable else None)
-    return seconds
+    headers = [audio_header(clip) if isinstance(clip, bytes) else None for clip in clips]
+    return [h if h is not None and h.sample_rate >= min_rate else None for h in headers]

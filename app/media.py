@@ -164,25 +164,68 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def fit_boxes(
+    source_size: tuple[int, int], size: tuple[int, int], resize: ResizeMode
+) -> tuple[tuple[float, float, float, float], tuple[int, int, int, int]]:
+    """Where a (width, height) source goes in the model's (H, W) image: the part of the source
+    that is kept (crop: a centred box; pad and stretch: all of it), in source pixels, and the
+    part of the model's image it fills (pad: the letterbox's inside; else all), in its pixels."""
+    height, width = size
+    source_width, source_height = source_size
+    whole = (0.0, 0.0, float(source_width), float(source_height))
+    if resize == "stretch" or source_size == (width, height):
+        return whole, (0, 0, width, height)
+    if resize == "crop":
+        # the side that fills is kept whole, exactly: width / (width / w) can exceed w by an
+        # ulp, and Pillow refuses a box that starts before the image
+        if width * source_height >= height * source_width:
+            box_width, box_height = float(source_width), source_width * height / width
+        else:
+            box_width, box_height = source_height * width / height, float(source_height)
+        left, top = (source_width - box_width) / 2, (source_height - box_height) / 2
+        return (left, top, left + box_width, top + box_height), (0, 0, width, height)
+    scale = min(width / source_width, height / source_height)
+    inner_width = max(1, round(source_width * scale))
+    inner_height = max(1, round(source_height * scale))
+    left, top = (width - inner_width) // 2, (height - inner_height) // 2
+    return whole, (left, top, left + inner_width, top + inner_height)
+
+
+def image_geometry(
+    data: bytes, size: tuple[int, int], resize: ResizeMode
+) -> dict[str, list[int] | list[float]] | None:
+    """From the header alone: the image's upright size and its ``fit_boxes`` (crop_box rounded
+    to 1/1000 pixel), for a client to align its original with the tokens; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS_IN) as img:
+            width, height = img.size
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except (Image.DecompressionBombError, *_PILLOW_DECODE_ERRORS):
+        return None
+    crop_box, content_box = fit_boxes((width, height), size, resize)
+    return {
+        "source_size": [width, height],
+        "crop_box": [round(edge, 3) for edge in crop_box],
+        "content_box": list(content_box),
+    }
+
+
 def _fit(rgb: Image.Image, size: tuple[int, int], resize: ResizeMode) -> Image.Image:
     """Resize to (H, W) = size: crop fills then centre-crops, pad fits then letterboxes."""
     height, width = size
-    source_width, source_height = rgb.size
-    if (source_width, source_height) == (width, height):
+    if rgb.size == (width, height):
         return rgb
+    crop_box, (left, top, right, bottom) = fit_boxes(rgb.size, size, resize)
     if resize == "stretch":
         return rgb.resize((width, height), _RESAMPLE_FILTER, reducing_gap=_REDUCING_GAP)
     if resize == "crop":
-        scale = max(width / source_width, height / source_height)
-        box_width, box_height = width / scale, height / scale
-        left, top = (source_width - box_width) / 2, (source_height - box_height) / 2
-        box = (left, top, left + box_width, top + box_height)
-        return rgb.resize((width, height), _RESAMPLE_FILTER, box=box, reducing_gap=_REDUCING_GAP)
-    scale = min(width / source_width, height / source_height)
-    inner = (max(1, round(source_width * scale)), max(1, round(source_height * scale)))
+        return rgb.resize(
+            (width, height), _RESAMPLE_FILTER, box=crop_box, reducing_gap=_REDUCING_GAP
+        )
     canvas = Image.new("RGB", (width, height), BACKGROUND_RGB)
-    scaled = rgb.resize(inner, _RESAMPLE_FILTER, reducing_gap=_REDUCING_GAP)
-    canvas.paste(scaled, ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    scaled = rgb.resize((right - left, bottom - top), _RESAMPLE_FILTER, reducing_gap=_REDUCING_GAP)
+    canvas.paste(scaled, (left, top))
     return canvas
 
 
@@ -237,14 +280,23 @@ _BUDGET_RATE = 48_000
 _BUDGET_CHANNELS = 2
 
 
-def audio_header(data: bytes) -> tuple[int, int] | None:
-    """(sample rate in Hz, frames) as the header declares them; None when it cannot be read or
-    does not state the length (decode_audio then says why)."""
+@dataclass(frozen=True)
+class AudioHeader:
+    """What an audio file's header declares: its rate in Hz, frames per channel, channels."""
+
+    sample_rate: int
+    frames: int
+    channels: int
+
+
+def audio_header(data: bytes) -> AudioHeader | None:
+    """The header's rate, length and channels; None when it cannot be read or does not state
+    the length (decode_audio then says why)."""
     try:
         with sf.SoundFile(io.BytesIO(data)) as sound:
             if sound.frames == _UNKNOWN_FRAMES:
                 return None
-            return int(sound.samplerate), int(sound.frames)
+            return AudioHeader(int(sound.samplerate), int(sound.frames), int(sound.channels))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
         return None
 

@@ -37,7 +37,14 @@ async def test_engine_encodes_images_to_grids_of_the_models_version(engine: Engi
     first, second = answer.items
     assert isinstance(first, Tokens) and isinstance(second, Tokens)
     assert first.tokens.shape == (GRID, GRID) and first.tokens.dtype == np.uint16
-    assert first.figures == {"shape": [GRID, GRID]} and first.cached is False
+    assert first.cached is False
+    # a 96x80 source, cropped to a centred 80x80 box that fills the model's whole 64x64 image
+    assert first.figures == {
+        "shape": [GRID, GRID],
+        "source_size": [96, 80],
+        "crop_box": [8.0, 0.0, 88.0, 80.0],
+        "content_box": [0, 0, 64, 64],
+    }
     assert second.tokens.shape == (GRID, GRID)
 
 

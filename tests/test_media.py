@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from app.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMedia
 from app.media import (
@@ -23,6 +23,7 @@ from app.media import (
     decode_image,
     encode_audio,
     encode_image,
+    image_geometry,
     parse_base64,
 )
 from app.runner import to_rgb8
@@ -226,6 +227,42 @@ def test_stretch_maps_the_whole_image_onto_the_model_size() -> None:
     pixels = decode_image(banded_image(), (64, 64), "stretch")
     for x, colour in ((6, GREEN), (24, RED), (40, BLUE), (58, YELLOW)):
         assert near(rgb_at(pixels, 2, x), colour, 10)
+
+
+@pytest.mark.parametrize("height", range(150, 400))
+def test_crop_takes_any_aspect_ratio_whose_scale_is_not_exact(height: int) -> None:
+    # 256x203 once gave a box starting at -1e-14 px, which Pillow refuses (a 500)
+    pixels = decode_image(image_bytes(Image.new("RGB", (256, height), RED), "PNG"), (64, 64))
+    assert rgb_at(pixels, 32, 32) == RED
+
+
+def test_geometry_names_the_crop_box_of_the_source_and_the_whole_model_image() -> None:
+    assert image_geometry(banded_image(), (64, 64), "crop") == {
+        "source_size": [200, 100],
+        "crop_box": [50.0, 0.0, 150.0, 100.0],
+        "content_box": [0, 0, 64, 64],
+    }
+
+
+def test_geometry_names_where_a_padded_image_sits_in_the_letterbox() -> None:
+    assert image_geometry(banded_image(), (64, 64), "pad") == {
+        "source_size": [200, 100],
+        "crop_box": [0.0, 0.0, 200.0, 100.0],
+        "content_box": [0, 16, 64, 48],
+    }
+
+
+def test_geometry_gives_the_upright_size_of_an_exif_rotated_photo() -> None:
+    img = Image.new("RGB", (200, 100), RED)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored 200x100, shown 100x200
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", exif=exif)
+    assert image_geometry(buffer.getvalue(), (64, 64), "crop") == {
+        "source_size": [100, 200],
+        "crop_box": [0.0, 50.0, 100.0, 150.0],
+        "content_box": [0, 0, 64, 64],
+    }
 
 
 def test_unknown_resize_mode_answers_400_naming_the_modes() -> None:

@@ -22,6 +22,15 @@ class ItemFailure(BaseModel):
 class ImageTokens(BaseModel):
     tokens: list[list[int]] = Field(description="Token ids, h rows of w")
     shape: list[int] = Field(description="[h, w]")
+    source_size: list[int] | None = Field(
+        None, description="[width, height] of the upright source image; null if unreadable"
+    )
+    crop_box: list[float] | None = Field(
+        None, description="[left, top, right, bottom] of the source the tokens cover, its pixels"
+    )
+    content_box: list[int] | None = Field(
+        None, description="[left, top, right, bottom] the source fills in the model's image"
+    )
     cached: bool = Field(description="Answered from the token cache")
 
 
@@ -39,6 +48,9 @@ class AudioTokens(BaseModel):
     frame_rate: float = Field(description="Frames per second")
     sample_rate: int = Field(description="The model's sample rate, Hz")
     duration_s: float = Field(description="Audio covered by the tokens: frames / frame_rate")
+    source_sample_rate: int | None = Field(None, description="The file's rate, Hz, as declared")
+    source_channels: int | None = Field(None, description="The file's channels (mixed as needed)")
+    samples: int | None = Field(None, description="The file's samples per channel, as declared")
     cached: bool
 
 
