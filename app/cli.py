@@ -1,4 +1,4 @@
-"""The ``tokserve`` command line: serve, and the training tools of app/train."""
+"""The ``tokserve`` command line: serve, bulk (app/bulk), and the training tools of app/train."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from app.bulk.cli import add_subcommands as add_bulk_command
 from app.config import Settings
 from app.model_tools import add_subcommands as add_model_commands
 from app.train.cli import add_subcommands as add_training_commands
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="default TOKSERVE_PORT or 8000")
     serve_cmd.add_argument("--model-dir", help="colon-separated model directories")
     serve_cmd.set_defaults(handler=serve)
+    add_bulk_command(commands)
     add_training_commands(commands)
     add_model_commands(commands)
     return parser

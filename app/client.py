@@ -51,11 +51,12 @@ class Encoded:
 
 @dataclass(frozen=True)
 class ItemError:
-    """One item's problem: the status and detail the server gave it."""
+    """One item's problem: the status, detail and title the server gave it."""
 
     index: int
     status: int
     detail: str
+    title: str = ""
 
 
 class ItemsFailed(TokserveError):
@@ -162,12 +163,9 @@ class Client:
         if not response.is_success:
             problem = _problem(response)
             if "items" in problem:  # every item failed, each with its own problem
-                return [
-                    ItemError(first + i, int(p["status"]), str(p["detail"]))
-                    for i, p in enumerate(problem["items"])
-                ]
+                return [_item_error(first + i, p) for i, p in enumerate(problem["items"])]
             if len(blobs) == 1 and response.status_code in _ITEM_STATUSES:
-                return [ItemError(first, response.status_code, str(problem.get("detail")))]
+                return [_item_error(first, {"status": response.status_code, **problem})]
             self._check(response)
         body = msgpack.unpackb(response.content)
         return [
@@ -212,8 +210,15 @@ def _problem(response: httpx.Response) -> dict[str, Any]:
 def _encoded(item: dict[str, Any], model: str, version: str, index: int) -> Encoded | ItemError:
     """One msgpack item of an encode answer: its tokens and figures, or its problem."""
     if "error" in item:
-        return ItemError(index, int(item["error"]["status"]), str(item["error"]["detail"]))
+        return _item_error(index, item["error"])
     figures = {k: v for k, v in item.items() if k not in ("tokens", "dtype", "cached")}
     dtype = np.dtype(item["dtype"]).newbyteorder("<")
     tokens = np.frombuffer(item["tokens"], dtype=dtype).reshape(item["shape"])
     return Encoded(tokens, model, version, bool(item["cached"]), figures)
+
+
+def _item_error(index: int, problem: dict[str, Any]) -> ItemError:
+    """One item's problem document as an ItemError."""
+    return ItemError(
+        index, int(problem["status"]), str(problem.get("detail")), str(problem.get("title", ""))
+    )

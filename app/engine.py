@@ -96,11 +96,16 @@ class Engine:
         self.draining_since: float | None = None  # time.monotonic() of SIGTERM
 
     @classmethod
-    def build(cls, settings: Settings, registry: ModelRegistry | None = None) -> Engine:
-        """Load the models (unless given), open the cache and the media pool: a thread per
-        usable CPU, at TOKSERVE_REQUEST_NICE. One call may take half the media threads, so the
-        others' files are decoded meanwhile."""
-        media_threads = max(2, usable_cpus())
+    def build(
+        cls,
+        settings: Settings,
+        registry: ModelRegistry | None = None,
+        media_threads: int | None = None,
+    ) -> Engine:
+        """Load the models (unless given), open the cache and the media pool: ``media_threads``
+        (a thread per usable CPU, at least 2, unless given), at TOKSERVE_REQUEST_NICE. One call
+        may take half the media threads, so the others' files are decoded meanwhile."""
+        media_threads = media_threads or max(2, usable_cpus())
         media_pool = ThreadPoolExecutor(
             max_workers=media_threads,
             thread_name_prefix="media",
@@ -112,7 +117,7 @@ class Engine:
             registry if registry is not None else ModelRegistry.load(settings),
             create_cache(settings),
             media_pool,
-            media_share=media_threads // 2,
+            media_share=max(1, media_threads // 2),
         )
 
     async def start(self) -> None:
