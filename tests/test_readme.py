@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,3 +73,33 @@ def test_readme_in_process_example_runs_as_shown() -> None:
     done = run([sys.executable, "-c", match.group(1) + "\nprint(len(png))"], REPO_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) > 1000
+
+
+def test_readme_bulk_example_runs_as_shown(tmp_path: Path) -> None:
+    section = README.read_text().split("### Tokenizing a dataset", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert match, "README has no bash block under 'Tokenizing a dataset'"
+    (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    with server_process(REPO_ROOT / "models", TOKSERVE_MODELS="audio-rvq-24k") as (_, url):
+        script = match.group(1).replace("http://127.0.0.1:8000", url)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PATH": path},
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[{'id': 'photo.jpg', 'shape': [32, 32]}]\n"
+    images = json.loads((tmp_path / "tokens" / "images" / "manifest.json").read_text())
+    speech = json.loads((tmp_path / "tokens" / "speech" / "manifest.json").read_text())
+    assert images["counts"] == speech["counts"] == {"rows": 1, "errors": 0}
+    assert speech["options"] == {
+        "format": "webdataset",
+        "codebooks": 4,
+        "resize": None,
+        "rows_per_shard": 10_000,
+        "engine": "server",
+    }

@@ -23,7 +23,7 @@ CHUNK = 16
 WINDOW = 4
 # statuses worth trying again: the server is busy, draining or restarting
 RETRY_STATUSES = (502, 503, 504)
-RETRIES = 8
+RETRIES = 12
 MAX_BACKOFF_S = 10.0
 
 
