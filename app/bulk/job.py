@@ -53,6 +53,8 @@ MODEL_FIGURES = (
     "reproducibility",
 )
 READ_THREADS = 4
+# chunks done but not yet written, waiting behind a slower one, in windows of chunks in flight
+REORDER_WINDOWS = 4
 
 
 @dataclass(frozen=True)
@@ -222,24 +224,33 @@ async def _run_async(options: BulkOptions, progress: Progress | None) -> BulkRes
 
 
 async def drive(tokenizer: Tokenizer, items: Iterator[Item]) -> AsyncIterator[list[dict[str, Any]]]:
-    """Rows of ``items`` in order, ``tokenizer.window`` chunks in flight; each chunk's bytes
-    are read in threads while earlier chunks are tokenized."""
+    """Rows of ``items`` in order. ``tokenizer.window`` chunks are in flight at once: a chunk
+    done behind a slow one (a long clip) frees its place for the next, and waits, up to
+    REORDER_WINDOWS windows of them, for its turn to be written. Each chunk's bytes are read in
+    threads while earlier chunks are tokenized."""
     reader = Reader()
     model, version = tokenizer.model["name"], tokenizer.model["version"]
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="bulk-read")
+    places = asyncio.Semaphore(tokenizer.window)
 
     async def tokenize(chunk: list[Item]) -> list[dict[str, Any]]:
-        reads = [loop.run_in_executor(pool, read_or_problem, reader, i.locator) for i in chunk]
-        blobs = await asyncio.gather(*reads)
-        results = await tokenizer.encode(list(blobs))
-        return [row(i, model, version, r) for i, r in zip(chunk, results, strict=True)]
+        try:
+            reads = [loop.run_in_executor(pool, read_or_problem, reader, i.locator) for i in chunk]
+            blobs = await asyncio.gather(*reads)
+            results = await tokenizer.encode(list(blobs))
+            return [row(i, model, version, r) for i, r in zip(chunk, results, strict=True)]
+        finally:
+            places.release()
 
     pending: deque[asyncio.Task[list[dict[str, Any]]]] = deque()
     try:
         while chunk := list(itertools.islice(items, tokenizer.chunk)):
-            if len(pending) >= tokenizer.window:
+            while pending and (
+                pending[0].done() or len(pending) >= REORDER_WINDOWS * tokenizer.window
+            ):
                 yield await pending.popleft()
+            await places.acquire()
             pending.append(asyncio.create_task(tokenize(chunk)))
         while pending:
             yield await pending.popleft()

@@ -14,20 +14,22 @@ from app.registry import ModelRegistry
 # items in flight per batch the model takes: enough that the next batch's files are decoded
 # while the model runs the current one
 WINDOW_BATCHES = 4
+CHUNK = 4
 
 
 class LocalTokenizer:
-    """One model in an Engine of its own; items go one per call, so each fails alone and the
-    batcher gathers the calls in flight into batches."""
+    """One model in an Engine of its own; items go one per engine call, so each fails alone
+    and the batcher gathers the calls in flight into batches. The driver hands them over in
+    chunks of CHUNK, which costs it fewer hops between threads."""
 
-    chunk = 1
+    chunk = CHUNK
 
     def __init__(self, engine: Engine, name: str, options: BulkOptions) -> None:
         self.engine = engine
         self.options = options
         endpoint = engine.endpoints[name]
         self.model: dict[str, Any] = endpoint.model.describe()
-        self.window = WINDOW_BATCHES * endpoint.model.serving.max_batch_size
+        self.window = max(1, WINDOW_BATCHES * endpoint.model.serving.max_batch_size // CHUNK)
 
     @classmethod
     async def open(cls, options: BulkOptions) -> LocalTokenizer:
