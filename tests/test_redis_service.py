@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import httpx
+import pytest
+from prometheus_client import REGISTRY
 
 from app.config import Settings
 from tests.redis_server import RedisServer
@@ -17,6 +20,22 @@ async def encode(client: httpx.AsyncClient, seed: int) -> dict[str, object]:
     assert response.status_code == 200, response.text
     item: dict[str, object] = response.json()["items"][0]
     return item
+
+
+def cache_errors() -> float:
+    """tokserve_cache_requests_total{result="error"}: failed and skipped Redis calls, per key."""
+    return REGISTRY.get_sample_value("tokserve_cache_requests_total", {"result": "error"}) or 0.0
+
+
+def redis_calls(op: str) -> tuple[float, float]:
+    """(all, answered at once) of tokserve_cache_duration_seconds{backend="redis", op}: a call
+    to a paused Redis takes its 50 ms timeout, one the breaker skips some microseconds."""
+
+    def count(suffix: str, **labels: str) -> float:
+        name = f"tokserve_cache_duration_seconds_{suffix}"
+        return REGISTRY.get_sample_value(name, {"backend": "redis", "op": op, **labels}) or 0.0
+
+    return count("count"), count("bucket", le="0.032")
 
 
 def redis_settings(repo: Path, redis_server: RedisServer) -> Settings:
@@ -82,3 +101,70 @@ async def test_hung_redis_costs_at_most_the_cache_timeout(
             redis_server.resume()
     # normal latency + one 50 ms lookup timeout, with room for a busy 2-core machine
     assert worst_s < normal_s + 0.05 + 0.5
+
+
+async def encode_and_write_back(client: httpx.AsyncClient, seed: int) -> dict[str, object]:
+    """One encode and then its write-behind: a lookup, then a write, in this order."""
+    item = await encode(client, seed)
+    await client.app.state.engine.pipeline.flush()  # type: ignore[attr-defined]
+    return item
+
+
+def breaker_environment(
+    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, failures: int, cooldown_s: float
+) -> None:
+    """The breaker's settings as a deployment gives them: environment variables, read by
+    Settings, handed by create_cache to the service's RedisCache."""
+    monkeypatch.setenv("TOKSERVE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("TOKSERVE_REDIS_TIMEOUT_MS", "50")
+    monkeypatch.setenv("TOKSERVE_REDIS_BREAKER_FAILURES", str(failures))
+    monkeypatch.setenv("TOKSERVE_REDIS_BREAKER_COOLDOWN_S", str(cooldown_s))
+
+
+async def test_breaker_failures_setting_stops_calling_redis_after_that_many_failed_calls(
+    repo: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TOKSERVE_REDIS_BREAKER_FAILURES=2: against a paused Redis, the first request's lookup
+    and its write each wait out the timeout, and the breaker opens; the next three requests'
+    lookups and writes are answered at once. With the default of 5, three lookups and two
+    writes would wait."""
+    breaker_environment(monkeypatch, redis_server, failures=2, cooldown_s=60)
+    async with served(settings_for(repo)) as client:
+        lookups, quick_lookups = redis_calls("get")
+        writes, quick_writes = redis_calls("set")
+        errors = cache_errors()
+        redis_server.pause()
+        try:
+            for seed in range(40, 44):
+                assert (await encode_and_write_back(client, seed))["cached"] is False
+        finally:
+            redis_server.resume()
+        after_lookups, after_quick_lookups = redis_calls("get")
+        after_writes, after_quick_writes = redis_calls("set")
+    assert (after_lookups - lookups, after_quick_lookups - quick_lookups) == (4, 3)
+    assert (after_writes - writes, after_quick_writes - quick_writes) == (4, 3)
+    # each failed or skipped lookup and write is counted as an error of its one key
+    assert cache_errors() - errors == 8
+
+
+async def test_breaker_cooldown_setting_is_how_long_redis_is_skipped_before_a_probe(
+    repo: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TOKSERVE_REDIS_BREAKER_COOLDOWN_S=1: a second after the breaker opened, the next lookup
+    goes to Redis again and finds what was stored before; until then Redis is skipped even
+    though it answers. The default cool-down (2 s) would still skip it."""
+    breaker_environment(monkeypatch, redis_server, failures=1, cooldown_s=1.0)
+    async with served(settings_for(repo)) as client:
+        stored = await encode_and_write_back(client, 50)
+        redis_server.pause()
+        try:
+            await encode_and_write_back(client, 51)  # its lookup fails: the breaker opens
+        finally:
+            redis_server.resume()
+        opened = time.monotonic()
+        skipped = await encode_and_write_back(client, 50)
+        assert time.monotonic() - opened < 1.0, "too slow to see the breaker open"
+        await asyncio.sleep(opened + 1.0 + 0.1 - time.monotonic())
+        probed = await encode_and_write_back(client, 50)
+    assert (stored["cached"], skipped["cached"], probed["cached"]) == (False, False, True)
+    assert probed["tokens"] == stored["tokens"]
