@@ -56,6 +56,7 @@ import soundfile as sf
 from bench import machine
 from bench.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, unique_copy
 from bench.memory import RssSampler, rss_bytes
+from bench.report import emit
 from bench.server import REPO_ROOT, server_process
 from bench.soak import ServerProcess, goal
 
@@ -693,12 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(figures) + "\n")
         return 0
     results = run(args, argv)
-    text = json.dumps(results, indent=2) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        log.info("wrote %s", args.out)
-    sys.stdout.write(text)
+    emit(results, args.out)
     phases = (results.get(m, {}).get(p) for m in MODALITIES for p in PHASES)
     return 1 if any(figures and "failed" in figures for figures in phases) else 0
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 from bench.ceiling import Ceiling
@@ -197,3 +201,13 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _text(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def emit(results: dict[str, Any], out: Path | None) -> None:
+    """A benchmark's JSON on stdout, and in ``out`` when given."""
+    text = json.dumps(results, indent=2) + "\n"
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        logging.getLogger("bench").info("wrote %s", out)
+    sys.stdout.write(text)

@@ -58,6 +58,7 @@ from bench import machine
 from bench.loadgen import CallFactory, LevelPlan, percentile, run_level, wait_idle
 from bench.media import audio_clips, image_file, photos, unique_copy, wav_file
 from bench.memory import CONFIGURATIONS, JEMALLOC
+from bench.report import emit
 from bench.server import REPO_ROOT, server_process
 from bench.workloads import MSGPACK, unique_token_requests, unique_uploads
 
@@ -1070,12 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results = run(args)
-    text = json.dumps(results, indent=2) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        log.info("wrote %s", args.out)
-    sys.stdout.write(text)
+    emit(results, args.out)
     return 0
 
 

@@ -14,14 +14,13 @@ Each actor holds the model in an engine of its own, as ``tokserve bulk --engine 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from app.config import Settings
+from app.bulk.local import bulk_settings, encode_each
 from app.endpoints import Tokens
 from app.engine import SyncEngine
 from app.errors import BadRequest, ProblemError
@@ -32,9 +31,7 @@ ERROR_TYPE = pa.struct([("status", pa.int32()), ("title", pa.string()), ("detail
 
 
 class _ItemEngine(SyncEngine):
-    """A SyncEngine that encodes each item in a call of its own, all of them in flight at once:
-    an item fails alone (a call's limits, such as its total audio, are the item's), and the
-    batcher still gathers the calls into model batches, as in the local bulk engine."""
+    """A SyncEngine that encodes a batch's items as the local bulk engine does."""
 
     def encode_each(
         self,
@@ -44,21 +41,7 @@ class _ItemEngine(SyncEngine):
         codebooks: int | None,
     ) -> list[Tokens | ProblemError]:
         """Each blob's Tokens, or its problem (a blob that is already a problem stays one)."""
-
-        async def one(blob: bytes | ProblemError) -> Tokens | ProblemError:
-            try:
-                if model["modality"] == "image":
-                    answer = await self.engine.encode_images([blob], model["name"], resize)
-                else:
-                    answer = await self.engine.encode_audio([blob], model["name"], codebooks)
-            except ProblemError as exc:
-                return exc
-            return answer.items[0]
-
-        async def every() -> list[Tokens | ProblemError]:
-            return list(await asyncio.gather(*(one(blob) for blob in blobs)))
-
-        return self._call(every())
+        return self._call(encode_each(self.engine, model, blobs, resize, codebooks))
 
 
 class TokenizeBatch:
@@ -81,14 +64,8 @@ class TokenizeBatch:
         model_dir: list[str] | None = None,
         keep_bytes: bool = False,
     ) -> None:
-        """Load ``model`` (or the only model of the model folders). Without Redis no cache is
-        kept: a pass over a dataset would only fill memory with tokens already returned."""
-        overrides: dict[str, Any] = {"models": [model] if model else []}
-        if model_dir:
-            overrides["model_dir"] = model_dir
-        settings = Settings(**overrides)
-        if not settings.redis_url:
-            settings = settings.model_copy(update={"cache_max_bytes": 0})
+        """Load ``model`` (or the only model of the model folders), as ``bulk_settings`` says."""
+        settings = bulk_settings(model, model_dir)
         self.engine = _ItemEngine(settings)
         names = self.engine.engine.registry.names()
         if len(names) != 1:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from app.bulk.job import BulkOptions
 from app.config import Settings
+from app.endpoints import Tokens
 from app.engine import Engine
 from app.errors import ProblemError
+from app.media import ResizeMode
 from app.registry import ModelRegistry
 
 # items in flight per batch the model takes: enough that the next batch's files are decoded
@@ -33,14 +36,8 @@ class LocalTokenizer:
 
     @classmethod
     async def open(cls, options: BulkOptions) -> LocalTokenizer:
-        """Load ``options.model`` alone and start its engine. Without Redis no cache is kept:
-        a one-pass job would only fill memory with rows already written."""
-        overrides: dict[str, Any] = {"models": [options.model] if options.model else []}
-        if options.model_dir:
-            overrides["model_dir"] = options.model_dir
-        settings = Settings(**overrides)
-        if not settings.redis_url:
-            settings = settings.model_copy(update={"cache_max_bytes": 0})
+        """Load ``options.model`` alone and start its engine."""
+        settings = bulk_settings(options.model, options.model_dir)
         registry = await asyncio.to_thread(ModelRegistry.load, settings)
         if len(registry.models) != 1:
             names = ", ".join(registry.names()) or "none"
@@ -51,19 +48,44 @@ class LocalTokenizer:
 
     async def encode(self, blobs: list[bytes | ProblemError]) -> list[Any]:
         """Each item's Tokens, or its problem."""
-        results = await asyncio.gather(*(self._one(blob) for blob in blobs))
-        return list(results)
-
-    async def _one(self, blob: bytes | ProblemError) -> Any:
-        name = self.model["name"]
-        try:
-            if self.model["modality"] == "image":
-                answer = await self.engine.encode_images([blob], name, self.options.resize)
-            else:
-                answer = await self.engine.encode_audio([blob], name, self.options.codebooks)
-        except ProblemError as exc:  # the call's own limits, for a call of this item alone
-            return exc
-        return answer.items[0]
+        options = self.options
+        return await encode_each(self.engine, self.model, blobs, options.resize, options.codebooks)
 
     async def close(self) -> None:
         await self.engine.stop()
+
+
+def bulk_settings(model: str | None, model_dir: list[str] | None) -> Settings:
+    """The environment's settings with only ``model`` loaded. Without Redis no cache is kept:
+    a pass over a dataset would only fill memory with tokens already written."""
+    overrides: dict[str, Any] = {"models": [model] if model else []}
+    if model_dir:
+        overrides["model_dir"] = model_dir
+    settings = Settings(**overrides)
+    if not settings.redis_url:
+        settings = settings.model_copy(update={"cache_max_bytes": 0})
+    return settings
+
+
+async def encode_each(
+    engine: Engine,
+    model: dict[str, Any],
+    blobs: Sequence[bytes | ProblemError],
+    resize: ResizeMode,
+    codebooks: int | None,
+) -> list[Tokens | ProblemError]:
+    """Each blob in an engine call of its own, all in flight at once: an item fails alone (a
+    call's limits, such as its total audio, are the item's), and the batcher gathers the calls
+    into model batches. A blob that is already a problem stays one."""
+
+    async def one(blob: bytes | ProblemError) -> Tokens | ProblemError:
+        try:
+            if model["modality"] == "image":
+                answer = await engine.encode_images([blob], model["name"], resize)
+            else:
+                answer = await engine.encode_audio([blob], model["name"], codebooks)
+        except ProblemError as exc:
+            return exc
+        return answer.items[0]
+
+    return list(await asyncio.gather(*(one(blob) for blob in blobs)))

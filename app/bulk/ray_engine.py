@@ -24,9 +24,9 @@ import ray.data
 from app.bulk.batch import ERROR_TYPE, TokenizeBatch, problem
 from app.bulk.inputs import Item, Locator, Reader, read_or_problem
 from app.bulk.job import BulkOptions
+from app.bulk.local import bulk_settings
 from app.bulk.remote import ModelChanged
 from app.bulk.shards import row
-from app.config import Settings
 from app.endpoints import Tokens
 from app.engine import usable_cpus
 from app.errors import ProblemError
@@ -107,10 +107,7 @@ def describe_model(options: BulkOptions) -> dict[str, Any]:
 
 
 def _describe(model: str | None, model_dir: list[str]) -> list[dict[str, Any]]:
-    overrides: dict[str, Any] = {"models": [model] if model else []}
-    if model_dir:
-        overrides["model_dir"] = model_dir
-    registry = ModelRegistry.load(Settings(**overrides))
+    registry = ModelRegistry.load(bulk_settings(model, model_dir))
     return [loaded.describe() for loaded in registry.models.values()]
 
 
