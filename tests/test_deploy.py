@@ -835,15 +835,18 @@ def test_dockerfile_installs_the_torch_that_pyproject_pins(name):
         for instruction, arguments in dockerfile_instructions(name)
         if instruction == "RUN"
     )
-    assert "pip install ." in runs
+    # the project itself, from the copied sources (the CUDA image with its ray extra)
+    assert re.search(r'pip install (\.|"\.\[ray\]") ', runs)
     if name == "Dockerfile":
         assert args["PYTHON_IMAGE"].startswith("python:3.11")
         assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
         assert '"torch==${TORCH_VERSION}"' in runs
         assert runs.index("${TORCH_INDEX_URL}") < runs.index("pip install .")
+        assert "[ray]" not in runs  # the CPU image stays small: bulk jobs on Ray want GPUs
     else:
         assert args["PYTORCH_IMAGE"].startswith(f"pytorch/pytorch:{version}-cuda")
         assert args["PYTORCH_IMAGE"].endswith("-runtime")
+        assert 'pip install ".[ray]"' in runs  # k8s/bulk/rayjob.yaml runs this image
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
