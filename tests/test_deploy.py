@@ -859,9 +859,9 @@ def test_compose_runs_two_replicas_behind_nginx_with_a_bounded_lru_redis():
                 assert (DOCKER / source).exists(), f"{name} mounts missing {source}"
 
 
-def test_nginx_balances_every_replica_and_retries_a_draining_one():
-    text = (DOCKER / "nginx.conf").read_text()
-    assert text.count("{") == text.count("}")
+def test_nginx_config_finds_the_compose_replicas_and_retries_no_slow_request():
+    # What tests/test_replicas.py's run of this file by nginx cannot show: it replaces the upstream
+    # address with two loopback ones (Docker's DNS is not there), and its replicas answer fast.
     [server] = nginx_directives("server", "upstream tokserve")
     address, *parameters = server.split()
     # `resolve` makes every address the service name resolves to (each replica) a peer.
@@ -869,13 +869,13 @@ def test_nginx_balances_every_replica_and_retries_a_draining_one():
     assert "resolve" in parameters
     assert nginx_directives("zone", "upstream tokserve")
     assert nginx_directives("resolver")[0].startswith("127.0.0.11")
-    assert nginx_directives("proxy_pass", "location /") == ["http://tokserve"]
+    _, tag = split_image(compose()["services"]["nginx"]["image"])
+    version = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", tag).groups())
+    assert version >= (1, 27), "open-source nginx has `resolve` in an upstream from 1.27.3 on"
+    # error and http_503 are retried in the real run; these are not exercised there
     [next_upstream] = nginx_directives("proxy_next_upstream", "location /")
-    assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(
-        next_upstream.split()
-    )
+    assert {"timeout", "http_502", "non_idempotent"} <= set(next_upstream.split())
     assert "http_504" not in next_upstream, "a request past its deadline is not computed twice"
-    assert nginx_directives("return", "location = /metrics") == ["404"]
     read_timeout = seconds(nginx_directives("proxy_read_timeout", "location /")[0])
     assert read_timeout > float(
         compose()["services"]["tokserve"]["environment"]["TOKSERVE_REQUEST_TIMEOUT_S"]
