@@ -31,6 +31,12 @@ from tests.redis_server import RedisServer
 from tests.support import TINY_AUDIO, TINY_IMAGE, write_model
 
 TIMEOUT_MS = 50.0
+TIMEOUT_S = TIMEOUT_MS / 1000
+# How much later than its timeout a call to a paused Redis may return: measured here (2 cores,
+# 2 and 4 busy loops beside it, 160 calls) at 0.3-21 ms past the 50 ms, so 2x the worst.
+TIMEOUT_OVERSHOOT_S = 0.04
+# A killed Redis refuses the connection: measured at 0.3-15 ms under the same load.
+REFUSED_WITHIN_S = TIMEOUT_S
 BREAKER_FAILURES = 3
 COOLDOWN_S = 0.3
 TOKENS = np.arange(16 * 16, dtype=np.int64).reshape(16, 16) % 1000
@@ -323,7 +329,7 @@ async def test_garbage_stored_under_a_key_reads_as_a_miss_and_counts_an_error(
     assert not cache.breaker_open
 
 
-async def test_killed_redis_reads_as_misses_within_the_timeout_and_counts_errors(
+async def test_killed_redis_reads_as_misses_before_the_timeout_and_counts_errors(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:
     await cache.set_many([(KEY, TOKENS)])
@@ -331,7 +337,7 @@ async def test_killed_redis_reads_as_misses_within_the_timeout_and_counts_errors
     errors = cache_requests("error")
     start = time.perf_counter()
     assert await cache.get_many([KEY, "tok:b", "tok:c"]) == [None, None, None]
-    assert elapsed_s(start) < TIMEOUT_MS / 1000 + 0.1
+    assert elapsed_s(start) < REFUSED_WITHIN_S
     assert cache_requests("error") - errors == 3
 
 
@@ -361,25 +367,25 @@ async def test_restarted_redis_serves_hits_again_within_5s_with_the_same_cache_o
     pytest.fail("no cache hit within 5 s of Redis restarting")
 
 
-async def test_paused_redis_get_many_returns_misses_within_timeout_plus_margin(
+async def test_paused_redis_get_many_returns_misses_once_the_timeout_passes(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:
     await cache.set_many([(KEY, TOKENS)])
     redis_server.pause()
     start = time.perf_counter()
     assert await cache.get_many([KEY]) == [None]
-    assert elapsed_s(start) < 0.5
+    assert TIMEOUT_S <= elapsed_s(start) < TIMEOUT_S + TIMEOUT_OVERSHOOT_S
     redis_server.resume()
 
 
-async def test_paused_redis_set_many_returns_within_timeout_plus_margin(
+async def test_paused_redis_set_many_returns_once_the_timeout_passes(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:
     await cache.get_many([KEY])
     redis_server.pause()
     start = time.perf_counter()
     await cache.set_many([(KEY, TOKENS)])
-    assert elapsed_s(start) < 0.5
+    assert TIMEOUT_S <= elapsed_s(start) < TIMEOUT_S + TIMEOUT_OVERSHOOT_S
     redis_server.resume()
 
 
@@ -418,7 +424,7 @@ async def test_breaker_reopens_for_another_cooldown_when_the_probe_fails(
     await asyncio.sleep(COOLDOWN_S + 0.05)
     start = time.perf_counter()
     await cache.get_many([KEY])
-    assert elapsed_s(start) >= TIMEOUT_MS / 1000 * 0.8  # the probe went out and timed out
+    assert elapsed_s(start) >= TIMEOUT_S  # the probe went out and timed out
     start = time.perf_counter()
     await cache.get_many([KEY])
     assert elapsed_s(start) < 0.02

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from prometheus_client import REGISTRY
 from app.config import Settings
 from tests.redis_server import RedisServer
 from tests.support import png_bytes, served, settings_for
+
+REDIS_TIMEOUT_S = 0.05
+HUNG_NOISE_S = 0.05  # twice the worst measured (see the hung Redis test)
 
 
 async def encode(client: httpx.AsyncClient, seed: int) -> dict[str, object]:
@@ -40,7 +44,10 @@ def redis_calls(op: str) -> tuple[float, float]:
 
 def redis_settings(repo: Path, redis_server: RedisServer) -> Settings:
     return settings_for(
-        repo, redis_url=redis_server.url, redis_timeout_ms=50, redis_breaker_cooldown_s=0.5
+        repo,
+        redis_url=redis_server.url,
+        redis_timeout_ms=REDIS_TIMEOUT_S * 1000,
+        redis_breaker_cooldown_s=0.5,
     )
 
 
@@ -83,24 +90,32 @@ async def test_redis_restarted_hits_resume_within_5_s_without_restarting_tokserv
     assert cached
 
 
-async def test_hung_redis_costs_at_most_the_cache_timeout(
+async def test_hung_redis_costs_a_request_the_cache_timeout_and_no_more(
     repo: Path, redis_server: RedisServer
 ) -> None:
+    """Each request to a paused Redis waits out the 50 ms lookup timeout, and the cheapest of
+    three costs no more than that over the median request with Redis up. Measured here (2
+    cores, load 5, 100 runs): the cheapest was 39 ms quicker to 23 ms slower than the median
+    plus 50 ms; single requests varied by up to 0.2 s, so only the cheapest is compared."""
     async with served(redis_settings(repo, redis_server)) as client:
-        start = time.perf_counter()
-        await encode(client, 30)
-        normal_s = time.perf_counter() - start
+        await encode(client, 29)  # the first request pays for what later ones reuse
+        normal_s = []
+        for seed in range(30, 35):
+            start = time.perf_counter()
+            await encode(client, seed)
+            normal_s.append(time.perf_counter() - start)
         redis_server.pause()
         try:
-            worst_s = 0.0
-            for seed in range(31, 36):
+            hung_s = []
+            for seed in range(35, 38):  # the breaker (5 failures) opens on the third lookup
                 start = time.perf_counter()
                 await encode(client, seed)
-                worst_s = max(worst_s, time.perf_counter() - start)
+                hung_s.append(time.perf_counter() - start)
         finally:
             redis_server.resume()
-    # normal latency + one 50 ms lookup timeout, with room for a busy 2-core machine
-    assert worst_s < normal_s + 0.05 + 0.5
+    baseline_s = statistics.median(normal_s)
+    assert min(hung_s) >= REDIS_TIMEOUT_S, hung_s  # each waited for Redis until the timeout
+    assert min(hung_s) < baseline_s + REDIS_TIMEOUT_S + HUNG_NOISE_S, (baseline_s, hung_s)
 
 
 async def encode_and_write_back(client: httpx.AsyncClient, seed: int) -> dict[str, object]:
