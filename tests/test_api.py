@@ -1,4 +1,5 @@
-"""The HTTP API as DESIGN.md specifies it, against tiny randomly initialised models."""
+"""The HTTP API as DESIGN.md specifies it, against tiny randomly initialised models; the image
+round trip against the shipped image model, whose tokens depend on the image."""
 
 from __future__ import annotations
 
@@ -23,13 +24,29 @@ import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from tests.support import TINY_AUDIO, png_bytes, served, settings_for, wav_bytes
+from app.config import Settings
+from app.train.data import IMAGE_SUFFIXES, split_files
+from app.train.evaluate import VAL_FRACTION, spread
+from tests.support import (
+    REPO_ROOT,
+    SHARED_DATA,
+    TINY_AUDIO,
+    png_bytes,
+    served,
+    settings_for,
+    wav_bytes,
+)
 
 GRID = 8  # 64 px / 8
 HOP = 320  # 2 * 4 * 5 * 8
 K = TINY_AUDIO["arch"]["codebooks"]
 VOCAB = 8 * 5 * 5 * 5
 PROBLEM = "application/problem+json"
+MODELS = REPO_ROOT / "models"
+# Share of the shipped image model's tokens that a decode and re-encode keep (see the test),
+# within 2x the largest difference measured between hosts' arithmetic.
+ROUND_TRIP_SHARE = 0.42
+ROUND_TRIP_MARGIN = 0.01
 
 
 def assert_problem(response: httpx.Response, status: int, *words: str) -> None:
@@ -193,13 +210,27 @@ async def test_binary_tokens_of_either_byte_order_decode_alike(client: httpx.Asy
     assert len(set(images)) == 1
 
 
-async def test_image_round_trip_keeps_the_encoded_tokens(client: httpx.AsyncClient) -> None:
-    tokens = (await client.post("/v1/images/encode", content=png_bytes(seed=9))).json()
-    grid = tokens["items"][0]["tokens"]
-    png = (await client.post("/v1/images/decode", json={"tokens": grid})).content
-    again = (await client.post("/v1/images/encode", content=png)).json()
-    same = np.mean(np.array(again["items"][0]["tokens"]) == np.array(grid))
-    assert same > 0.5  # a random untrained model is not idempotent, but close to it
+@pytest.mark.numerics
+async def test_image_round_trip_through_png_keeps_the_share_of_tokens_the_model_keeps() -> None:
+    """Photo -> tokens -> PNG -> tokens again, through the API with the shipped image model:
+    the share of tokens that come back is a property of the model (it is not idempotent), and
+    one that a wrong pixel order, channel order, range or geometry on either side would drop
+    (swapped colour channels in the decoded PNG keep 8%). The tiny random models cannot show
+    it: they give every image the same token.
+
+    Measured on 8 validation photos: 0.4216 in float32 (the same capped to AVX2 or
+    AVX512_CORE and on 1 thread), 0.4253 in bfloat16 as served on a CPU with AMX."""
+    settings = Settings(model_dir=[str(MODELS)], models=["image-fsq-256"], device="cpu")
+    photos = spread(split_files(SHARED_DATA / "images", IMAGE_SUFFIXES, VAL_FRACTION, True), 8)
+    shares = []
+    async with served(settings) as client:
+        for photo in photos:
+            encoded = await client.post("/v1/images/encode", content=photo.read_bytes())
+            grid = encoded.json()["items"][0]["tokens"]
+            png = (await client.post("/v1/images/decode", json={"tokens": grid})).content
+            again = (await client.post("/v1/images/encode", content=png)).json()
+            shares.append(float(np.mean(np.array(again["items"][0]["tokens"]) == np.array(grid))))
+    assert abs(float(np.mean(shares)) - ROUND_TRIP_SHARE) <= ROUND_TRIP_MARGIN, shares
 
 
 async def test_audio_encode_gives_k_codebooks_and_ceil_frames(client: httpx.AsyncClient) -> None:
