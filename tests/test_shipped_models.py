@@ -5,10 +5,13 @@ of the weights: after re-exporting (training writes models/<name>/ at every chec
 the values that the failure message shows into GOLDEN and GOLDEN_VERSIONS and the model card's
 eval JSON beside them.
 
-Each test asserts only what a model promises on every host. One-pass encoders in float32 give
-the golden tokens everywhere (but for rounding ties). Searched encoders (the -hq models) give
-tokens that depend on the host's arithmetic: their first pass gives the one-pass golden tokens,
-and their searched tokens reconstruct the golden input about as well as recorded, and better.
+Each test asserts only what a model promises on every host. The one-pass image encoder in
+float32 gives the golden tokens everywhere (but for rounding ties); the one-pass audio codec's
+residual codes flip with the last bits of its input, so its golden check bounds how many may
+differ and how well they decode the input (figures beside AUDIO_TOLERANCE). Searched encoders
+(the -hq models) give tokens that depend on the host's arithmetic: their first pass gives the
+one-pass golden tokens, and their searched tokens reconstruct the golden input about as well as
+recorded, and better.
 Tests marked ``numerics`` depend on the host's arithmetic; ``make test`` runs them twice, the
 second time as on a CPU without bfloat16 arithmetic (ONEDNN_MAX_CPU_ISA=AVX2).
 """
@@ -39,7 +42,8 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 # Tokens of golden_pixels() ([8, 8] grid) and golden_wave() ([8, 15] codes) by the one-pass
-# encoders in float32, row by row: the same on every host. The searched models have none.
+# encoders in float32, row by row: the image's the same on every host, the audio's within the
+# bounds of assert_audio_golden. The searched models have none.
 GOLDEN: dict[str, list[list[int]]] = {
     # version fbc9fe315cdc623b (float32: the feedback pass taken three times)
     "image-fsq-256": [
@@ -80,8 +84,21 @@ MIN_REFINE_GAIN_DB = 0.1  # image-fsq-256-hq gains 0.17 to 1.7 dB on these 4 ima
 MAX_MEL_DISTANCE = {8: 0.4, 4: 0.42}  # 0.24 and 0.26
 MIN_REFINE_MEL_GAIN = 0.015  # audio-rvq-24k-hq: 0.271 -> 0.241 (4), 0.257 -> 0.227 (8) here
 MIN_SI_SNR_DB = -3.0  # 4.9 dB at 8 codebooks, 3.6 dB at 4; a noise-like output gets -30 dB or less
-# Allowed share of differing tokens: a float rounding tie may flip one on another CPU.
+# Allowed share of differing image tokens: a float rounding tie may flip one on another CPU.
 TOLERANCE = 0.03
+# The audio codec's tokens of golden_wave() are not that stable: a difference in the last bits
+# of the input or the arithmetic flips residual codes, more of them the later the codebook.
+# Measured with Gaussian noise of 1e-7 added to the sweep, 200 seeds (1 and 2 threads; AMX,
+# and capped to AVX512_CORE and AVX2, 50 seeds each): the first codebook flipped one of its 15
+# tokens in 2 runs of 200, never more; 0-19.2% of all 120 tokens flipped (mean 8.3%, sd 4.3%);
+# the mel distance of the sweep decoded from 8 codebooks stayed within 0.9354-0.9529 of the
+# golden tokens' 0.9429. Without noise every one of those hosts gives the golden tokens.
+# Broken, by contrast: one encoder convolution's weights x1.01 flips 32% of the tokens; the
+# input x0.9, five first-codebook tokens; a sample's shift, six and a mel distance of 1.05.
+AUDIO_FIRST_CODEBOOK_FLIPS = 1
+AUDIO_TOLERANCE = 0.25  # mean + 4 sd of the measured share
+AUDIO_GOLDEN_MEL = 0.9429
+AUDIO_MEL_MARGIN = 0.02  # twice the largest measured deviation (0.0100)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +170,31 @@ def assert_golden(name: str, tokens: torch.Tensor, version: str) -> None:
     )
 
 
+def assert_audio_golden(codec: RVQAudioCodec, tokens: torch.Tensor, version: str) -> None:
+    """tokens [8, 15] of golden_wave() are GOLDEN["audio-rvq-24k"] as far as the host's
+    arithmetic lets them be: the first codebook but for AUDIO_FIRST_CODEBOOK_FLIPS tokens, all
+    codebooks but for AUDIO_TOLERANCE of them, and decoding the sweep as closely as the golden
+    tokens do, within AUDIO_MEL_MARGIN."""
+    name = "audio-rvq-24k"
+    expected = torch.tensor(GOLDEN[name])
+    assert tokens.shape == expected.shape, tokens.shape
+    differing = expected != tokens
+    mel = sweep_mel_distance(codec, tokens[None], 8)
+    figures = (
+        f"{int(differing[0].sum())} of the first codebook's tokens and "
+        f"{float(differing.float().mean()):.0%} of all differ, mel distance {mel:.4f}"
+    )
+    assert (
+        int(differing[0].sum()) <= AUDIO_FIRST_CODEBOOK_FLIPS
+        and float(differing.float().mean()) <= AUDIO_TOLERANCE
+        and abs(mel - AUDIO_GOLDEN_MEL) <= AUDIO_MEL_MARGIN
+    ), (
+        f"{name} (version {version}) gives other tokens than GOLDEN[{name!r}] ({figures}); "
+        f"if its weights were re-exported on purpose, set it to {tokens.tolist()} and "
+        f"AUDIO_GOLDEN_MEL to {sweep_mel_distance(codec, expected[None], 8):.4f}"
+    )
+
+
 def pattern_psnr(tokenizer: FSQImageTokenizer, tokens: torch.Tensor) -> float:
     """PSNR in dB of tokens [1, h, w] decoded against golden_pixels() (peak to peak 2)."""
     pixels = tokenizer.decode(tokens).float()
@@ -195,7 +237,22 @@ def test_audio_codec_gives_the_golden_tokens_for_a_fixed_sweep(audio_model: Load
     wave = golden_wave()
     tokens, frames = audio_codec(audio_model).encode(wave, torch.tensor([wave.shape[-1]]))
     assert tokens.shape == (1, 8, 15) and frames.tolist() == [15]
-    assert_golden("audio-rvq-24k", tokens[0], audio_model.version)
+    assert_audio_golden(audio_codec(audio_model), tokens[0], audio_model.version)
+
+
+@pytest.mark.numerics
+@torch.no_grad()
+def test_audio_golden_check_accepts_the_sweep_perturbed_in_its_last_bits(
+    audio_model: LoadedModel,
+) -> None:
+    """What another host's arithmetic may change, emulated by noise of 1e-7 (20 seeds, of the
+    200 the bounds were measured on): the golden check must not fail on it."""
+    wave = golden_wave()
+    codec = audio_codec(audio_model)
+    for seed in range(1, 21):
+        noise = torch.randn(wave.shape, generator=torch.Generator().manual_seed(seed))
+        tokens, _ = codec.encode(wave + 1e-7 * noise, torch.tensor([wave.shape[-1]]))
+        assert_audio_golden(codec, tokens[0], f"{audio_model.version}, noise seed {seed}")
 
 
 @pytest.mark.numerics
@@ -331,7 +388,7 @@ def test_refining_audio_codecs_first_pass_gives_the_one_pass_golden_tokens(
     monkeypatch.setattr(codec, "refine_steps", 0)
     wave = golden_wave()
     tokens, _ = codec.encode(wave, torch.tensor([wave.shape[-1]]))
-    assert_golden("audio-rvq-24k", tokens[0], refining_audio_model.version)
+    assert_audio_golden(codec, tokens[0], refining_audio_model.version)
 
 
 @pytest.mark.numerics
