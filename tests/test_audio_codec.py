@@ -9,6 +9,7 @@ import torch
 
 from app.tokenizers import audio
 from app.tokenizers.audio import RVQAudioCodec
+from app.tokenizers.rvq import ResidualVQ
 from app.tokenizers.stftnet import Spectrum
 from app.tokenizers.wave_losses import AudioLoss
 
@@ -135,3 +136,25 @@ def test_a_clip_refines_to_the_same_tokens_alone_as_in_a_batch() -> None:
 def test_refinement_settings_out_of_range_are_refused_with_their_values() -> None:
     with pytest.raises(ValueError, match=r"refine_codebooks \[4\] within 1\.\.3"):
         tiny_codec("stft", refine_steps=2, refine_codebooks=[4])
+
+
+def test_residual_vq_codes_each_stage_as_the_nearest_entry_to_what_earlier_stages_left() -> None:
+    """Against a brute-force search in float64: the golden sweep cannot show a quantizer that
+    picks a near-nearest entry or subtracts a little less than it picked, because the host's
+    last bits flip as many of its residual codes (see tests/test_shipped_models.py)."""
+    torch.manual_seed(0)
+    quantizer = ResidualVQ(codebooks=4, codebook_size=64, dim=16)
+    z = torch.randn(2, 16, 50) * 0.3
+    codes = quantizer.encode(z)
+    vectors = z.permute(0, 2, 1).reshape(-1, 16).double()
+    residual = vectors.clone()
+    for k in range(quantizer.codebooks):
+        distances = torch.cdist(residual, quantizer.embed[k].double())
+        nearest = distances.argmin(dim=1)
+        runner_up = distances.topk(2, dim=1, largest=False).values
+        assert float((runner_up[:, 1] - runner_up[:, 0]).min()) > 1e-6  # no tie to round
+        wrong = int((codes[:, k].reshape(-1) != nearest).sum())
+        assert wrong == 0, f"codebook {k}: {wrong} of {len(nearest)} codes are not the nearest"
+        residual = residual - quantizer.embed[k].double()[nearest]
+    decoded = quantizer.decode(codes).permute(0, 2, 1).reshape(-1, 16).double()
+    torch.testing.assert_close(decoded, vectors - residual, rtol=0, atol=1e-6)
