@@ -10,12 +10,13 @@ audio-rvq-24k), in order:
 * local: ``tokserve bulk --engine local`` on the folder, a child process; items/s over its
   manifest's ``seconds`` (the job: planning, reading, tokenizing, writing shards) and over its
   whole life (start-up and model load included).
+* local_tenth: the same on a list of every tenth file: its peak RSS against local's says
+  whether memory stays flat as the number of items grows tenfold.
 * http_loop: ``tokserve serve`` with only that model and its memory cache off, and a plain loop
   here that posts one file per request with httpx (multipart) and parses the JSON answer.
 * server: ``tokserve bulk --server URL`` against that same server.
-* ray: ``tokserve bulk --engine ray`` (it starts a local Ray of its own), when
-  app/bulk/ray_engine.py exists, Ray is installed and no Ray instance runs that ray.init()
-  would join instead (RAY_ADDRESS, ``ray start``); otherwise null, and ``skipped`` says why.
+* ray: ``tokserve bulk --engine ray`` (it starts a local Ray of its own) when Ray is
+  installed; otherwise null, and ``skipped`` says why.
 
 The inputs are written once under bench/.work/ (git-ignored): the photos repeated, every copy
 with its own JPEG comment (bench.media.unique_copy), so no two files share bytes and neither a
@@ -65,11 +66,12 @@ log = logging.getLogger("bench")
 MODALITIES = ("image", "audio")
 MODELS = {"image": "image-fsq-256", "audio": "audio-rvq-24k"}
 ROUTES = {"image": "/v1/images/encode", "audio": "/v1/audio/encode"}
-PHASES = ("ceiling", "local", "http_loop", "server", "ray")
+PHASES = ("ceiling", "local", "local_tenth", "http_loop", "server", "ray")
 WORK_DIR = REPO_ROOT / "bench" / ".work"
 COMPLETE = ".complete.json"  # written last into an input folder; no image or audio suffix
 CEILING_WINDOW_BATCHES = 4
 GOAL_LOCAL_OVER_CEILING = 0.9
+MEMORY_SAMPLE_EVERY = 10
 TREE_INTERVAL_S = 0.5
 MIB = 1024 * 1024
 
@@ -368,16 +370,23 @@ def bulk_phase(
     env: dict[str, str],
     extra: list[str],
     tree: bool = False,
+    files: list[Path] | None = None,
 ) -> dict[str, Any]:
-    """``tokserve bulk`` on the folder into a fresh output folder; rates from its manifest."""
+    """``tokserve bulk`` on the folder (or on a list of some of its ``files``) into a fresh
+    output folder; rates from its manifest."""
     out = args.work_dir / "out" / f"{dataset.modality}-{name}"
     shutil.rmtree(out, ignore_errors=True)
+    source = dataset.folder
+    if files is not None:
+        source = args.work_dir / f"{dataset.modality}-{name}.txt"
+        source.write_text("".join(f"{path.resolve()}\n" for path in files))
+    files = dataset.files if files is None else files
     command = [
         sys.executable,
         "-m",
         "app.cli",
         "bulk",
-        relative(dataset.folder),
+        relative(source),
         "--model",
         dataset.model,
         "--out",
@@ -390,8 +399,8 @@ def bulk_phase(
     sys.stderr.buffer.write(finished.stdout)
     manifest = json.loads((out / "manifest.json").read_text())
     rows, errors = manifest["counts"]["rows"], manifest["counts"]["errors"]
-    if rows != len(dataset.files) or errors:
-        log.warning("%s: %d rows, %d errors for %d files", name, rows, errors, len(dataset.files))
+    if rows != len(files) or errors:
+        log.warning("%s: %d rows, %d errors for %d files", name, rows, errors, len(files))
     return {
         "command": command_text(command),
         "version": manifest["version"],
@@ -470,27 +479,11 @@ def ray_phase(
     dataset: Dataset, args: argparse.Namespace, env: dict[str, str]
 ) -> tuple[dict[str, Any] | None, str | None]:
     """``tokserve bulk --engine ray``, or None and why it did not run."""
-    if not (REPO_ROOT / "app" / "bulk" / "ray_engine.py").is_file():
-        return None, "app/bulk/ray_engine.py does not exist in this checkout"
     if importlib.util.find_spec("ray") is None:
         return None, "ray is not installed"
-    address = existing_ray()
-    if address:
-        return None, (
-            f"a Ray instance runs at {address} (RAY_ADDRESS, or `ray start` on this machine): "
-            "ray.init() would join it rather than start the job's own; stop it to measure"
-        )
-    return bulk_phase("ray", dataset, args, env, ["--engine", "ray"], tree=True), None
-
-
-def existing_ray() -> str | None:
-    """The Ray instance ray.init() would join: RAY_ADDRESS, else the latest one that
-    `ray start` started on this machine."""
     if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
-    from ray._private.utils import read_ray_address
-
-    return read_ray_address()
+        return None, "RAY_ADDRESS is set: the job would run on that cluster, not this machine"
+    return bulk_phase("ray", dataset, args, env, ["--engine", "ray"], tree=True), None
 
 
 def rate_of(phases: dict[str, Any], phase: str, key: str = "items_per_s") -> float | None:
@@ -515,6 +508,11 @@ def measure(dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 model_dir = ["--model-dir", relative(args.model_dir)]
                 phases[phase] = bulk_phase(phase, dataset, args, env, model_dir)
+                if "local_tenth" not in args.skip:  # memory flat: the job on every tenth file
+                    sample = dataset.files[::MEMORY_SAMPLE_EVERY]
+                    phases["local_tenth"] = bulk_phase(
+                        "local_tenth", dataset, args, env, model_dir, files=sample
+                    )
             log.info("%s %s: %s", dataset.modality, phase, json.dumps(phases[phase]))
     if not {"http_loop", "server"} <= args.skip:
         phases.update(served_phases(dataset, args, env))
@@ -533,6 +531,9 @@ def measure(dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
         "server_over_http_loop": ratio(rate_of(phases, "server"), rate_of(phases, "http_loop")),
         "server_over_local": ratio(rate_of(phases, "server"), local),
         "ray_over_local": ratio(rate_of(phases, "ray"), local),
+        "local_peak_rss_over_tenth": ratio(
+            rate_of(phases, "local", "peak_rss_mib"), rate_of(phases, "local_tenth", "peak_rss_mib")
+        ),
     }
     value = ratios["local_over_ceiling"]
     met = None if value is None else value >= GOAL_LOCAL_OVER_CEILING
