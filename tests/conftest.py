@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules; tests/ci_skips.py fails skipped tests under CI=true."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 
 from tests.redis_server import RedisServer
 from tests.support import served, settings_for, tiny_repo
+
+pytest_plugins = ["tests.ci_skips"]
 
 
 @pytest.fixture(scope="session")
