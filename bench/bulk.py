@@ -525,7 +525,9 @@ def measure(dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     if "local" not in args.skip and "local_tenth" not in args.skip:
         # memory flat however many items: the same job on every tenth file
         sample = dataset.files[::MEMORY_SAMPLE_EVERY]
-        phases["local_tenth"] = bulk_phase("local_tenth", dataset, args, env, model_dir, sample)
+        phases["local_tenth"] = bulk_phase(
+            "local_tenth", dataset, args, env, model_dir, files=sample
+        )
     if not {"http_loop", "server"} <= args.skip:
         phases.update(served_phases(dataset, args, env))
     if "ray" not in args.skip:
