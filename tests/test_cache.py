@@ -32,11 +32,13 @@ from tests.support import TINY_AUDIO, TINY_IMAGE, write_model
 
 TIMEOUT_MS = 50.0
 TIMEOUT_S = TIMEOUT_MS / 1000
-# How much later than its timeout a call to a paused Redis may return: measured here (2 cores,
-# 2 and 4 busy loops beside it, 160 calls) at 0.3-21 ms past the 50 ms, so 2x the worst.
-TIMEOUT_OVERSHOOT_S = 0.04
-# A killed Redis refuses the connection: measured at 0.3-15 ms under the same load.
-REFUSED_WITHIN_S = TIMEOUT_S
+# Timing bounds, measured on this 2-core machine at load 4-5 (two busy loops beside the tests
+# and other work): one call to a paused Redis returned 0.2-48 ms after its 50 ms timeout (88
+# ms once within the whole suite), but the quickest of three in a row at most 6.1 ms after it
+# (750 triples); a killed Redis refused one call within 0.4-35 ms, the quickest of three
+# within 0.5 ms. So the tests time three calls and bound the quickest, at 2.5x the worst.
+QUICKEST_OVERSHOOT_S = 0.015
+QUICKEST_REFUSAL_S = 0.005
 BREAKER_FAILURES = 3
 COOLDOWN_S = 0.3
 TOKENS = np.arange(16 * 16, dtype=np.int64).reshape(16, 16) % 1000
@@ -335,10 +337,13 @@ async def test_killed_redis_reads_as_misses_before_the_timeout_and_counts_errors
     await cache.set_many([(KEY, TOKENS)])
     redis_server.kill()
     errors = cache_requests("error")
-    start = time.perf_counter()
-    assert await cache.get_many([KEY, "tok:b", "tok:c"]) == [None, None, None]
-    assert elapsed_s(start) < REFUSED_WITHIN_S
-    assert cache_requests("error") - errors == 3
+    lookups_s = []
+    for _ in range(BREAKER_FAILURES):  # each one goes out: the breaker opens after the third
+        start = time.perf_counter()
+        assert await cache.get_many([KEY, "tok:b", "tok:c"]) == [None, None, None]
+        lookups_s.append(elapsed_s(start))
+    assert min(lookups_s) < QUICKEST_REFUSAL_S, lookups_s
+    assert cache_requests("error") - errors == 3 * BREAKER_FAILURES
 
 
 async def test_set_many_to_killed_redis_returns_quietly_and_counts_errors(
@@ -367,26 +372,34 @@ async def test_restarted_redis_serves_hits_again_within_5s_with_the_same_cache_o
     pytest.fail("no cache hit within 5 s of Redis restarting")
 
 
-async def test_paused_redis_get_many_returns_misses_once_the_timeout_passes(
+async def test_paused_redis_get_many_returns_misses_as_the_timeout_passes(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:
     await cache.set_many([(KEY, TOKENS)])
     redis_server.pause()
-    start = time.perf_counter()
-    assert await cache.get_many([KEY]) == [None]
-    assert TIMEOUT_S <= elapsed_s(start) < TIMEOUT_S + TIMEOUT_OVERSHOOT_S
+    lookups_s = []
+    for _ in range(BREAKER_FAILURES):  # each one goes out: the breaker opens after the third
+        start = time.perf_counter()
+        assert await cache.get_many([KEY]) == [None]
+        lookups_s.append(elapsed_s(start))
     redis_server.resume()
+    assert min(lookups_s) >= TIMEOUT_S, lookups_s
+    assert min(lookups_s) < TIMEOUT_S + QUICKEST_OVERSHOOT_S, lookups_s
 
 
-async def test_paused_redis_set_many_returns_once_the_timeout_passes(
+async def test_paused_redis_set_many_returns_as_the_timeout_passes(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:
     await cache.get_many([KEY])
     redis_server.pause()
-    start = time.perf_counter()
-    await cache.set_many([(KEY, TOKENS)])
-    assert TIMEOUT_S <= elapsed_s(start) < TIMEOUT_S + TIMEOUT_OVERSHOOT_S
+    writes_s = []
+    for _ in range(BREAKER_FAILURES):  # each one goes out: the breaker opens after the third
+        start = time.perf_counter()
+        await cache.set_many([(KEY, TOKENS)])
+        writes_s.append(elapsed_s(start))
     redis_server.resume()
+    assert min(writes_s) >= TIMEOUT_S, writes_s
+    assert min(writes_s) < TIMEOUT_S + QUICKEST_OVERSHOOT_S, writes_s
 
 
 async def test_open_breaker_answers_misses_at_once_without_asking_redis(

@@ -126,12 +126,16 @@ async def encode_and_write_back(client: httpx.AsyncClient, seed: int) -> dict[st
 
 
 def breaker_environment(
-    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, failures: int, cooldown_s: float
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    failures: int,
+    cooldown_s: float,
+    timeout_ms: int = 50,
 ) -> None:
     """The breaker's settings as a deployment gives them: environment variables, read by
     Settings, handed by create_cache to the service's RedisCache."""
     monkeypatch.setenv("TOKSERVE_REDIS_URL", redis_server.url)
-    monkeypatch.setenv("TOKSERVE_REDIS_TIMEOUT_MS", "50")
+    monkeypatch.setenv("TOKSERVE_REDIS_TIMEOUT_MS", str(timeout_ms))
     monkeypatch.setenv("TOKSERVE_REDIS_BREAKER_FAILURES", str(failures))
     monkeypatch.setenv("TOKSERVE_REDIS_BREAKER_COOLDOWN_S", str(cooldown_s))
 
@@ -167,8 +171,10 @@ async def test_breaker_cooldown_setting_is_how_long_redis_is_skipped_before_a_pr
 ) -> None:
     """TOKSERVE_REDIS_BREAKER_COOLDOWN_S=1: a second after the breaker opened, the next lookup
     goes to Redis again and finds what was stored before; until then Redis is skipped even
-    though it answers. The default cool-down (2 s) would still skip it."""
-    breaker_environment(monkeypatch, redis_server, failures=1, cooldown_s=1.0)
+    though it answers. The default cool-down (2 s) would still skip it. The probe is a fresh
+    connection to a Redis just resumed: 250 ms lets a loaded machine make it (50 ms failed
+    about once in ten runs at load 5)."""
+    breaker_environment(monkeypatch, redis_server, failures=1, cooldown_s=1.0, timeout_ms=250)
     async with served(settings_for(repo)) as client:
         stored = await encode_and_write_back(client, 50)
         redis_server.pause()
