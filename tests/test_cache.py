@@ -402,6 +402,27 @@ async def test_paused_redis_set_many_returns_as_the_timeout_passes(
     assert min(writes_s) < TIMEOUT_S + QUICKEST_OVERSHOOT_S, writes_s
 
 
+async def test_a_call_the_event_loop_stalled_past_its_deadline_returns_when_the_loop_resumes(
+    redis_server: RedisServer, cache: RedisCache
+) -> None:
+    """The event loop stalls for 100 ms (CPU contention, a collection, a blocking call) just as
+    a lookup writes to a paused Redis: the deadline passes as the write completes. On Python
+    3.11, redis-py's asyncio.wait_for around the write lost the deadline's cancellation then,
+    and the lookup waited for the 10 s socket timeout; now it answers as the loop resumes (a
+    single call on this loaded machine: up to 0.1 s later)."""
+    await cache.set_many([(KEY, TOKENS)])  # a connected connection in the pool
+    redis_server.pause()
+    stall_s = 0.1
+    asyncio.get_running_loop().call_soon(time.sleep, stall_s)
+    errors = cache_requests("error")
+    start = time.perf_counter()
+    assert await cache.get_many([KEY]) == [None]
+    lookup_s = elapsed_s(start)
+    redis_server.resume()
+    assert stall_s <= lookup_s < stall_s + 1.0
+    assert cache_requests("error") - errors == 1
+
+
 async def test_open_breaker_answers_misses_at_once_without_asking_redis(
     redis_server: RedisServer, cache: RedisCache
 ) -> None:

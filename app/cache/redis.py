@@ -105,6 +105,8 @@ class RedisCache:
         self._client, self._extra_clients = _redis_client(url, self._timeout_s)
         self._breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
         self._cooldown_s = breaker_cooldown_s
+        # calls past their deadline that have not ended yet (see _guarded)
+        self._overrunning: set[asyncio.Future[Any]] = set()
 
     @property
     def breaker_open(self) -> bool:
@@ -148,8 +150,16 @@ class RedisCache:
 
     async def close(self) -> None:
         """Close the pool (and any sentinel connections)."""
+        for attempt in self._overrunning:
+            attempt.cancel()
         for client in (self._client, *self._extra_clients):
             await client.aclose()
+
+    def _overran(self, attempt: asyncio.Future[Any]) -> None:
+        """A call past its deadline ended: forget it, and its outcome, which nobody awaits."""
+        self._overrunning.discard(attempt)
+        if not attempt.cancelled():
+            attempt.exception()
 
     async def _fetch(self, keys: list[str]) -> list[bytes | None] | None:
         """Values of ``keys`` (None where absent); None when Redis failed or is skipped."""
@@ -189,15 +199,30 @@ class RedisCache:
         """Run ``call`` (moving ``size`` bytes) under its deadline and the breaker.
 
         None when skipped or failed. The deadline is the timeout plus the bytes' transfer time.
+        The caller has its answer at the deadline even if the call goes on: a cancelled call
+        may not stop (on Python 3.11 redis-py's asyncio.wait_for around each write loses a
+        cancellation that arrives as the write completes, after the event loop stalled), and
+        would then wait for the 10 s socket timeout; it is left to end on its own.
         """
         if not self._breaker.allow():
             return None
         deadline_s = min(self._timeout_s + size / self._bytes_per_s, _SOCKET_TIMEOUT_S)
+        attempt = asyncio.ensure_future(call())
         try:
-            async with asyncio.timeout(deadline_s):
-                result = await call()
+            await asyncio.wait([attempt], timeout=deadline_s)
+        except BaseException:  # the caller was cancelled: no outcome
+            attempt.cancel()
+            self._breaker.abandon()
+            raise
+        try:
+            if not attempt.done() or attempt.cancelled():
+                attempt.cancel()
+                self._overrunning.add(attempt)
+                attempt.add_done_callback(self._overran)
+                raise TimeoutError
+            result = attempt.result()
         except Exception as exc:
-            # asyncio's deadline raises a bare TimeoutError; say what it means.
+            # the deadline raises a bare TimeoutError; say what it means.
             reason = str(exc) or f"no answer within {deadline_s * 1000:.0f} ms"
             if self._breaker.record_failure():
                 log.warning(
