@@ -10,7 +10,7 @@ JEMALLOC := $(VENV)/.jemalloc
 NGINX  := $(VENV)/.nginx
 KUBECTL := $(BIN)/kubectl
 
-.PHONY: run test lint fmt bench clean
+.PHONY: run test lint fmt bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,17 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Mutation testing (mutmut; not part of `make test`): each module in MUTATE is mutated alone and
+# checked against only the test files that exercise it (bench/mutate.py's TESTS), in a copy of
+# the tree under mutants/; then the report of every module measured so far is written to
+# MUTATE_REPORT: per module mutants, killed, survived, timeout, score, and each survivor's diff.
+# One module: make mutate MUTATE=app/batching.py
+MUTATE ?= app/single_flight.py app/cache/breaker.py app/batching.py app/api/deps.py app/media.py
+MUTATE_REPORT ?= bench/results/$(shell date -u +%Y-%m-%d)-mutation.md
+mutate: $(STAMP)
+	$(BIN)/python -m bench.mutate $(MUTATE)
+	$(BIN)/python -m bench.mutate --report $(MUTATE_REPORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,180 @@
+"""Mutation testing (mutmut 3.x) of the modules that carry the service's promises.
+
+`make mutate` runs `python -m bench.mutate MODULE...`: for each module, mutmut mutates only that
+file and runs only the test files that exercise it (TESTS below; `-x`), so one module takes
+minutes rather than the whole suite per mutant. mutmut works in a copy of the tree under
+`mutants/` (git-ignored), which is emptied before each module; each module's verdicts are kept in
+`bench/.work/mutation/<module>.json`, and `python -m bench.mutate --report OUT.md` turns every
+kept module into a markdown table (mutants, killed, survived, timeout, other, score) followed by
+each surviving mutant's diff, for a person to judge (missing test, or equivalent and why).
+
+mutmut reads its settings from pyproject.toml's `[tool.mutmut]`; the per-module file and tests
+are set here on its loaded configuration before its command line runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / ".work" / "mutation"
+
+# module -> the test files that exercise it (the narrowest that still cover its promises)
+TESTS: dict[str, list[str]] = {
+    "app/single_flight.py": ["tests/test_cache.py"],
+    "app/cache/breaker.py": ["tests/test_cache.py"],
+    "app/batching.py": ["tests/test_batching.py"],
+    "app/api/deps.py": ["tests/test_api.py"],
+    "app/media.py": ["tests/test_media.py"],
+}
+DEFAULT_MODULES = list(TESTS)
+
+
+def _key(module: str) -> str:
+    return module.replace("/", "__").removesuffix(".py")
+
+
+def run_module(module: str) -> dict:
+    """Run mutmut over one module in this process (called in a child per module)."""
+    import mutmut.configuration as mc
+
+    cfg = mc._load_config()
+    cfg.only_mutate = [module]
+    cfg.pytest_add_cli_args_test_selection = TESTS.get(module, ["tests"])
+    mc._config = cfg
+    from mutmut.__main__ import cli
+
+    try:
+        cli(["run"], standalone_mode=False)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    return collect(module)
+
+
+def collect(module: str) -> dict:
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    m = SourceFileMutationData(path=Path(module))
+    m.load()
+    mutants = []
+    for name, code in sorted(m.exit_code_by_key.items()):
+        status = status_by_exit_code[code]
+        entry = {"name": name, "status": status}
+        if status != "killed":
+            try:
+                entry["diff"] = get_diff_for_mutant(name, path=module)
+                entry["line"] = locate(module, name, entry["diff"])
+            except Exception as exc:  # a diff is a convenience; keep the verdict
+                entry["diff"] = f"(no diff: {exc})"
+        mutants.append(entry)
+    return {"module": module, "tests": TESTS.get(module, ["tests"]), "mutants": mutants}
+
+
+def locate(module: str, name: str, diff: str) -> int | None:
+    """The line in `module` a mutant first changes (mutmut's diff is of the function alone)."""
+    lines = (ROOT / module).read_text().splitlines()
+    qual = name.rsplit("__mutmut_", 1)[0].split(".")[-1]  # xǁClassǁmethod or x_function
+    parts = qual.split("\u01c1")
+    cls, func = (parts[1], parts[2]) if len(parts) == 3 else (None, qual.removeprefix("x_"))
+    start = 0
+    if cls:
+        start = next((i for i, ln in enumerate(lines) if re.match(rf"\s*class {cls}\b", ln)), 0)
+    start = next(
+        (i for i in range(start, len(lines)) if re.match(rf"\s*(async )?def {func}\b", lines[i])),
+        start,
+    )
+    removed = [d[1:].strip() for d in diff.splitlines() if d.startswith("-") and d[1:2] != "-"]
+    for text in removed[:1]:
+        for i in range(start, len(lines)):
+            if lines[i].strip() == text:
+                return i + 1
+    return start + 1
+
+
+def summarize(result: dict) -> dict:
+    counts: dict[str, int] = {}
+    for m in result["mutants"]:
+        counts[m["status"]] = counts.get(m["status"], 0) + 1
+    total = len(result["mutants"])
+    killed = counts.get("killed", 0) + counts.get("caught by type check", 0)
+    survived = counts.get("survived", 0)
+    timeout = counts.get("timeout", 0)
+    other = total - killed - survived - timeout
+    # a timeout counts as a kill (the mutant changed observable behaviour), as mutmut's own score
+    score = (killed + timeout) / total if total else 0.0
+    return {
+        "mutants": total,
+        "killed": killed,
+        "survived": survived,
+        "timeout": timeout,
+        "other": other,
+        "score": score,
+    }
+
+
+def report(out: Path) -> None:
+    lines = [
+        "# Mutation testing",
+        "",
+        "`make mutate` (bench/mutate.py, mutmut). Score = (killed + timeout) / mutants.",
+        "",
+        "| module | tests | mutants | killed | survived | timeout | other | score | minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    results = [json.loads(p.read_text()) for p in sorted(WORK.glob("*.json"))]
+    for r in results:
+        s = summarize(r)
+        lines.append(
+            f"| {r['module']} | {' '.join(r['tests'])} | {s['mutants']} | {s['killed']} | "
+            f"{s['survived']} | {s['timeout']} | {s['other']} | {s['score']:.1%} | "
+            f"{r.get('seconds', 0) / 60:.1f} |"
+        )
+    for r in results:
+        left = [m for m in r["mutants"] if m["status"] not in ("killed", "timeout")]
+        lines += ["", f"## {r['module']}: {len(left)} not killed", ""]
+        for m in left:
+            where = f"{r['module']}:{m.get('line') or locate(r['module'], m['name'], m['diff'])}"
+            lines += [f"### {where} `{m['name']}` ({m['status']})", ""]
+            lines += ["```diff", m["diff"].strip(), "```"]
+            lines.append("")
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help=f"default: {' '.join(DEFAULT_MODULES)}")
+    parser.add_argument("--report", type=Path, help="write the markdown report of kept results")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child that runs one module
+    args = parser.parse_args()
+    if args.one:
+        result = run_module(args.one)
+        WORK.mkdir(parents=True, exist_ok=True)
+        (WORK / f"{_key(args.one)}.json").write_text(json.dumps(result, indent=1))
+        return
+    modules = args.modules or ([] if args.report else DEFAULT_MODULES)
+    for module in modules:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-m", "bench.mutate", "--one", module], check=True)
+        path = WORK / f"{_key(module)}.json"
+        result = json.loads(path.read_text())
+        result["seconds"] = round(time.monotonic() - start)
+        path.write_text(json.dumps(result, indent=1))
+        print(module, summarize(result), f"{result['seconds']} s", flush=True)
+    if args.report:
+        report(args.report)
+
+
+if __name__ == "__main__":
+    main()
