@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -54,12 +54,17 @@ def server_process(
             yield process, url
         finally:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop(process, signal.SIGTERM, 60)
+
+
+def stop(process: subprocess.Popen[Any], sig: int, timeout_s: float) -> None:
+    """Send ``sig`` and wait for the process to exit; kill it past ``timeout_s``."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.server import stop
 from tests.support import REPO_ROOT
 
 NGINX_CONF = REPO_ROOT / "docker" / "nginx.conf"
@@ -105,9 +106,4 @@ def nginx(config: str, port: int, folder: Path) -> Iterator[Nginx]:
                 time.sleep(0.05)
         yield Nginx(url, access_log, error_log)
     finally:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGQUIT, 30)
