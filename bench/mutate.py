@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "mutation"
+# mutant name -> a person's one-line judgement of a survivor (missing test, or equivalent: why)
+JUDGEMENTS = ROOT / "bench" / "mutation_judgements.json"
 
 # module -> the test files that exercise it (the narrowest that still cover its promises)
 TESTS: dict[str, list[str]] = {
@@ -139,14 +141,26 @@ def report(out: Path) -> None:
             f"{s['survived']} | {s['timeout']} | {s['other']} | {s['score']:.1%} | "
             f"{r.get('seconds', 0) / 60:.1f} |"
         )
+    judged = json.loads(JUDGEMENTS.read_text()) if JUDGEMENTS.exists() else {}
     for r in results:
         left = [m for m in r["mutants"] if m["status"] not in ("killed", "timeout")]
-        lines += ["", f"## {r['module']}: {len(left)} not killed", ""]
         for m in left:
-            where = f"{r['module']}:{m.get('line') or locate(r['module'], m['name'], m['diff'])}"
-            lines += [f"### {where} `{m['name']}` ({m['status']})", ""]
-            lines += ["```diff", m["diff"].strip(), "```"]
-            lines.append("")
+            m["line"] = m.get("line") or locate(r["module"], m["name"], m["diff"])
+        left.sort(key=lambda m: m["line"] or 0)
+        lines += ["", f"## {r['module']}: {len(left)} not killed", ""]
+        lines += ["| line | change | status | judgement |", "|---|---|---|---|"]
+        for m in left:
+            change = " → ".join(
+                "`{}`".format(d[1:].strip().replace("|", "\\|"))
+                for d in m["diff"].splitlines()[2:]
+                if d[:1] in "-+" and d[1:2] not in "-+"
+            )
+            verdict = judged.get(m["name"], "not judged yet")
+            lines.append(f"| {r['module']}:{m['line']} | {change} | {m['status']} | {verdict} |")
+        lines += ["", "<details><summary>diffs</summary>", ""]
+        for m in left:
+            lines += [f"`{m['name']}`", "", "```diff", m["diff"].strip(), "```", ""]
+        lines += ["</details>"]
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
 
