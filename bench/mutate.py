@@ -103,6 +103,12 @@ def locate(module: str, name: str, diff: str) -> int | None:
     return start + 1
 
 
+def _mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
 def summarize(result: dict) -> dict:
     counts: dict[str, int] = {}
     for m in result["mutants"]:
@@ -111,11 +117,14 @@ def summarize(result: dict) -> dict:
     killed = counts.get("killed", 0) + counts.get("caught by type check", 0)
     survived = counts.get("survived", 0)
     timeout = counts.get("timeout", 0)
-    other = total - killed - survived - timeout
+    unchecked = counts.get("not checked", 0)  # a run stopped early
+    other = total - killed - survived - timeout - unchecked
     # a timeout counts as a kill (the mutant changed observable behaviour), as mutmut's own score
-    score = (killed + timeout) / total if total else 0.0
+    checked = total - unchecked
+    score = (killed + timeout) / checked if checked else 0.0
     return {
         "mutants": total,
+        "unchecked": unchecked,
         "killed": killed,
         "survived": survived,
         "timeout": timeout,
@@ -128,22 +137,30 @@ def report(out: Path) -> None:
     lines = [
         "# Mutation testing",
         "",
-        "`make mutate` (bench/mutate.py, mutmut). Score = (killed + timeout) / mutants.",
+        f"`make mutate` (bench/mutate.py, mutmut {_mutmut_version()}). "
+        "Score = (killed + timeout) / mutants checked: a mutant that makes the tests hang changed "
+        "observable behaviour. mutmut mutates code inside functions and methods only (not "
+        "module constants or class attributes). Each module runs against only the test files "
+        "in its row, with `-x`; 'no tests' means none of them calls that function, and a "
+        "survivor may still be killed by a test file outside the row (the judgement says so "
+        "where known). Judgements come from bench/mutation_judgements.json.",
         "",
-        "| module | tests | mutants | killed | survived | timeout | other | score | minutes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| module | tests | mutants | not checked | killed | survived | timeout | other | score "
+        "| minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     results = [json.loads(p.read_text()) for p in sorted(WORK.glob("*.json"))]
     for r in results:
         s = summarize(r)
         lines.append(
-            f"| {r['module']} | {' '.join(r['tests'])} | {s['mutants']} | {s['killed']} | "
+            f"| {r['module']} | {' '.join(r['tests'])} | {s['mutants']} | {s['unchecked']} | "
+            f"{s['killed']} | "
             f"{s['survived']} | {s['timeout']} | {s['other']} | {s['score']:.1%} | "
             f"{r.get('seconds', 0) / 60:.1f} |"
         )
     judged = json.loads(JUDGEMENTS.read_text()) if JUDGEMENTS.exists() else {}
     for r in results:
-        left = [m for m in r["mutants"] if m["status"] not in ("killed", "timeout")]
+        left = [m for m in r["mutants"] if m["status"] not in ("killed", "timeout", "not checked")]
         for m in left:
             m["line"] = m.get("line") or locate(r["module"], m["name"], m["diff"])
         left.sort(key=lambda m: m["line"] or 0)
