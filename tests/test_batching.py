@@ -246,6 +246,7 @@ async def test_item_whose_deadline_passes_while_queued_answers_504_and_is_never_
     late = asyncio.create_task(batcher.submit(item(1), deadline=time.monotonic() + 0.05))
     with pytest.raises(DeadlineExceeded):
         await late  # answered at its deadline, while the worker is still busy
+    assert not blocker.done(), "answered only once the worker was free, not at its deadline"
     assert batcher.depth == 0
     model.release.set()
     await blocker
