@@ -24,6 +24,17 @@ class ProblemError(Exception):
         self.headers = headers or {}
         self.extra = extra
 
+    def record(self) -> dict[str, Any]:
+        """{status, title, detail}: the problem as a bulk row or another process keeps it."""
+        return {"status": self.status, "title": self.title, "detail": self.detail}
+
+    @classmethod
+    def from_record(cls, status: int, title: str, detail: str) -> ProblemError:
+        """A problem answered elsewhere (a server, a Ray worker), with its own status."""
+        problem = cls(detail)
+        problem.status, problem.title = status, title
+        return problem
+
 
 class BadRequest(ProblemError):
     status, title = 400, "Bad Request"

@@ -21,13 +21,12 @@ from typing import Any
 import pyarrow as pa
 
 from app.bulk.local import bulk_settings, encode_each
+from app.bulk.shards import ERROR_TYPE
 from app.endpoints import Tokens
 from app.engine import SyncEngine
 from app.errors import BadRequest, ProblemError
 from app.media import ResizeMode
 from app.tokens import token_dtype
-
-ERROR_TYPE = pa.struct([("status", pa.int32()), ("title", pa.string()), ("detail", pa.string())])
 
 
 class _ItemEngine(SyncEngine):
@@ -122,9 +121,7 @@ class TokenizeBatch:
                 tokens.append(None)
                 shapes.append(None)
                 figures.append(None)
-                errors.append(
-                    {"status": result.status, "title": result.title, "detail": result.detail}
-                )
+                errors.append(result.record())
             else:
                 tokens.append(result.tokens.ravel())
                 shapes.append(list(result.tokens.shape))
@@ -153,14 +150,7 @@ def _arrow(batch: Any) -> pa.Table:
 def _input(blob: Any, error: dict[str, Any] | None) -> bytes | ProblemError:
     """What a row gives the engine: its bytes, or the problem it came with."""
     if error is not None:
-        return problem(error)
+        return ProblemError.from_record(**error)
     if isinstance(blob, bytes | bytearray | memoryview):
         return bytes(blob)
     return BadRequest(f"the row holds {type(blob).__name__} where file bytes were expected.")
-
-
-def problem(error: dict[str, Any]) -> ProblemError:
-    """An ``error`` column's {status, title, detail} as the engine's exception type."""
-    exc = ProblemError(error["detail"])
-    exc.status, exc.title = error["status"], error["title"]
-    return exc

@@ -21,12 +21,12 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from app.bulk.batch import ERROR_TYPE, TokenizeBatch, problem
+from app.bulk.batch import TokenizeBatch
 from app.bulk.inputs import Item, Locator, Reader, read_or_problem
 from app.bulk.job import BulkOptions
-from app.bulk.local import bulk_settings
+from app.bulk.local import WINDOW_BATCHES, bulk_settings
 from app.bulk.remote import ModelChanged
-from app.bulk.shards import row
+from app.bulk.shards import ERROR_TYPE, row
 from app.endpoints import Tokens
 from app.engine import usable_cpus
 from app.errors import ProblemError
@@ -37,8 +37,6 @@ from app.tokens import token_dtype
 PLAN_BLOCK = 256
 # items a read task reads per call: a batch of large files stays a block of reasonable size
 READ_BATCH = 16
-# model batches per actor call: the next batch's files decode while the model runs this one
-WINDOW_BATCHES = 4
 LOCATOR_TYPE = pa.struct(
     [
         ("kind", pa.string()),
@@ -175,12 +173,7 @@ def _read(batch: pa.Table) -> pa.Table:
         read_or_problem(_reader, Locator(**locator))
         for locator in batch.column("locator").to_pylist()
     ]
-    errors = [
-        {"status": b.status, "title": b.title, "detail": b.detail}
-        if isinstance(b, ProblemError)
-        else None
-        for b in blobs
-    ]
+    errors = [b.record() if isinstance(b, ProblemError) else None for b in blobs]
     data = [b if isinstance(b, bytes) else None for b in blobs]
     return batch.append_column("bytes", pa.array(data, pa.binary())).append_column(
         "error", pa.array(errors, ERROR_TYPE)
@@ -200,7 +193,7 @@ def _rows(table: pa.Table, model: dict[str, Any], dtype: np.dtype[Any]) -> list[
                 "same hardware and software (a host-reproducible model's version depends on them)."
             )
         result: Tokens | ProblemError = (
-            problem(r["error"])
+            ProblemError.from_record(**r["error"])
             if r["error"] is not None
             else Tokens(
                 np.asarray(flat, dtype).reshape(r["shape"]), False, json.loads(r["figures"])

@@ -78,7 +78,7 @@ class ServerTokenizer:
         for blob in blobs:
             result = blob if isinstance(blob, ProblemError) else next(answers)
             if isinstance(result, ItemError):
-                result = _problem(result)
+                result = ProblemError.from_record(result.status, result.title, result.detail)
             elif isinstance(result, Encoded) and result.version != self.model["version"]:
                 raise ModelChanged(
                     f"{self.options.server} now answers with {name} version {result.version}; "
@@ -116,10 +116,3 @@ def _retried(call: Callable[[], T]) -> T:
             log.warning("server busy or unreachable (%s); retrying in %.1f s", exc, pause)
             time.sleep(pause)
     raise AssertionError("unreachable")
-
-
-def _problem(error: ItemError) -> ProblemError:
-    """A server's item problem as the engine's exception type, with its status and title."""
-    problem = ProblemError(error.detail)
-    problem.status, problem.title = error.status, error.title
-    return problem

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from app.bulk.inputs import Item
 from app.errors import ProblemError
@@ -27,6 +29,8 @@ from app.errors import ProblemError
 Format = Literal["parquet", "webdataset"]
 SUFFIX: dict[str, str] = {"parquet": ".parquet", "webdataset": ".tar"}
 STATE_FILE = ".tokserve-bulk.json"
+# a failed row's ``error``: ProblemError.record()
+ERROR_TYPE = pa.struct([("status", pa.int32()), ("title", pa.string()), ("detail", pa.string())])
 MANIFEST_FILE = "manifest.json"
 # the item's figures each modality's rows carry, beside id, model, version, tokens and shape
 FIGURES: dict[str, tuple[str, ...]] = {
@@ -56,8 +60,7 @@ def row(item: Item, model: str, version: str, result: Any) -> dict[str, Any]:
     """
     base: dict[str, Any] = {"id": item.id, "model": model, "version": version}
     if isinstance(result, ProblemError):
-        error = {"status": result.status, "title": result.title, "detail": result.detail}
-        return {**base, "tokens": None, "shape": None, "error": error}
+        return {**base, "tokens": None, "shape": None, "error": result.record()}
     tokens = np.asarray(result.tokens)
     figures = {k: v for k, v in result.figures.items() if k != "shape"}
     return {**base, "tokens": tokens, "shape": list(tokens.shape), **figures, "error": None}
@@ -66,9 +69,6 @@ def row(item: Item, model: str, version: str, result: Any) -> dict[str, Any]:
 def arrow_schema(modality: str, token_type: str) -> Any:
     """The Parquet schema of a modality's rows; tokens are uint16 unless the vocabulary is
     larger."""
-    import pyarrow as pa
-
-    error = pa.struct([("status", pa.int32()), ("title", pa.string()), ("detail", pa.string())])
     common = [
         ("id", pa.string()),
         ("model", pa.string()),
@@ -92,7 +92,7 @@ def arrow_schema(modality: str, token_type: str) -> Any:
             ("duration_s", pa.float64()),
         ],
     }[modality]
-    return pa.schema([*common, *figures, ("error", error)])
+    return pa.schema([*common, *figures, ("error", ERROR_TYPE)])
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,6 @@ def write_shard(
 
 
 def _parquet_bytes(rows: Sequence[dict[str, Any]], schema: Any) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     columns = {
         name: [r.get(name) for r in rows] for name in schema.names if name not in ("tokens",)
     }
