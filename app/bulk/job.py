@@ -134,12 +134,10 @@ class ShardSink:
             else None
         )
         self.rows: list[dict[str, Any]] = []
-        self.errors = sum(s.errors for s in state.shards)
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         for r in rows:
             self.rows.append(r)
-            self.errors += r["error"] is not None
             if len(self.rows) == self.options.rows_per_shard:
                 self.flush()
 
@@ -174,9 +172,9 @@ class Job:
         )
         self.state.save()
         self.sink = ShardSink(self.state, options, model)
-        self.done = len(self.state.shards) * options.rows_per_shard
+        self.done = sum(shard.rows for shard in self.state.shards)
         self.progress = progress or Progress(count)
-        self.progress.start(min(self.done, count), self.sink.errors)
+        self.progress.start(self.done, sum(shard.errors for shard in self.state.shards))
 
     def remaining(self) -> Iterator[Item]:
         """The items not yet in a written shard, in order."""
