@@ -60,11 +60,13 @@ bench: $(STAMP)
 # checked against only the test files that exercise it (bench/mutate.py's TESTS), in a copy of
 # the tree under mutants/; then the report of every module measured so far is written to
 # MUTATE_REPORT: per module mutants, killed, survived, timeout, score, and each survivor's diff.
-# One module: make mutate MUTATE=app/batching.py
+# One module: make mutate MUTATE=app/batching.py. After adding tests (module unchanged), rerun only
+# what survived: make mutate MUTATE=app/batching.py MUTATE_FLAGS=--survivors
+MUTATE_FLAGS ?=
 MUTATE ?= app/single_flight.py app/cache/breaker.py app/batching.py app/api/deps.py app/media.py
 MUTATE_REPORT ?= bench/results/$(shell date -u +%Y-%m-%d)-mutation.md
 mutate: $(STAMP)
-	$(BIN)/python -m bench.mutate $(MUTATE)
+	$(BIN)/python -m bench.mutate $(MUTATE_FLAGS) $(MUTATE)
 	$(BIN)/python -m bench.mutate --report $(MUTATE_REPORT)
 
 clean:

@@ -38,6 +38,7 @@ TESTS: dict[str, list[str]] = {
     "app/media.py": ["tests/test_media.py"],
 }
 DEFAULT_MODULES = list(TESTS)
+CAUGHT = ("killed", "timeout", "caught by type check")
 # linked into mutants/ (mutmut copies only app/, tests/ and pyproject.toml)
 LINKED = ["models", "examples", "docker", "docs", "k8s", "README.md"]
 
@@ -46,8 +47,8 @@ def _key(module: str) -> str:
     return module.replace("/", "__").removesuffix(".py")
 
 
-def run_module(module: str) -> dict:
-    """Run mutmut over one module in this process (called in a child per module)."""
+def run_module(module: str, names: list[str]) -> dict:
+    """Run mutmut over one module (only the named mutants when given) in this process."""
     import mutmut.configuration as mc
 
     cfg = mc._load_config()
@@ -57,7 +58,7 @@ def run_module(module: str) -> dict:
     from mutmut.__main__ import cli
 
     try:
-        cli(["run"], standalone_mode=False)
+        cli(["run", *names], standalone_mode=False)
     except SystemExit as e:
         if e.code not in (0, None):
             raise
@@ -147,11 +148,13 @@ def report(out: Path) -> None:
         "in its row, with `-x`; 'no tests' means none of them calls that function, and a "
         "survivor may still be killed by a test file outside the row (the judgement says so "
         "where known). Judgements come from bench/mutation_judgements.json; 'score without "
-        "them' leaves out the survivors judged equivalent (the issue's 85% goal).",
+        "them' leaves out the survivors judged equivalent (the issue's 85% goal). 'Score before "
+        "new tests' is the module's first full run; `--survivors` then reruns only the mutants it "
+        "left alive.",
         "",
         "| module | tests | mutants | not checked | killed | survived | timeout | other | score "
-        "| judged equivalent | score without them | minutes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| judged equivalent | score without them | score before new tests | minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     results = [json.loads(p.read_text()) for p in sorted(WORK.glob("*.json"))]
     judged = json.loads(JUDGEMENTS.read_text()) if JUDGEMENTS.exists() else {}
@@ -167,11 +170,12 @@ def report(out: Path) -> None:
         rest = s["mutants"] - s["unchecked"] - equivalent
         s["score_ex"] = caught / rest if rest else 0.0
         s["equivalent"] = equivalent
+        before = f"{r['before']['score']:.1%}" if "before" in r else "(first run)"
         lines.append(
             f"| {r['module']} | {' '.join(r['tests'])} | {s['mutants']} | {s['unchecked']} | "
             f"{s['killed']} | "
             f"{s['survived']} | {s['timeout']} | {s['other']} | {s['score']:.1%} | "
-            f"{s['equivalent']} | {s['score_ex']:.1%} | "
+            f"{s['equivalent']} | {s['score_ex']:.1%} | {before} | "
             f"{r.get('seconds', 0) / 60:.1f} |"
         )
     for r in results:
@@ -201,12 +205,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help=f"default: {' '.join(DEFAULT_MODULES)}")
     parser.add_argument("--report", type=Path, help="write the markdown report of kept results")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="rerun only the mutants a module's kept result did not kill (after adding tests, "
+        "with the module itself unchanged) and update that result",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child that runs one module
     args = parser.parse_args()
     if args.one:
-        result = run_module(args.one)
+        path = WORK / f"{_key(args.one)}.json"
+        kept = json.loads(path.read_text()) if args.survivors else None
+        names = [m["name"] for m in kept["mutants"] if m["status"] not in CAUGHT] if kept else []
+        if kept and not names:
+            return
+        result = run_module(args.one, names)
+        if kept:
+            fresh = {m["name"]: m for m in result["mutants"]}
+            result["mutants"] = [
+                fresh.get(m["name"], m) if m["name"] in names else m for m in kept["mutants"]
+            ]
+            result["seconds"] = kept.get("seconds", 0)
+            result["before"] = kept.get("before") or summarize(kept)
         WORK.mkdir(parents=True, exist_ok=True)
-        (WORK / f"{_key(args.one)}.json").write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))
         return
     modules = args.modules or ([] if args.report else DEFAULT_MODULES)
     for module in modules:
@@ -215,10 +237,12 @@ def main() -> None:
         for name in LINKED:  # what the tests read from the tree, beside app/ and tests/
             (ROOT / "mutants" / name).symlink_to(ROOT / name)
         start = time.monotonic()
-        subprocess.run([sys.executable, "-m", "bench.mutate", "--one", module], check=True)
+        again = ["--survivors"] if args.survivors else []
+        subprocess.run([sys.executable, "-m", "bench.mutate", "--one", module, *again], check=True)
         path = WORK / f"{_key(module)}.json"
         result = json.loads(path.read_text())
-        result["seconds"] = round(time.monotonic() - start)
+        key = "rerun_seconds" if args.survivors else "seconds"
+        result[key] = round(time.monotonic() - start)
         path.write_text(json.dumps(result, indent=1))
         print(module, summarize(result), f"{result['seconds']} s", flush=True)
     if args.report:
