@@ -32,6 +32,7 @@ from app.tokenizers.base import (
 )
 from app.tokenizers.exported import Program, load_program
 from app.tokenizers.hf import supported_classes
+from app.tokenizers.plugins import backend_names, default_config, find_backend
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PROGRAM_PAIRS = [("encoder.pt2", "decoder.pt2"), ("encoder.jit", "decoder.jit")]
@@ -50,7 +51,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("name", help="model name: lower case, digits, '.', '_' or '-'")
     add.add_argument("--from", dest="source", type=Path, required=True, help="the local folder")
     add.add_argument(
-        "--backend", choices=["transformers", "exported"], help="default: guessed from the folder"
+        "--backend",
+        choices=backend_names(),
+        help="default: guessed from the folder (transformers or exported); an installed plugin "
+        "backend by name",
     )
     add.add_argument(
         "--class", dest="class_name", help="transformers class; default: the checkpoint's own"
@@ -60,6 +64,14 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--bandwidth", type=float, help="EnCodec/X-codec: kbps (default: highest)")
     add.add_argument("--codebooks", type=int, help="DAC/Mimi: codebooks kept (default: all)")
     add.add_argument("--image-size", type=int, help="side in pixels (Emu3; exported images)")
+    add.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=option_pair,
+        help="a plugin backend's option (VALUE read as JSON, else as text); repeatable",
+    )
     exported = add.add_argument_group("exported programs (the calling conventions)")
     exported.add_argument("--modality", choices=["image", "audio"])
     exported.add_argument("--encoder", help="encoder file in the folder (.pt2 or .jit)")
@@ -102,8 +114,10 @@ def add_model(args: argparse.Namespace) -> tuple[Path, Tokenizer, str]:
     backend = args.backend or guess_backend(source)
     if backend == "transformers":
         config = transformers_config(args, source)
-    else:
+    elif backend == "exported":
         config = exported_config(args, source)
+    else:
+        config = plugin_config(args, source, backend)
     tokenizer = build(folder, config)
     report = round_trip(tokenizer)
     config["modality"] = tokenizer.info.modality
@@ -113,14 +127,39 @@ def add_model(args: argparse.Namespace) -> tuple[Path, Tokenizer, str]:
     return folder, tokenizer, report
 
 
+def option_pair(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of --option: VALUE as JSON when it parses (numbers, lists), else the text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, not {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def plugin_config(args: argparse.Namespace, source: Path, backend: str) -> dict[str, Any]:
+    """config.json for an installed plugin backend: its own ``configure``, or the default
+    (the source folder and the --option values)."""
+    plugin = find_backend(backend)
+    configure = plugin.configure or default_config
+    return {"name": args.name, "backend": backend, **configure(source, dict(args.option))}
+
+
 def model_card(name: str, config: dict[str, Any], info: TokenizerInfo, report: str) -> str:
     """README.md for an added model: where it comes from, its tokens, the round-trip check."""
-    kind = config.get("class") or ", ".join(
-        str(config["program"][part]) for part in ("encoder", "decoder")
-    )
+    if "class" in config:
+        kind = config["class"]
+    elif "program" in config:
+        kind = ", ".join(str(config["program"][part]) for part in ("encoder", "decoder"))
+    else:
+        kind = find_backend(config["backend"]).summary or config["backend"]
+    weights = "the model folder's own"
+    if "source" in config:
+        weights = f"`{config['source']}` (not copied; config.json points at them)"
     rows = [
         ("backend", f"{config['backend']} (`{kind}`)"),
-        ("weights", f"`{config['source']}` (not copied; config.json points at them)"),
+        ("weights", weights),
         ("tokens", summary(info)),
         ("bit rate", bit_rate(info)),
         ("round trip on a synthetic input", report),

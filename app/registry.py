@@ -1,7 +1,8 @@
 """The model repository: finds models/<name>/config.json, builds their backends, owns them.
 
-Each backend (native, transformers, exported) is a module of app/tokenizers with a ``build``
-function; the table ``BACKENDS`` maps config.json's ``backend`` to it. What a model folder is
+config.json's ``backend`` names the backend that builds a folder's tokenizer: tokserve's own
+(native, transformers, exported) or one a package installs (app/tokenizers/plugins.py). What a
+model folder is
 and how its version is hashed is app/model_folder.py's; which dtype a model runs in and what
 arithmetic its tokens depend on is app/compute.py's.
 """
@@ -9,7 +10,6 @@ arithmetic its tokens depend on is app/compute.py's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,36 +22,17 @@ from app.errors import NotFound
 from app.model_folder import (
     CONFIG_FILE,
     ModelLoadError,
-    WeightFiles,
     hashed_inputs,
     model_version,
     read_config,
     weight_states,
 )
-from app.tokenizers import exported, hf, native
 from app.tokenizers.base import Modality, Tokenizer, TokenizerInfo
+from app.tokenizers.plugins import Backend, find_backend
 
 log = logging.getLogger("tokserve.registry")
 
 LOAD_ATTEMPTS = 3
-Build = Callable[[Path, dict[str, Any], torch.device, torch.dtype], Tokenizer]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One kind of model folder: ``build`` makes its tokenizer on a device in a dtype;
-    ``weight_files`` names the files it loads from outside the model and source folders."""
-
-    build: Build
-    weight_files: WeightFiles | None = None
-
-
-# config.json's ``backend`` -> how to serve it
-BACKENDS = {
-    "native": Backend(native.build),
-    "transformers": Backend(hf.build),
-    "exported": Backend(exported.build, exported.weight_files),
-}
 
 
 @dataclass(frozen=True)
@@ -192,13 +173,12 @@ def check_modality(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -
 
 
 def backend_named(folder: Path, name: str) -> Backend:
-    """The backend config.json's ``backend`` names; ModelLoadError for one that is unknown."""
-    backend = BACKENDS.get(name)
-    if backend is None:
-        raise ModelLoadError(
-            f"{folder.name}: unknown backend {name!r}; known: {', '.join(BACKENDS)}"
-        )
-    return backend
+    """The backend config.json's ``backend`` names; ModelLoadError naming the folder when it is
+    not installed or cannot be loaded."""
+    try:
+        return find_backend(name)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{folder.name}: {exc}") from exc
 
 
 def build_backend(

@@ -27,6 +27,7 @@ from torch.export.passes import move_to_device_pass
 from app.model_folder import DTYPES, ModelLoadError, source_of
 from app.tokenizers.adapters import BadOption, FramedAudioCodec, PixelRange, check_options
 from app.tokenizers.base import AudioInfo, ImageInfo, Tokenizer
+from app.tokenizers.plugins import Backend
 
 Program = Callable[..., Any]
 FORMATS = (".pt2", ".jit")
@@ -174,3 +175,10 @@ def build(
         raise ModelLoadError(f"{name}: {exc}") from exc
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{name}: cannot load its programs from {base}: {exc}") from exc
+
+
+BACKEND = Backend(
+    build,
+    weight_files=weight_files,
+    summary="an encoder/decoder pair of torch.export (.pt2) or TorchScript (.jit) programs",
+)

@@ -29,6 +29,7 @@ from app.tokenizers.hf_audio import (
     XcodecCodec,
 )
 from app.tokenizers.hf_image import Emu3Tokenizer, JanusTokenizer
+from app.tokenizers.plugins import Backend
 
 
 class Adapter(Protocol):
@@ -148,3 +149,9 @@ def build(
         return ADAPTERS[class_name](model, dict(config.get("options", {})), device)
     except BadOption as exc:
         raise ModelLoadError(f"{name}: {exc}") from exc
+
+
+BACKEND = Backend(
+    build,
+    summary="transformers tokenizer classes from a save_pretrained folder",
+)

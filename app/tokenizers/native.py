@@ -19,6 +19,7 @@ from app.model_folder import ModelLoadError, native_weights
 from app.tokenizers.audio import RVQAudioCodec
 from app.tokenizers.base import Tokenizer
 from app.tokenizers.image import FSQImageTokenizer
+from app.tokenizers.plugins import Backend
 
 NATIVE_ARCHITECTURES: dict[str, Callable[[dict[str, Any]], torch.nn.Module]] = {
     "fsq_image": FSQImageTokenizer.from_config,
@@ -59,3 +60,9 @@ def build(
 ) -> Tokenizer:
     """The folder's native model on ``device`` in ``dtype``, ready to serve."""
     return cast(Tokenizer, for_inference(build_native(folder, config), device, dtype))
+
+
+BACKEND = Backend(
+    build,
+    summary="the architectures of this repository (app/tokenizers), with their weights",
+)
