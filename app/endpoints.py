@@ -166,7 +166,15 @@ class Endpoint(ABC):
         single: bool,
     ) -> list[np.ndarray | ProblemError]:
         """Each item to decode as ``check`` makes it, or its own problem; in the media pool,
-        unless they hold so few ids that the thread hop would cost more."""
+        unless they hold so few ids that the thread hop would cost more. An encode-only model
+        refuses the whole request before any item is read."""
+        info = self.model.info
+        if info.encode_only:
+            raise Unprocessable(
+                f"Model {self.model.name} is encode-only: it has no decoder, so its tokens cannot "
+                f"be turned back into {'images' if info.modality == 'image' else 'audio'}. "
+                "Decode with a model that has one (GET /v1/models: encode_only false)."
+            )
 
         def convert() -> list[np.ndarray | ProblemError]:
             arrays: list[np.ndarray | ProblemError] = []
@@ -208,7 +216,8 @@ class Endpoint(ABC):
 
     @abstractmethod
     def warm_up(self) -> None:
-        """One encode and one decode on inputs of the model's own shapes, before readiness."""
+        """One encode (and one decode, where the model has a decoder) on inputs of the model's
+        own shapes, before readiness."""
 
 
 class ImageEndpoint(Endpoint):
@@ -299,7 +308,8 @@ class ImageEndpoint(Endpoint):
     def warm_up(self) -> None:
         height, width = self.size
         tokens = self.runner.encode_batch([torch.zeros(3, height, width)])[0]
-        self.runner.decode_batch([np.asarray(tokens)])
+        if not self.info.encode_only:
+            self.runner.decode_batch([np.asarray(tokens)])
 
 
 class AudioEndpoint(Endpoint):
@@ -437,7 +447,8 @@ class AudioEndpoint(Endpoint):
     def warm_up(self) -> None:
         wave = torch.zeros(self.info.channels, self.sample_rate)
         tokens = self.runner.encode_batch([wave])[0]
-        self.runner.decode_batch([np.asarray(tokens)])
+        if not self.info.encode_only:
+            self.runner.decode_batch([np.asarray(tokens)])
 
 
 def _approximate_ids(item: Any) -> int:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from app.cli import main
 from app.config import Settings
-from app.media import decode_audio
+from app.media import decode_audio, decode_image
 from app.model_folder import ModelLoadError
 from app.registry import load_model
 from tests.support import png_bytes, served, settings_for
@@ -185,6 +185,21 @@ def _janus() -> Any:
     )
 
 
+def _chameleon() -> Any:
+    return transformers.ChameleonVQVAE(
+        transformers.ChameleonVQVAEConfig(
+            embed_dim=4,
+            num_embeddings=VOCAB,
+            latent_channels=4,
+            resolution=IMAGE_SIDE,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            num_res_blocks=1,
+            attn_resolutions=[],
+        )
+    )
+
+
 AUDIO_CASES = [
     Case("EncodecModel", _encodec, codebooks=4, codebook_scale=0.08),
     Case("DacModel", _dac, codebooks=3, options={"codebooks": 3}),
@@ -196,6 +211,7 @@ IMAGE_CASES = [
     Case("Emu3VQVAE", _emu3, options={"image_size": IMAGE_SIDE}),
     Case("JanusVQVAE", _janus),
 ]
+CHAMELEON = Case("ChameleonVQVAE", _chameleon)  # encode-only
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +231,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every case's tiny random checkpoint, saved with save_pretrained, by class name."""
     root = tmp_path_factory.mktemp("checkpoints")
     folders = {}
-    for case in AUDIO_CASES + IMAGE_CASES:
+    for case in [*AUDIO_CASES, *IMAGE_CASES, CHAMELEON]:
         torch.manual_seed(0)
         model = case.build().eval()
         with torch.no_grad():
@@ -335,6 +351,43 @@ async def test_image_vq_reports_its_grid_and_decodes_to_its_image_size(
         assert Image.open(io.BytesIO(png.content)).size == (IMAGE_SIDE, IMAGE_SIDE)
 
 
+async def test_an_encode_only_model_gives_transformers_own_tokens_and_refuses_decodes(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    source = checkpoints["ChameleonVQVAE"]
+    images = [png_bytes(IMAGE_SIDE, IMAGE_SIDE, seed=seed) for seed in (1, 2)]
+    async with served(no_cache(hf_repo(tmp_path, CHAMELEON, source))) as client:
+        model = (await client.get("/v1/models/chameleonvqvae")).json()
+        url = "/v1/images/encode?model=chameleonvqvae"
+        together = (await client.post(url, json={"images": [b64(i) for i in images]})).json()
+        refused = await client.post(
+            "/v1/images/decode", json={"model": "chameleonvqvae", "tokens": [[0] * GRID] * GRID}
+        )
+    assert (model["encode_only"], model["grid"], model["vocab_size"]) == (True, [GRID, GRID], VOCAB)
+    reference = transformers.ChameleonVQVAE.from_pretrained(str(source)).eval()
+    pixels = torch.stack([decode_image(image, (IMAGE_SIDE, IMAGE_SIDE)) for image in images])
+    with torch.no_grad():
+        expected = reference.encode(pixels).image_tokens.view(2, GRID, GRID)
+    assert [item["tokens"] for item in together["items"]] == expected.tolist()
+    assert len(np.unique(expected)) > 1
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "Model chameleonvqvae is encode-only: it has no decoder, so its tokens cannot be turned "
+        "back into images. Decode with a model that has one (GET /v1/models: encode_only false)."
+    )
+
+
+def test_models_add_checks_an_encode_only_model_by_its_encode(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["models", "add", "chameleon", "--from", str(checkpoints["ChameleonVQVAE"])]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert "round trip encode-only (no decoder): token shape and ids ok" in capsys.readouterr().out
+    assert json.loads((tmp_path / "chameleon" / "config.json").read_text())["class"] == (
+        "ChameleonVQVAE"
+    )
+
+
 async def test_encodec_bandwidths_are_listed_with_their_codebook_counts(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -361,12 +414,11 @@ async def test_missing_transformers_is_a_startup_error_naming_the_model_and_extr
 @pytest.mark.parametrize(
     ("config", "words"),
     [
-        ({"class": "ChameleonVQVAE", "source": "."}, "no decoder"),
         ({"class": "WhisperModel", "source": "."}, "EncodecModel"),
         ({"class": "EncodecModel", "source": "facebook/encodec_24khz"}, "download it first"),
         ({"class": "EncodecModel"}, "source"),
     ],
-    ids=["chameleon-has-no-decoder", "unsupported-class", "hub-id", "no-source"],
+    ids=["unsupported-class", "hub-id", "no-source"],
 )
 def test_unservable_configs_are_refused_saying_why(
     config: dict[str, Any], words: str, tmp_path: Path

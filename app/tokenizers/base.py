@@ -2,7 +2,9 @@
 
 A backend encodes and decodes batches and declares its metadata (``ImageInfo`` or
 ``AudioInfo``: the fields of its modality, every one required); queues, caching, media parsing
-and HTTP are the service's job, never the backend's.
+and HTTP are the service's job, never the backend's. An encode-only tokenizer (a semantic
+tokenizer whose decoder is a separate model, or a checkpoint shipped without one) declares
+``encode_only``: the service answers its decodes with a 422 and never calls its ``decode``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class ImageInfo:
     image_size: tuple[int, int]  # (H, W) the model expects
     grid: tuple[int, int]  # (h, w) tokens per image
     downsample: int
+    encode_only: bool = False  # no decoder: tokens cannot be turned back into images
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,6 +47,7 @@ class AudioInfo:
     channels: int
     hop_length: int  # samples per frame
     frame_rate: float  # frames per second: sample_rate / hop_length
+    encode_only: bool = False  # no decoder: tokens cannot be turned back into audio
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from app.tokenizers.hf_audio import (
     WavTokenizerCodec,
     XcodecCodec,
 )
-from app.tokenizers.hf_image import Emu3Tokenizer, JanusTokenizer
+from app.tokenizers.hf_image import ChameleonTokenizer, Emu3Tokenizer, JanusTokenizer
 from app.tokenizers.plugins import Backend
 
 
@@ -46,16 +46,13 @@ ADAPTERS: dict[str, Adapter] = {
     "WavTokenizerModel": WavTokenizerCodec,
     "Emu3VQVAE": Emu3Tokenizer,
     "JanusVQVAE": JanusTokenizer,
-}
-# Classes transformers provides that cannot serve both directions, and why.
-UNSERVABLE = {
-    "ChameleonVQVAE": "has no decoder in transformers (only the encoder was converted), so its "
-    "tokens cannot be decoded back to images",
+    "ChameleonVQVAE": ChameleonTokenizer,  # encode-only: transformers has no decoder for it
 }
 # How to cut a VQ model out of the multimodal checkpoint it ships in.
 COMPOSITES = {
     "JanusVQVAE": "JanusForConditionalGeneration",
     "Emu3VQVAE": "Emu3ForConditionalGeneration",
+    "ChameleonVQVAE": "ChameleonForConditionalGeneration",
 }
 HF_EXTRA_HINT = "pip install 'tokserve[hf]'"
 
@@ -134,8 +131,6 @@ def build(
     """The model named by config.json's ``class``, loaded from ``source``, as a Tokenizer."""
     name = folder.name
     class_name = str(config.get("class"))
-    if class_name in UNSERVABLE:
-        raise ModelLoadError(f"{name}: {class_name} {UNSERVABLE[class_name]}")
     if class_name not in ADAPTERS:
         raise ModelLoadError(
             f"{name}: the transformers backend serves class {supported_classes()}, "

@@ -1,4 +1,5 @@
-"""transformers image VQ models (Emu3, Janus) behind the ImageTokenizer protocol.
+"""transformers image VQ models (Emu3, Janus; Chameleon encode-only) behind the ImageTokenizer
+protocol.
 
 Pixels arrive in [-1, 1] and are mapped to the range the checkpoint's image processor produces
 (``options.pixels``: rescale, mean, std; default [-1, 1]); decoded pixels are mapped back.
@@ -6,6 +7,7 @@ Pixels arrive in [-1, 1] and are mapped to the range the checkpoint's image proc
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -95,3 +97,35 @@ class JanusTokenizer:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, h, w] -> pixels [B, 3, h * down, w * down] in [-1, 1]."""
         return self.pixels.from_model(self.model.decode(tokens.flatten(1)).float())
+
+
+class ChameleonTokenizer:
+    """ChameleonVQVAE (Chameleon, Anole, Lumina-mGPT): an image -> a grid of nearest codes.
+
+    transformers converted Chameleon's VQGAN encoder and quantizer but not its decoder, so the
+    model is served encode-only: its tokens are what Chameleon-family LLMs read, and turning
+    them back into pixels needs the original VQGAN decoder elsewhere.
+    """
+
+    OPTIONS = ("pixels",)
+
+    def __init__(self, model: Any, options: dict[str, Any], device: torch.device) -> None:
+        check_options(options, self.OPTIONS, "ChameleonVQVAE")
+        config = model.config
+        downsample = 2 ** (len(config.channel_multiplier) - 1)
+        side = int(config.resolution)
+        self.pixels = PixelRange.from_dict(options.get("pixels", {}))
+        self.model = model
+        self.device = device
+        info = _image_info(int(config.num_embeddings), (side, side), downsample, self.pixels)
+        self.info = replace(info, encode_only=True)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> tokens [B, H / down, W / down]."""
+        rows, columns = self.info.grid
+        output = self.model.encode(self.pixels.to_model(pixels), return_dict=True)
+        return output.image_tokens.view(pixels.shape[0], rows, columns).long()
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Never called: the service refuses decodes of an encode-only model."""
+        raise NotImplementedError("ChameleonVQVAE has no decoder in transformers")
