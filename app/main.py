@@ -11,12 +11,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
-from fastapi import Depends, FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI
 
 from app.api import audio, health, images, models
-from app.api.deps import require_api_key
+from app.api.pages import install_pages
 from app.api.problems import install_error_handlers
 from app.config import Settings
 from app.engine import Engine
@@ -68,19 +66,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("stopped")
 
 
-def install_keyed_docs(app: FastAPI) -> None:
-    """/openapi.json and /docs behind the API key (a browser needs a proxy adding the header)."""
-    keyed = [Depends(require_api_key)]
-
-    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
-    async def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
-
-    @app.get("/docs", include_in_schema=False, dependencies=keyed)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="tokserve - API")
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; nothing is loaded until the lifespan starts."""
     settings = settings or Settings()
@@ -92,21 +77,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "torch": torch.__version__,
         }
     )
-    docs_need_key = bool(settings.api_keys) and not settings.public_docs
     app = FastAPI(
         title="tokserve",
         version=package_version(),
         summary="Images and audio to discrete tokens and back.",
         lifespan=lifespan,
-        # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
-        openapi_url=None if docs_need_key else "/openapi.json",
-        docs_url=None if docs_need_key else "/docs",
+        # app/api/pages.py serves them, with local assets and, where needed, behind the key
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
-    if docs_need_key:
-        install_keyed_docs(app)
+    # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
+    install_pages(app, docs_need_key=bool(settings.api_keys) and not settings.public_docs)
     for router in (images.router, audio.router, models.router, health.router):
         app.include_router(router)
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight)

@@ -399,7 +399,7 @@ async def test_npy_answers_fail_as_a_whole_when_an_item_fails(client: httpx.Asyn
 KEY = {"Authorization": "Bearer s3cret"}
 
 
-@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/metrics"])
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/metrics"])
 async def test_with_api_keys_docs_and_metrics_need_a_key(repo: Path, path: str) -> None:
     async with served(settings_for(repo, api_keys=["s3cret"])) as client:
         assert_problem(await client.get(path), 401, "API key")
