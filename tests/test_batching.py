@@ -21,6 +21,7 @@ from app.runner import is_out_of_memory
 DIM = 8
 
 MakeBatcher = Callable[..., Awaitable[Batcher[torch.Tensor, torch.Tensor]]]
+RunBatch = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def item(ident: int, length: int = DIM) -> torch.Tensor:
@@ -76,20 +77,35 @@ class MatmulModel:
         await asyncio.to_thread(self.started.get, True, 2.0)
 
 
+def unstarted(
+    model: str, run_batch: RunBatch, **settings: Any
+) -> Batcher[torch.Tensor, torch.Tensor]:
+    """A batcher for ``model``'s encode op with the tests' default settings, not yet started."""
+    options = {
+        "max_batch_size": 8,
+        "max_wait_ms": 5.0,
+        "max_queue": 64,
+        "is_oom": is_out_of_memory,
+        **settings,
+    }
+    return Batcher[torch.Tensor, torch.Tensor](model, "encode", run_batch, **options)
+
+
+def assert_each_answered(
+    model: MatmulModel, vectors: list[torch.Tensor], results: list[torch.Tensor]
+) -> None:
+    """Each result is what the forward answers for its own vector on its own."""
+    for vector, tokens in zip(vectors, results, strict=True):
+        assert torch.allclose(tokens, model.expected(vector))
+
+
 @pytest.fixture
 async def make_batcher(request: pytest.FixtureRequest) -> AsyncIterator[MakeBatcher]:
     """Started batchers named after the test, so metric labels are its own; stopped after."""
     started: list[Batcher[torch.Tensor, torch.Tensor]] = []
 
-    async def make(model: MatmulModel, **settings: Any) -> Batcher[torch.Tensor, torch.Tensor]:
-        options = {
-            "max_batch_size": 8,
-            "max_wait_ms": 5.0,
-            "max_queue": 64,
-            "is_oom": is_out_of_memory,
-            **settings,
-        }
-        batcher = Batcher[torch.Tensor, torch.Tensor](request.node.name, "encode", model, **options)
+    async def make(run_batch: RunBatch, **settings: Any) -> Batcher[torch.Tensor, torch.Tensor]:
+        batcher = unstarted(request.node.name, run_batch, **settings)
         await batcher.start()
         started.append(batcher)
         return batcher
@@ -121,6 +137,55 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+@pytest.mark.parametrize(
+    ("max_batch_size", "max_queue", "max_wait_ms"),
+    [(0, 64, 5.0), (8, 0, 5.0), (8, 64, -1.0)],
+    ids=["max_batch_size", "max_queue", "max_wait_ms"],
+)
+def test_a_setting_below_its_bound_is_refused_naming_every_bound(
+    max_batch_size: int, max_queue: int, max_wait_ms: float
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        unstarted(
+            "m",
+            MatmulModel(),
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            max_wait_ms=max_wait_ms,
+        )
+    assert str(refused.value) == (
+        "m encode: need max_batch_size >= 1, max_queue >= 1 and max_wait_ms >= 0, "
+        f"got {max_batch_size}, {max_queue} and {max_wait_ms}"
+    )
+
+
+async def test_settings_at_their_bounds_are_accepted(make_batcher: MakeBatcher) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model, max_batch_size=1, max_queue=1, max_wait_ms=0)
+    assert torch.allclose(await batcher.submit(item(1)), model.expected(item(1)))
+
+
+async def test_starting_a_batcher_twice_is_refused(make_batcher: MakeBatcher) -> None:
+    batcher = await make_batcher(MatmulModel())
+    with pytest.raises(RuntimeError) as refused:
+        await batcher.start()
+    assert str(refused.value) == f"the {batcher.model} encode batcher is already started"
+
+
+async def test_submit_to_a_batcher_never_started_is_refused() -> None:
+    model = MatmulModel()
+    with pytest.raises(RuntimeError) as refused:
+        await unstarted("unstarted", model).submit(item(1))
+    assert str(refused.value) == "the unstarted encode batcher was not started"
+    assert model.attempts == []
+
+
+async def test_dispatch_task_is_named_after_the_model_and_op(make_batcher: MakeBatcher) -> None:
+    batcher = await make_batcher(MatmulModel())
+    names = {task.get_name() for task in asyncio.all_tasks()}
+    assert f"batcher-{batcher.model}-encode" in names
+
+
 async def test_idle_worker_dispatches_a_single_item_at_once(make_batcher: MakeBatcher) -> None:
     model = MatmulModel()
     batcher = await make_batcher(model, max_wait_ms=500)
@@ -131,14 +196,18 @@ async def test_idle_worker_dispatches_a_single_item_at_once(make_batcher: MakeBa
     assert model.batches == [[1]]
 
 
-async def test_run_batch_runs_on_the_models_worker_thread(make_batcher: MakeBatcher) -> None:
+async def test_every_batch_runs_on_the_one_worker_thread_started_with_the_batcher(
+    make_batcher: MakeBatcher,
+) -> None:
     model = MatmulModel()
-    batcher = await make_batcher(model)
-    await batcher.submit(item(1))
-    await batcher.submit(item(2))
-    (thread,) = model.threads
-    assert thread.startswith(f"{batcher.model}-encode")
-    assert thread != threading.current_thread().name
+    batcher = await make_batcher(model, max_batch_size=1)
+    blocker = await hold_worker(model, batcher)
+    waiting = queue_many(batcher, list(range(1, 21)))  # each batch launched as the last ends
+    await asyncio.sleep(0)
+    model.release.set()
+    await asyncio.gather(blocker, *waiting)
+    assert len(model.batches) == 21
+    assert model.threads == {f"{batcher.model}-encode_0"}
 
 
 async def test_items_arriving_during_a_forward_are_gathered_into_one_batch(
@@ -201,8 +270,7 @@ async def test_items_of_different_groups_never_share_a_batch(make_batcher: MakeB
     await blocker
     results = await asyncio.gather(*waiting)
     assert model.batches[1:] == [[1, 3, 5], [2, 4, 6]]
-    for vector, tokens in zip(vectors, results, strict=True):
-        assert torch.allclose(tokens, model.expected(vector))
+    assert_each_answered(model, vectors, results)
 
 
 async def test_each_caller_gets_the_result_of_its_own_item(make_batcher: MakeBatcher) -> None:
@@ -210,8 +278,7 @@ async def test_each_caller_gets_the_result_of_its_own_item(make_batcher: MakeBat
     batcher = await make_batcher(model, max_batch_size=4)
     vectors = [item(i) for i in range(40)]
     results = await asyncio.gather(*(batcher.submit(vector) for vector in vectors))
-    for vector, tokens in zip(vectors, results, strict=True):
-        assert torch.allclose(tokens, model.expected(vector))
+    assert_each_answered(model, vectors, results)
     assert max(model.batch_sizes) == 4
 
 
@@ -229,6 +296,9 @@ async def test_full_queue_answers_overloaded_with_retry_after_at_once(
         await batcher.submit(item(3))
     assert time.monotonic() - started < 0.01
     assert refused.value.status == 503
+    assert refused.value.detail == (
+        f"{batcher.model} encode queue is full (2 of 2 items waiting); retry shortly."
+    )
     assert refused.value.headers == {"Retry-After": "1"}
     assert sample("tokserve_rejected_total", reason="queue_full") == rejected + 1
     model.release.set()
@@ -244,9 +314,12 @@ async def test_item_whose_deadline_passes_while_queued_answers_504_and_is_never_
     rejected = sample("tokserve_rejected_total", reason="deadline")
     blocker = await hold_worker(model, batcher)
     late = asyncio.create_task(batcher.submit(item(1), deadline=time.monotonic() + 0.05))
-    with pytest.raises(DeadlineExceeded):
-        await late  # answered at its deadline, while the worker is still busy
-    assert not blocker.done(), "answered only once the worker was free, not at its deadline"
+    with pytest.raises(DeadlineExceeded) as expired:
+        await late
+    assert not batcher.idle, "answered once the worker was free, not at its deadline"
+    assert expired.value.detail == (
+        f"The request waited past its deadline for {batcher.model}; it was not computed."
+    )
     assert batcher.depth == 0
     model.release.set()
     await blocker
@@ -259,10 +332,37 @@ async def test_item_submitted_past_its_deadline_is_refused_without_queueing(
 ) -> None:
     model = MatmulModel()
     batcher = await make_batcher(model)
-    with pytest.raises(DeadlineExceeded):
-        await batcher.submit(item(1), deadline=time.monotonic() - 1)
+    rejected = sample("tokserve_rejected_total", reason="deadline")
+    with pytest.raises(DeadlineExceeded) as refused:
+        await batcher.submit_many([item(1), item(2)], deadline=time.monotonic() - 1)
+    assert refused.value.detail == f"The request's deadline passed before {batcher.model} got it."
+    assert sample("tokserve_rejected_total", reason="deadline") == rejected + 2
     assert model.attempts == []
     assert batcher.depth == 0
+
+
+async def test_item_past_its_deadline_when_its_batch_is_taken_is_left_out_of_the_batch(
+    make_batcher: MakeBatcher,
+) -> None:
+    """The event loop is blocked past item 1's deadline while the dispatcher is due to take its
+    batch: the batch is taken before the deadline's timer runs, and must leave item 1 out."""
+    model = MatmulModel()
+    batcher = await make_batcher(model, max_batch_size=3, max_wait_ms=5000)
+    blocker = await hold_worker(model, batcher)
+    deadline = time.monotonic() + 0.5
+    late = asyncio.create_task(batcher.submit(item(1), deadline=deadline))
+    company = queue_many(batcher, [2])
+    await asyncio.sleep(0)
+    model.release.set()
+    await blocker  # the worker is free; items 1 and 2 gather for a third
+    company += queue_many(batcher, [3])
+    await asyncio.sleep(0)  # item 3 fills the batch and wakes the dispatcher
+    time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert batcher.depth == 0, "items 2 and 3 were not taken at once"
+    await asyncio.gather(*company)
+    assert model.batches == [[0], [2, 3]]
 
 
 async def test_cancelled_waiters_item_is_dropped_and_never_computed(
@@ -286,8 +386,24 @@ async def test_cancelled_waiters_item_is_dropped_and_never_computed(
     assert sample("tokserve_rejected_total", reason="cancelled") == rejected + 1
 
 
+async def test_cancelling_a_waiter_whose_item_is_running_lets_the_forward_finish_unheard(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model)
+    blocker = await hold_worker(model, batcher)
+    rejected = sample("tokserve_rejected_total", reason="cancelled")
+    blocker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocker
+    assert sample("tokserve_rejected_total", reason="cancelled") == rejected
+    model.release.set()
+    assert torch.allclose(await batcher.submit(item(1)), model.expected(item(1)))
+    assert model.batches == [[0], [1]]
+
+
 async def test_failing_forward_fails_only_its_batch_and_the_next_batch_succeeds(
-    make_batcher: MakeBatcher, caplog: pytest.LogCaptureFixture
+    make_batcher: MakeBatcher,
 ) -> None:
     model = MatmulModel()
     batcher = await make_batcher(model)
@@ -295,18 +411,53 @@ async def test_failing_forward_fails_only_its_batch_and_the_next_batch_succeeds(
     doomed = queue_many(batcher, [-1, 1], group="a")
     spared = queue_many(batcher, [2], group="b")
     await asyncio.sleep(0)
-    with caplog.at_level(logging.ERROR, logger="tokserve.batching"):
-        model.release.set()
-        await blocker
-        for task in doomed:
-            with pytest.raises(Overloaded) as failed:
-                await task
-            assert batcher.model in failed.value.detail
-            assert "forward pass failed" in failed.value.detail
+    model.release.set()
+    await blocker
+    for task in doomed:
+        with pytest.raises(Overloaded):
+            await task
     assert torch.allclose(await spared[0], model.expected(item(2)))
     assert torch.allclose(await batcher.submit(item(3)), model.expected(item(3)))
     assert model.attempts == [1, 2, 1, 1]
-    assert any(record.exc_info for record in caplog.records)
+
+
+async def test_failed_forward_answers_503_caused_by_the_models_error_for_every_item(
+    make_batcher: MakeBatcher,
+) -> None:
+    batcher = await make_batcher(MatmulModel())
+    rejected = sample("tokserve_rejected_total", reason="error")
+    with pytest.raises(Overloaded) as failed:
+        await batcher.submit_many([item(-1), item(1)])
+    assert failed.value.detail == f"The {batcher.model} encode forward pass failed; retry shortly."
+    assert failed.value.headers == {"Retry-After": "1"}
+    assert isinstance(failed.value.__cause__, ValueError)
+    assert str(failed.value.__cause__) == "negative input"
+    assert sample("tokserve_rejected_total", reason="error") == rejected + 2
+
+
+async def test_failed_forward_is_logged_with_its_traceback_model_op_and_batch_size(
+    make_batcher: MakeBatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    batcher = await make_batcher(MatmulModel())
+    with pytest.raises(Overloaded), caplog.at_level(logging.ERROR, logger="tokserve.batching"):
+        await batcher.submit_many([item(-1), item(1)])
+    (record,) = caplog.records
+    assert (
+        record.getMessage() == f"{batcher.model} encode: the forward pass over a batch of 2 failed"
+    )
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "negative input"
+
+
+async def test_run_batch_answering_too_few_results_fails_the_batch_naming_both_counts(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(lambda items: model(items)[:-1])
+    with pytest.raises(Overloaded) as failed:
+        await batcher.submit_many([item(1), item(2)])
+    assert isinstance(failed.value.__cause__, ValueError)
+    assert str(failed.value.__cause__) == "run_batch returned 1 results for 2"
 
 
 async def test_out_of_memory_batch_is_retried_in_halves_with_correct_results(
@@ -323,8 +474,30 @@ async def test_out_of_memory_batch_is_retried_in_halves_with_correct_results(
     results = await asyncio.gather(*waiting)
     assert model.attempts == [1, 8, 4, 2, 2, 4, 2, 2]
     assert model.batches[1:] == [[1, 2], [3, 4], [5, 6], [7, 8]]
-    for vector, tokens in zip(vectors, results, strict=True):
-        assert torch.allclose(tokens, model.expected(vector))
+    assert_each_answered(model, vectors, results)
+
+
+async def test_out_of_memory_on_a_batch_of_two_retries_each_item_alone(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel(oom_above=1)
+    batcher = await make_batcher(model)
+    vectors = [item(1), item(2)]
+    results = await batcher.submit_many(vectors)
+    assert model.attempts == [2, 1, 1]
+    assert model.batches == [[1], [2]]
+    assert_each_answered(model, vectors, results)
+
+
+async def test_out_of_memory_retry_is_logged_as_a_warning_with_model_op_and_batch_size(
+    make_batcher: MakeBatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    batcher = await make_batcher(MatmulModel(oom_above=2))
+    with caplog.at_level(logging.WARNING, logger="tokserve.batching"):
+        await batcher.submit_many([item(i) for i in range(1, 5)])
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("WARNING", f"{batcher.model} encode: out of memory on a batch of 4, retrying it in halves")
+    ]
 
 
 async def test_out_of_memory_on_a_single_item_answers_overloaded(
@@ -351,8 +524,29 @@ async def test_submit_many_batches_with_others_and_returns_results_in_request_or
     await asyncio.gather(blocker, other)
     results = await request
     assert model.batches[1:] == [[1, 3], [2, 4, 5]]
-    for vector, tokens in zip(vectors, results, strict=True):
-        assert torch.allclose(tokens, model.expected(vector))
+    assert_each_answered(model, vectors, results)
+
+
+async def test_submit_many_without_groups_batches_all_its_items_together(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model)
+    vectors = [item(1), item(2), item(3)]
+    assert_each_answered(model, vectors, await batcher.submit_many(vectors))
+    assert model.batches == [[1, 2, 3]]
+
+
+async def test_submit_many_with_a_group_count_unlike_its_item_count_is_refused(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model)
+    with pytest.raises(ValueError) as refused:
+        await batcher.submit_many([item(1), item(2), item(3)], groups=["a", "b"])
+    assert str(refused.value) == "3 items but 2 groups"
+    assert batcher.depth == 0
+    assert model.attempts == []
 
 
 async def test_submit_many_fails_as_a_whole_and_drops_its_queued_siblings(
@@ -376,13 +570,25 @@ async def test_submit_many_fails_as_a_whole_and_drops_its_queued_siblings(
     assert 7 not in model.computed()
 
 
+async def test_request_of_exactly_max_queue_items_is_admitted(make_batcher: MakeBatcher) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model, max_queue=2)
+    vectors = [item(1), item(2)]
+    results = await batcher.submit_many(vectors)
+    assert_each_answered(model, vectors, results)
+
+
 async def test_submit_many_with_more_items_than_the_queue_holds_is_refused_as_too_large(
     make_batcher: MakeBatcher,
 ) -> None:
     model = MatmulModel()
     batcher = await make_batcher(model, max_queue=2)
-    with pytest.raises(PayloadTooLarge):
+    with pytest.raises(PayloadTooLarge) as refused:
         await batcher.submit_many([item(1), item(2), item(3)])
+    assert refused.value.status == 413
+    assert refused.value.detail == (
+        f"{batcher.model} takes at most 2 items per request; this one has 3."
+    )
     assert model.attempts == []
 
 
@@ -411,6 +617,7 @@ async def test_stop_drains_queued_work_then_refuses_new_submits(
 async def test_stop_fails_what_is_left_after_the_drain_timeout(make_batcher: MakeBatcher) -> None:
     model = MatmulModel()
     batcher = await make_batcher(model)
+    rejected = sample("tokserve_rejected_total", reason="shutdown")
     blocker = await hold_worker(model, batcher)
     waiting = queue_many(batcher, [1, 2])
     await asyncio.sleep(0)
@@ -419,8 +626,37 @@ async def test_stop_fails_what_is_left_after_the_drain_timeout(make_batcher: Mak
         with pytest.raises(Overloaded, match="shut down"):
             await task
     assert batcher.depth == 0
+    assert sample("tokserve_rejected_total", reason="shutdown") == rejected + 3
     model.release.set()
     assert model.attempts == [1]
+
+
+async def test_stop_returns_after_the_drain_timeout_while_the_forward_still_runs(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model)
+    blocker = await hold_worker(model, batcher)
+    await batcher.stop(drain_timeout_s=0.05)
+    assert model.batches == [], "stop() waited for the held forward to end"
+    model.release.set()
+    with pytest.raises(Overloaded):
+        await blocker
+
+
+async def test_submit_after_stop_answers_503_and_counts_every_item_as_shutdown(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model)
+    await batcher.stop()
+    rejected = sample("tokserve_rejected_total", reason="shutdown")
+    with pytest.raises(Overloaded) as refused:
+        await batcher.submit_many([item(1), item(2)])
+    assert refused.value.detail == f"{batcher.model} is shutting down; retry on another replica."
+    assert refused.value.headers == {"Retry-After": "1"}
+    assert sample("tokserve_rejected_total", reason="shutdown") == rejected + 2
+    assert model.attempts == []
 
 
 async def test_one_batch_moves_queue_and_batch_metrics_exactly(make_batcher: MakeBatcher) -> None:
@@ -449,3 +685,25 @@ async def test_one_batch_moves_queue_and_batch_metrics_exactly(make_batcher: Mak
     assert queue_waits == before["tokserve_queue_wait_seconds_count"] + 4
     forwards = sample("tokserve_inference_duration_seconds_count", **labels)
     assert forwards == before["tokserve_inference_duration_seconds_count"] + 2
+
+
+async def test_queue_wait_and_inference_histograms_observe_the_measured_durations(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    batcher = await make_batcher(model)
+    labels = {"model": batcher.model, "op": "encode"}
+    waits_before = sample("tokserve_queue_wait_seconds_sum", **labels)
+    forwards_before = sample("tokserve_inference_duration_seconds_sum", **labels)
+    started = time.monotonic()
+    blocker = await hold_worker(model, batcher)
+    waiting = queue_many(batcher, [1, 2, 3])
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.06)  # items 1-3 queue, and item 0's forward runs, at least this long
+    model.release.set()
+    await asyncio.gather(blocker, *waiting)
+    elapsed = time.monotonic() - started
+    waits = sample("tokserve_queue_wait_seconds_sum", **labels) - waits_before
+    forwards = sample("tokserve_inference_duration_seconds_sum", **labels) - forwards_before
+    assert 3 * 0.05 <= waits <= 4 * elapsed
+    assert 0.05 <= forwards <= 2 * elapsed
