@@ -191,7 +191,8 @@ async def test_idle_worker_dispatches_a_single_item_at_once(make_batcher: MakeBa
     batcher = await make_batcher(model, max_wait_ms=500)
     started = time.monotonic()
     tokens = await batcher.submit(item(1))
-    assert time.monotonic() - started < 0.05
+    # gathering company would take the whole 500 ms; a loaded 2-core machine answers in < 50 ms
+    assert time.monotonic() - started < 0.25
     assert torch.allclose(tokens, model.expected(item(1)))
     assert model.batches == [[1]]
 
@@ -291,10 +292,9 @@ async def test_full_queue_answers_overloaded_with_retry_after_at_once(
     blocker = await hold_worker(model, batcher)
     waiting = queue_many(batcher, [1, 2])
     await asyncio.sleep(0)
-    started = time.monotonic()
     with pytest.raises(Overloaded) as refused:
         await batcher.submit(item(3))
-    assert time.monotonic() - started < 0.01
+    assert not blocker.done()  # refused at once: the worker is still held, nothing was taken
     assert refused.value.status == 503
     assert refused.value.detail == (
         f"{batcher.model} encode queue is full (2 of 2 items waiting); retry shortly."
