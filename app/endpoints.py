@@ -34,7 +34,14 @@ from app.pipeline import ItemResult, Job, Pipeline, unchanged
 from app.registry import LoadedModel
 from app.runner import AudioRunner, ImageRunner, is_out_of_memory
 from app.tokenizers.base import AudioInfo, ImageInfo
-from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
+from app.tokens import (
+    file_fits,
+    key_bytes,
+    pack_streams,
+    raw_bytes,
+    token_array,
+    token_fits,
+)
 
 T = TypeVar("T")
 IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -368,7 +375,7 @@ class AudioEndpoint(Endpoint):
             # the clip's declared length, to the frame (resampling may round by one either way)
             expected = math.ceil((declared[index] or 0.0) * self.frame_rate)
             frames = (max(1, expected - 1), expected + 1)
-            return token_fits(self.info.vocab_size, self.codebooks, frames=frames)
+            return token_fits(self.info.vocab_size, self.info.rows(), frames=frames)
 
         results = await self._run(job, clips, raw_bytes, fits, deadline)
         items: list[Tokens | ProblemError] = []
@@ -376,11 +383,12 @@ class AudioEndpoint(Endpoint):
             if result.array is None:
                 items.append(_problem(result))
                 continue
-            tokens = result.array[: codebooks or self.codebooks]
+            kept = codebooks or self.codebooks
+            tokens = result.array[: self.info.rows(kept)]
             frames = int(tokens.shape[1])
             figures = {
                 "shape": list(tokens.shape),
-                "codebooks": int(tokens.shape[0]),
+                "codebooks": kept,
                 "frames": frames,
                 "frame_rate": self.frame_rate,
                 "sample_rate": self.sample_rate,
@@ -389,18 +397,23 @@ class AudioEndpoint(Endpoint):
                 "source_channels": header.channels if header else None,
                 "samples": header.frames if header else None,
             }
+            if self.info.tokens_per_frame:
+                figures["tokens_per_frame"] = list(self.info.tokens_per_frame[:kept])
             items.append(Tokens(tokens, result.cached, figures))
         return self.answer(items)
 
     def codes_of(self, item: Any, where: str) -> np.ndarray:
-        """One item to decode as int64 codes [k, F] this model can decode."""
+        """One item to decode as int64 codes [rows, F] this model can decode; for codebooks at
+        several rates, the codebooks' streams (lists of different lengths) are packed first."""
+        if self.info.tokens_per_frame and _is_ragged(item):
+            item = self._pack(item, where)
         array = token_array(item, where, self.info.vocab_size)
         fewest, most = self.fewest_codebooks, self.codebooks
-        if array.ndim != 2 or not fewest <= array.shape[0] <= most or array.shape[1] < 1:
-            rows = f"{fewest} to {most}" if fewest < most else f"{fewest}"
+        allowed = [self.info.rows(k) for k in range(fewest, most + 1)]
+        if array.ndim != 2 or array.shape[0] not in allowed or array.shape[1] < 1:
             raise Unprocessable(
                 f"{where} of shape {list(array.shape)} does not fit model {self.model.name}: "
-                f"send [k][F] with {rows} codebooks (rows) and at least one frame."
+                f"{self._decode_shapes(fewest, most)} and at least one frame."
             )
         max_seconds = self.settings.max_audio_seconds
         if array.shape[1] * self.hop > max_seconds * self.sample_rate:
@@ -411,6 +424,33 @@ class AudioEndpoint(Endpoint):
                 f"{int(max_seconds * self.sample_rate / self.hop)} frames) per item."
             )
         return array
+
+    def _decode_shapes(self, fewest: int, most: int) -> str:
+        """What a decode item may be, in words."""
+        codebooks = f"{fewest} to {most}" if fewest < most else f"{fewest}"
+        if not self.info.tokens_per_frame:
+            return f"send [k][F] with {codebooks} codebooks (rows)"
+        rows = ", ".join(str(self.info.rows(k)) for k in range(fewest, most + 1))
+        return (
+            f"send the token array [rows][F] with {rows} rows ({codebooks} codebooks of "
+            f"{list(self.info.tokens_per_frame)} tokens per frame), or the codebooks' streams "
+            "of those many tokens per frame"
+        )
+
+    def _pack(self, streams: list[Any], where: str) -> np.ndarray:
+        """Codebooks' streams (tokens_per_frame[k] * F ids each) -> the token array."""
+        per_frame = self.info.tokens_per_frame[: len(streams)]
+        frames = len(streams[0]) // per_frame[0]
+        lengths = [len(stream) for stream in streams]
+        if len(streams) > len(self.info.tokens_per_frame) or lengths != [
+            r * frames for r in per_frame
+        ]:
+            raise Unprocessable(
+                f"{where} holds streams of {lengths} tokens; model {self.model.name}'s codebooks "
+                f"take {list(self.info.tokens_per_frame)} tokens per frame, so F frames are "
+                f"{[f'{r}F' for r in self.info.tokens_per_frame]} tokens."
+            )
+        return pack_streams([np.asarray(stream) for stream in streams], per_frame)
 
     async def decode(
         self, codes: Sequence[Any], fmt: str, deadline: float | None, single: bool = False
@@ -462,6 +502,15 @@ def _approximate_ids(item: Any) -> int:
     if isinstance(item, list) and item and isinstance(item[0], list):
         return len(item) * len(item[0])
     return len(item) if isinstance(item, list) else 1
+
+
+def _is_ragged(item: Any) -> bool:
+    """Whether a decode item is a list of lists of different lengths (codebooks' streams)."""
+    return (
+        isinstance(item, list)
+        and all(isinstance(row, list) for row in item)
+        and len({len(row) for row in item}) > 1
+    )
 
 
 def _problem(result: ItemResult) -> ProblemError:

@@ -177,12 +177,12 @@ def model_card(name: str, config: dict[str, Any], info: TokenizerInfo, report: s
 
 def bit_rate(info: TokenizerInfo) -> str:
     """What the tokens cost: kbit/s for audio, bits per pixel for images."""
-    bits = math.log2(info.vocab_size) * info.codebooks
+    bits = math.log2(info.vocab_size)
     if isinstance(info, AudioInfo):
-        return f"{bits * info.frame_rate / 1000:g} kbit/s"
+        return f"{bits * info.rows() * info.frame_rate / 1000:g} kbit/s"
     height, width = info.image_size
     rows, cols = info.grid
-    return f"{bits * rows * cols / (height * width):.3g} bits per pixel"
+    return f"{bits * info.codebooks * rows * cols / (height * width):.3g} bits per pixel"
 
 
 def guess_backend(source: Path) -> str:
@@ -329,7 +329,7 @@ def round_trip(tokenizer: Tokenizer) -> str:
     wave = chirp.expand(1, info.channels, len(chirp))
     lengths = torch.tensor([len(chirp)], device=audio.device)
     tokens, frames = audio.encode(wave.to(audio.device), lengths)
-    expected = (1, info.codebooks, math.ceil(len(chirp) / hop))
+    expected = (1, info.rows(), math.ceil(len(chirp) / hop))
     check(tuple(tokens.shape) == expected, f"tokens {tuple(tokens.shape)}, not {expected}")
     check(int(frames[0]) == expected[2], f"{int(frames[0])} frames, not {expected[2]}")
     check_ids(tokens, info)
@@ -364,4 +364,5 @@ def summary(info: TokenizerInfo) -> str:
     return (
         f"audio {info.sample_rate} Hz x {info.channels}, hop {info.hop_length} "
         f"({info.frame_rate:g} frames/s), {info.codebooks} codebooks of {info.vocab_size}"
+        + (f", {list(info.tokens_per_frame)} tokens per frame" if info.tokens_per_frame else "")
     )

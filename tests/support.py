@@ -109,3 +109,12 @@ def wav_bytes(
     buffer = io.BytesIO()
     sf.write(buffer, wave, sample_rate, format=fmt)
     return buffer.getvalue()
+
+
+def noisy_wav(samples: int, seed: int, sample_rate: int) -> bytes:
+    """A float WAV of noise under a rising envelope: every frame of a codec different."""
+    rng = np.random.default_rng(seed)
+    wave = rng.normal(0, 0.2, samples) * np.linspace(0.2, 1.0, samples)
+    buffer = io.BytesIO()
+    sf.write(buffer, wave.astype(np.float32), sample_rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.media import decode_audio, decode_image
 from app.model_folder import ModelLoadError
 from app.registry import load_model
-from tests.support import png_bytes, served, settings_for
+from tests.support import noisy_wav, png_bytes, served, settings_for
 
 SAMPLE_RATE = 8000
 HOP = 320  # 8 * 5 * 4 * 2 for every tiny codec below
@@ -262,15 +262,6 @@ def no_cache(repo: Path) -> Settings:
     return settings_for(repo, warmup=False, cache_max_bytes=0)
 
 
-def noisy_wav(samples: int, seed: int) -> bytes:
-    """A WAV at the codecs' rate of noise under a rising envelope: every frame different."""
-    rng = np.random.default_rng(seed)
-    wave = rng.normal(0, 0.2, samples) * np.linspace(0.2, 1.0, samples)
-    buffer = io.BytesIO()
-    sf.write(buffer, wave.astype(np.float32), SAMPLE_RATE, format="WAV", subtype="FLOAT")
-    return buffer.getvalue()
-
-
 def b64(blob: bytes) -> str:
     return base64.b64encode(blob).decode()
 
@@ -288,7 +279,7 @@ async def test_audio_codec_reports_its_figures_and_batches_like_alone(
         assert model["frame_rate"] == SAMPLE_RATE / HOP
         assert (model["codebooks"], model["vocab_size"]) == (case.codebooks, VOCAB)
 
-        clips = [noisy_wav(n, seed) for seed, n in enumerate(CLIP_SAMPLES)]
+        clips = [noisy_wav(n, seed, SAMPLE_RATE) for seed, n in enumerate(CLIP_SAMPLES)]
         url = f"/v1/audio/encode?model={name}"
         alone = [(await client.post(url, content=clip)).json()["items"][0] for clip in clips]
         for item, samples in zip(alone, CLIP_SAMPLES, strict=True):

@@ -158,7 +158,7 @@ def pixels_of(image: bytes) -> np.ndarray:
 
 
 def test_an_installed_plugin_is_listed_beside_tokservés_own_backends(site: Path) -> None:
-    assert backend_names() == ["exported", "native", "palette", "transformers"]
+    assert backend_names() == ["exported", "native", "palette", "snac", "transformers"]
     assert find_backend("palette").summary == "patch colours quantised to a palette"
 
 
@@ -240,11 +240,12 @@ def test_a_model_naming_no_installed_backend_is_refused_with_the_installed_ones(
 ) -> None:
     folder = tmp_path / "m" / "lost"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"backend": "snac"}))
+    (folder / "config.json").write_text(json.dumps({"backend": "xcodec2"}))
     with pytest.raises(ModelLoadError) as refused:
         ModelRegistry.load(settings_for(tmp_path / "m"))
     assert str(refused.value) == (
-        "lost: unknown backend 'snac'; installed: exported, native, palette, transformers. "
+        "lost: unknown backend 'xcodec2'; installed: exported, native, palette, snac, "
+        "transformers. "
         "A backend is a package declaring it in the entry-point group 'tokserve.backends'."
     )
 

@@ -43,6 +43,7 @@ FIGURES: dict[str, tuple[str, ...]] = {
         "frame_rate",
         "codebooks",
         "duration_s",
+        "tokens_per_frame",
     ),
 }
 
@@ -90,6 +91,8 @@ def arrow_schema(modality: str, token_type: str) -> Any:
             ("frame_rate", pa.float64()),
             ("codebooks", pa.int32()),
             ("duration_s", pa.float64()),
+            # codebooks at several rates (SNAC): each one's rows of the token array
+            ("tokens_per_frame", pa.list_(pa.int32())),
         ],
     }[modality]
     return pa.schema([*common, *figures, ("error", ERROR_TYPE)])

@@ -134,7 +134,8 @@ async function show(model, encoded, item, reconstruction, encodeMs, decodeMs) {
       figures.push(["PSNR dB", quality.psnr.toFixed(2)], ["SSIM", quality.ssim.toFixed(4)]);
     }
   } else {
-    const kbps = (bits * item.codebooks * item.frame_rate) / 1000;
+    // one token per row of the token array and frame (codebooks at several rates fill more rows)
+    const kbps = (bits * item.shape[0] * item.frame_rate) / 1000;
     figures.push(["kbit/s", kbps.toFixed(3)]);
     figures.push(["duration s", String(item.duration_s)]);
     figures.push(["source", `${item.source_sample_rate} Hz × ${item.source_channels} ch`]);

@@ -31,9 +31,13 @@ class ImageInfo:
     encode_only: bool = False  # no decoder: tokens cannot be turned back into images
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def streams(self) -> list[dict[str, Any]]:
+        """The one token stream of an image: its grid."""
+        return [{"name": "grid", "shape": list(self.grid), "vocab_size": self.vocab_size}]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metadata, the modality first; ``extra`` only when it holds something."""
-        return _json_ready(self.modality, asdict(self))
+        return {**_json_ready(self.modality, asdict(self)), "streams": self.streams()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +52,34 @@ class AudioInfo:
     hop_length: int  # samples per frame
     frame_rate: float  # frames per second: sample_rate / hop_length
     encode_only: bool = False  # no decoder: tokens cannot be turned back into audio
+    # tokens per frame of each codebook, for codebooks at several rates (SNAC: 1, 2, 4);
+    # empty: one each. Codebook k's tokens fill rows(k) .. rows(k + 1) of the token array.
+    tokens_per_frame: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self, codebooks: int | None = None) -> int:
+        """Rows of the token array [rows, F] that hold the first ``codebooks`` codebooks (all
+        when None): one per codebook, or each codebook's tokens per frame."""
+        per_frame = self.tokens_per_frame or (1,) * self.codebooks
+        return sum(per_frame[: self.codebooks if codebooks is None else codebooks])
+
+    def streams(self) -> list[dict[str, Any]]:
+        """Each codebook's token stream: its rows of the token array, rate and vocabulary."""
+        per_frame = self.tokens_per_frame or (1,) * self.codebooks
+        return [
+            {
+                "name": f"codebook {k}",
+                "rows": list(range(self.rows(k), self.rows(k + 1))),
+                "tokens_per_frame": per_frame[k],
+                "rate": self.frame_rate * per_frame[k],
+                "vocab_size": self.vocab_size,
+            }
+            for k in range(self.codebooks)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metadata, the modality first; ``extra`` only when it holds something."""
-        return _json_ready(self.modality, asdict(self))
+        return {**_json_ready(self.modality, asdict(self)), "streams": self.streams()}
 
 
 TokenizerInfo = ImageInfo | AudioInfo
