@@ -8,29 +8,12 @@ import sys
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
 
 from app.bulk.cli import add_subcommands as add_bulk_command
 from app.config import Settings
+from app.drain import GracefulServer
 from app.model_tools import add_subcommands as add_model_commands
 from app.train.cli import add_subcommands as add_training_commands
-
-
-class GracefulServer(uvicorn.Server):
-    """On SIGTERM readiness fails at once, in-flight and queued work finish, then exit 0."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self.app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        engine = getattr(self.app.state, "engine", None)
-        if engine is not None:
-            engine.begin_drain()
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit
-        if sig == signal.SIGTERM and sig in self._captured_signals:
-            self._captured_signals.remove(sig)
 
 
 def stop_loading(signum: int, frame: FrameType | None) -> None:

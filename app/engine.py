@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from app.cache import TokenCache, create_cache
 from app.config import Settings
+from app.drain import Drain
 from app.endpoints import Answer, AudioEndpoint, ImageEndpoint, Media, Tokens
 from app.errors import ProblemError
 from app.media import (
@@ -93,7 +94,7 @@ class Engine:
                 else AudioEndpoint(model, info, self)
             )
         self.ready = False
-        self.draining_since: float | None = None  # time.monotonic() of SIGTERM
+        self.drain = Drain(settings.drain_timeout_s)
 
     @classmethod
     def build(
@@ -140,27 +141,13 @@ class Engine:
     async def stop(self) -> None:
         """Let queued work finish within what is left of the drain time, then release all."""
         self.ready = False
-        self.begin_drain()
-        drain_s = self.drain_left_s()
+        self.drain.begin()
+        drain_s = self.drain.left_s()
         queues = [b for e in self.endpoints.values() for b in (e.encoder, e.decoder)]
         await asyncio.gather(*(batcher.stop(drain_s) for batcher in queues))
         await self.pipeline.flush()
         await self.cache.close()
         self.media_pool.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def draining(self) -> bool:
-        return self.draining_since is not None
-
-    def begin_drain(self) -> None:
-        """Readiness fails from now on; the drain time counts from the first call."""
-        if self.draining_since is None:
-            self.draining_since = time.monotonic()
-
-    def drain_left_s(self) -> float:
-        """What remains of TOKSERVE_DRAIN_TIMEOUT_S for the queues, after in-flight requests."""
-        spent = time.monotonic() - (self.draining_since or time.monotonic())
-        return max(0.0, self.settings.drain_timeout_s - spent)
 
     def image(self, model: str | None = None) -> ImageEndpoint:
         """The named image model's endpoint, or the first image model's."""

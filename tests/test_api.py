@@ -595,7 +595,7 @@ async def test_api_keys_are_required_when_configured(repo: Path) -> None:
 async def test_readiness_fails_at_once_when_draining_while_requests_still_work(
     client: httpx.AsyncClient,
 ) -> None:
-    client.app.state.engine.begin_drain()  # type: ignore[attr-defined]
+    client.app.state.engine.drain.begin()  # type: ignore[attr-defined]
     assert_problem(await client.get("/readyz"), 503, "draining")
     assert (await client.post("/v1/images/encode", content=png_bytes(seed=8))).status_code == 200
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import uvicorn
 
-from app.cli import GracefulServer
 from app.config import Settings
+from app.drain import GracefulServer
 from app.engine import usable_cpus
 from bench.server import server_process
 from tests.support import REPO_ROOT, png_bytes, served, settings_for, wav_bytes
@@ -71,7 +71,7 @@ async def test_sigterm_fails_readiness_at_once(repo: Path) -> None:
         assert (await client.get("/readyz")).status_code == 200
         server = GracefulServer(uvicorn.Config(app), app)
         server.handle_exit(signal.SIGTERM, None)
-        assert app.state.engine.draining
+        assert app.state.engine.drain.draining
         not_ready = await client.get("/readyz")
         assert not_ready.status_code == 503 and "draining" in not_ready.json()["detail"]
 

@@ -20,8 +20,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: models loaded and warmed up, not draining")
 async def readyz(engine: EngineDep) -> dict[str, Any]:
-    if not engine.ready or engine.draining:
-        state = "draining" if engine.draining else "starting"
+    if not engine.ready or engine.drain.draining:
+        state = "draining" if engine.drain.draining else "starting"
         raise Overloaded(f"Not ready: the server is {state}.", headers={"Retry-After": "1"})
     return {"status": "ready", "models": engine.registry.names()}
 
