@@ -13,13 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from app.config import Settings
-from app.drain import GracefulServer
 from app.engine import usable_cpus
 from bench.server import server_process
-from tests.support import REPO_ROOT, png_bytes, served, settings_for, wav_bytes
+from tests.support import REPO_ROOT, png_bytes, wav_bytes
 
 
 def encode_both(url: str) -> tuple[list[list[int]], list[list[int]]]:
@@ -35,45 +33,6 @@ def test_two_fresh_processes_give_identical_tokens(repo: Path) -> None:
     with server_process(repo) as (_, second_url):
         second = encode_both(second_url)
     assert first == second
-
-
-def test_sigterm_exits_zero_after_answering_in_flight_requests(repo: Path) -> None:
-    with server_process(repo) as (process, url):
-        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-
-
-def test_sigterm_during_a_request_answers_it_then_exits_zero(repo: Path) -> None:
-    """The request is mid-body when SIGTERM arrives: the server waits for the rest, answers,
-    and only then exits."""
-    image = png_bytes(seed=12)
-    with server_process(repo) as (process, url):
-        host, port = url.removeprefix("http://").split(":")
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
-        connection.putrequest("POST", "/v1/images/encode")
-        connection.putheader("Content-Length", str(len(image)))
-        connection.endheaders(image[: len(image) // 2])
-        time.sleep(0.3)  # the request is in flight
-        process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        connection.send(image[len(image) // 2 :])
-        response = connection.getresponse()
-        assert response.status == 200, response.read()
-        assert len(json.loads(response.read())["items"][0]["tokens"]) == 8
-        assert process.wait(timeout=30) == 0
-
-
-async def test_sigterm_fails_readiness_at_once(repo: Path) -> None:
-    """Draining starts in the signal handler, before uvicorn stops accepting connections."""
-    async with served(settings_for(repo)) as client:
-        app = client.app  # type: ignore[attr-defined]
-        assert (await client.get("/readyz")).status_code == 200
-        server = GracefulServer(uvicorn.Config(app), app)
-        server.handle_exit(signal.SIGTERM, None)
-        assert app.state.engine.drain.draining
-        not_ready = await client.get("/readyz")
-        assert not_ready.status_code == 503 and "draining" in not_ready.json()["detail"]
 
 
 def test_idle_connections_close_after_the_keep_alive_setting(repo: Path) -> None:
