@@ -36,11 +36,23 @@ TESTS: dict[str, list[str]] = {
     # the numerics tests read photos from ../shared/data, which mutants/ does not reach
     "app/api/deps.py": ["tests/test_api.py", "-m", "not numerics"],
     "app/media.py": ["tests/test_media.py"],
+    "app/drain.py": [
+        "tests/test_drain.py",
+        "tests/test_api.py::test_readiness_fails_at_once_when_draining_while_requests_still_work",
+    ],
 }
 DEFAULT_MODULES = list(TESTS)
+# Modules whose tests reach them through a `tokserve serve` process (bench.server). mutmut sees
+# only the calls made in the test process, so it would give a function the server alone calls
+# no tests; every mutant of these modules runs every test of its row instead. The server inherits
+# the mutant from the test process's environment (MUTANT_UNDER_TEST).
+SERVED = {"app/drain.py"}
 CAUGHT = ("killed", "timeout", "caught by type check")
 # linked into mutants/ (mutmut copies only app/, tests/ and pyproject.toml)
 LINKED = ["models", "examples", "docker", "docs", "k8s", "README.md"]
+# copied into mutants/: bench.server starts the server in the tree its own file lies in, which a
+# link would resolve to the unmutated one
+COPIED = ["bench"]
 
 
 def _key(module: str) -> str:
@@ -57,12 +69,42 @@ def run_module(module: str, names: list[str]) -> dict:
     mc._config = cfg
     from mutmut.__main__ import cli
 
+    if module in SERVED:
+        every_test_for_every_function(module)
+    # `python -m bench.mutate` imported this tree's bench package; the tests must import the copy
+    # in mutants/, whose bench.server starts the server on the mutated app
+    for name in [name for name in sys.modules if name == "bench" or name.startswith("bench.")]:
+        del sys.modules[name]
+
     try:
         cli(["run", *names], standalone_mode=False)
     except SystemExit as e:
         if e.code not in (0, None):
             raise
     return collect(module)
+
+
+def every_test_for_every_function(module: str) -> None:
+    """After mutmut's stats run, tie every function of ``module`` to every test it ran, so that
+    tests which reach the module only through a server process run against its mutants."""
+    import mutmut.__main__ as mm
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.state import state
+    from mutmut.stats import save_stats
+    from mutmut.utils.format_utils import mangled_name_from_mutant_name
+
+    traced = mm.run_stats_collection
+
+    def run_stats_collection(*args: object, **kwargs: object) -> None:
+        traced(*args, **kwargs)
+        mutants = SourceFileMutationData(path=Path(module))
+        mutants.load()
+        tests = set(state().duration_by_test)
+        for name in mutants.exit_code_by_key:
+            state().tests_by_mangled_function_name[mangled_name_from_mutant_name(name)] |= tests
+        save_stats()
+
+    mm.run_stats_collection = run_stats_collection
 
 
 def collect(module: str) -> dict:
@@ -236,6 +278,12 @@ def main() -> None:
         (ROOT / "mutants").mkdir()
         for name in LINKED:  # what the tests read from the tree, beside app/ and tests/
             (ROOT / "mutants" / name).symlink_to(ROOT / name)
+        for name in COPIED:
+            shutil.copytree(
+                ROOT / name,
+                ROOT / "mutants" / name,
+                ignore=shutil.ignore_patterns(".work", "results", "__pycache__"),
+            )
         start = time.monotonic()
         again = ["--survivors"] if args.survivors else []
         subprocess.run([sys.executable, "-m", "bench.mutate", "--one", module, *again], check=True)
