@@ -17,6 +17,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image
+from prometheus_client import REGISTRY
 from safetensors.torch import save_file
 
 from app.config import Settings
@@ -91,6 +92,11 @@ async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(transport=transport, base_url="http://tokserve") as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+def sample(name: str, **labels: str) -> float:
+    """A Prometheus sample's current value, 0 before its labels were first used."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def png_bytes(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
