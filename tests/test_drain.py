@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from app.cli import server_config
 from app.drain import Drain, GracefulServer
 from app.endpoints import Tokens
 from app.engine import Engine
@@ -189,3 +190,8 @@ async def test_engine_stop_fails_queued_work_with_503_once_the_drain_time_is_spe
     refused = [item for item in [long_clip, *queued] if isinstance(item, ProblemError)]
     assert {(item.status, "shut down" in item.detail) for item in refused} == {(503, True)}
     assert shutdowns() == before + len(refused)
+
+
+def test_in_flight_requests_get_the_whole_drain_time_fractions_included(repo: Path) -> None:
+    settings = settings_for(repo, drain_timeout_s=0.9)
+    assert server_config(create_app(settings), settings).timeout_graceful_shutdown == 0.9
