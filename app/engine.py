@@ -35,7 +35,7 @@ from app.errors import ProblemError
 from app.media import (
     ResizeMode,
 )
-from app.pipeline import Pipeline
+from app.pipeline import Pipeline, in_media_pool
 from app.registry import ModelRegistry
 from app.tokenizers.base import ImageInfo
 
@@ -163,8 +163,7 @@ class Engine:
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` in the media pool: large parsing must not stall the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.media_pool, partial(work, *args))
+        return await in_media_pool(self.media_pool, partial(work, *args))
 
     async def encode_images(
         self,

@@ -15,18 +15,42 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
-from app.batching import Batcher
+from app.batching import RETRY_AFTER_S, Batcher
 from app.cache import Fits, TokenCache, cache_key
-from app.errors import DeadlineExceeded, ProblemError
+from app.errors import DeadlineExceeded, Overloaded, ProblemError
 from app.metrics import REJECTED, TOKENS
 from app.registry import LoadedModel
 from app.single_flight import SingleFlight
 
 log = logging.getLogger("tokserve.pipeline")
+T = TypeVar("T")
+
+
+async def in_media_pool(pool: Executor, work: Callable[[], T]) -> T:
+    """``work()`` in the media pool. Work the engine's stop cancelled while it waited for a
+    thread, or work that comes after the stop, is refused with 503 as the queues refuse it,
+    and counted; the caller's own cancellation (its client gone) stays a cancellation."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(pool, work)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+    except RuntimeError as exc:  # the pool's "cannot schedule new futures after shutdown"
+        if "shutdown" not in str(exc):
+            raise
+    REJECTED.labels("shutdown").inc()
+    raise Overloaded(
+        "tokserve shut down while this request's media waited to be read; retry on another "
+        "replica.",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
 
 
 @dataclass(frozen=True)
@@ -153,8 +177,7 @@ class Pipeline:
         if step is unchanged:
             return value
         async with share:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.media_pool, _before(deadline, step), value)
+            return await in_media_pool(self.media_pool, partial(_before(deadline, step), value))
 
     def _write_behind(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Store results without delaying the response; the task is kept until it ends."""

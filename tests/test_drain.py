@@ -8,6 +8,7 @@ import http.client
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
 from app.cli import server_config
@@ -195,3 +197,24 @@ async def test_engine_stop_fails_queued_work_with_503_once_the_drain_time_is_spe
 def test_in_flight_requests_get_the_whole_drain_time_fractions_included(repo: Path) -> None:
     settings = settings_for(repo, drain_timeout_s=0.9)
     assert server_config(create_app(settings), settings).timeout_graceful_shutdown == 0.9
+
+
+async def test_a_call_still_reading_its_media_when_the_engine_stops_gets_a_503(repo: Path) -> None:
+    engine = Engine.build(settings_for(repo, warmup=False), media_threads=2)
+    await engine.start()
+    release = threading.Event()
+    holders = [asyncio.ensure_future(engine.off_loop(release.wait, 30)) for _ in range(2)]
+    call = asyncio.ensure_future(engine.encode_audio([wav_bytes(seconds=0.2)]))
+    await asyncio.sleep(0.05)  # its media decode waits behind the two held media threads
+    before = shutdowns()
+    stopping = asyncio.ensure_future(engine.stop())
+    await asyncio.sleep(0.05)
+    release.set()
+    await asyncio.gather(stopping, *holders)
+    with pytest.raises(ProblemError) as refused:
+        await call
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert refused.value.detail == (
+        "tokserve shut down while this request's media waited to be read; retry on another replica."
+    )
+    assert shutdowns() == before + 1
