@@ -41,8 +41,8 @@ class MediaLayout:
     Image grids go row by row, ``end_of_row`` after each row when set. Audio token arrays
     [rows, F] go frame by frame (``frame``: each frame's rows in ``row_order``), codebook by
     codebook (``codebook``), or in MusicGen's delay pattern (``delay``: row r starts r steps
-    late, ``pad`` fills the gaps). The code at position p of a frame (or row p) is
-    ``offset + p * stride + id``: each row has its own id range of ``stride`` ids.
+    after ``delay_lead`` steps of pads, ``pad`` fills the gaps). The code at position p of a
+    frame (or row p) is ``offset + p * stride + id``: each row has its own range of ``stride``.
     """
 
     model: str
@@ -57,6 +57,7 @@ class MediaLayout:
     order: Order = "frame"
     row_order: tuple[int, ...] = ()
     pad: int | None = None
+    delay_lead: int = 0  # delay order: all-pad steps before codebook 0's first frame
 
     @property
     def code_range(self) -> range:
@@ -86,9 +87,10 @@ class MediaLayout:
         if self.order == "frame":
             return shifted.T.reshape(-1)
         assert self.pad is not None  # a delay layout has one: checked at load
-        steps = np.full((frames + rows - 1, rows), self.pad, dtype=np.int64)
+        lead = self.delay_lead
+        steps = np.full((lead + frames + rows - 1, rows), self.pad, dtype=np.int64)
         for row in range(rows):
-            steps[row : row + frames, row] = shifted[row]
+            steps[lead + row : lead + row + frames, row] = shifted[row]
         return steps.reshape(-1)
 
     def from_ids(self, ids: Sequence[int], first: int = 0) -> np.ndarray:
@@ -131,21 +133,22 @@ class MediaLayout:
         rows = self.rows
         where = first + np.arange(codes.size)
         if self.order == "delay":
-            if codes.size % rows or codes.size // rows < rows:
+            lead = self.delay_lead
+            if codes.size % rows or codes.size // rows < lead + rows:
                 raise ValueError(
                     f"a delay pattern of {rows} rows is whole steps of {rows} ids, at least "
-                    f"{rows} steps; this span has {codes.size} ids"
+                    f"{lead + rows} steps; this span has {codes.size} ids"
                 )
             steps, places = codes.reshape(-1, rows), where.reshape(-1, rows)
-            frames = steps.shape[0] - rows + 1
+            frames = steps.shape[0] - rows + 1 - lead
             gap = np.ones_like(steps, dtype=bool)
             for row in range(rows):
-                gap[row : row + frames, row] = False
+                gap[lead + row : lead + row + frames, row] = False
             if np.any(steps[gap] != self.pad):
                 at = int(places[gap][np.flatnonzero(steps[gap] != self.pad)[0]])
                 raise ValueError(f"position {at} lies in the delay pattern's gap: only pad fits")
-            shifted = np.stack([steps[row : row + frames, row] for row in range(rows)])
-            shifted_at = np.stack([places[row : row + frames, row] for row in range(rows)])
+            shifted = np.stack([steps[lead + r : lead + r + frames, r] for r in range(rows)])
+            shifted_at = np.stack([places[lead + r : lead + r + frames, r] for r in range(rows)])
         else:
             if codes.size == 0 or codes.size % rows:
                 raise ValueError(f"{codes.size} codes are not whole frames of {rows} rows")
@@ -330,7 +333,7 @@ def _media(
             raise LayoutError(f"layout {layout}: {model}'s delay order needs a pad marker")
         return MediaLayout(
             model, "audio", begin, end, int(entry["offset"]), stride, rows,
-            order=order, row_order=row_order, pad=pad,
+            order=order, row_order=row_order, pad=pad, delay_lead=int(entry.get("delay_lead", 0)),
         )  # fmt: skip
     return MediaLayout(
         model, "image", begin, end, int(entry["offset"]), stride, 1,

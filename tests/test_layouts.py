@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from app.layouts import Layout, LayoutError, load_layout, load_layouts
 from app.tokenizers.base import AudioInfo, ImageInfo, TokenizerInfo
+from app.tokens import pack_streams, unpack_streams
 from tests.support import REPO_ROOT
 
 GRID = ImageInfo(vocab_size=64000, image_size=(256, 256), grid=(32, 32), downsample=8)
@@ -201,3 +203,49 @@ def test_a_code_in_a_delay_patterns_gap_is_named_by_its_position(tmp_path: Path)
     ids[2] = 1000  # step 0 of codebook 1 is before its first frame
     with pytest.raises(ValueError, match="position 2 lies in the delay pattern's gap"):
         layout.from_ids("codec", ids)
+
+
+def orpheus_tokenise_audio(levels: list[np.ndarray]) -> list[int]:
+    """Orpheus TTS's own interleaving of SNAC's three levels (its tokenise_audio, in Canopy
+    Labs' data-preparation notebook and orpheus_tts/decoder.py's inverse): 7 ids per frame."""
+    ids = []
+    for i in range(len(levels[0])):
+        ids += [
+            levels[0][i] + 128266,
+            levels[1][2 * i] + 128266 + 4096,
+            levels[2][4 * i] + 128266 + 2 * 4096,
+            levels[2][4 * i + 1] + 128266 + 3 * 4096,
+            levels[1][2 * i + 1] + 128266 + 4 * 4096,
+            levels[2][4 * i + 2] + 128266 + 5 * 4096,
+            levels[2][4 * i + 3] + 128266 + 6 * 4096,
+        ]
+    return ids
+
+
+def test_the_orpheus_preset_lays_snac_out_as_orpheus_does() -> None:
+    layout = load_layout(REPO_ROOT / "layouts" / "orpheus-snac.json", {"snac-24k": SNAC})
+    levels = [RNG.integers(0, 4096, n) for n in (9, 18, 36)]
+    ids = layout.to_ids("snac-24k", pack_streams(levels, [1, 2, 4]))
+    assert ids.tolist() == [128257, *orpheus_tokenise_audio(levels), 128258]
+    assert [s.tolist() for s in unpack_streams(layout.from_ids("snac-24k", ids), [1, 2, 4])] == [
+        level.tolist() for level in levels
+    ]
+
+
+def test_the_musicgen_preset_is_transformers_delay_pattern_flattened() -> None:
+    transformers = pytest.importorskip("transformers")
+    info = AudioInfo(
+        vocab_size=2048, codebooks=4, sample_rate=32000, channels=1, hop_length=640, frame_rate=50
+    )
+    layout = load_layout(REPO_ROOT / "layouts" / "musicgen-delay.json", {"encodec-32k": info})
+    codes = RNG.integers(0, 2048, (4, 10))
+    config = transformers.MusicgenDecoderConfig(
+        vocab_size=2048, num_codebooks=4, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, ffn_dim=32,
+    )  # fmt: skip
+    musicgen = transformers.MusicgenForCausalLM(config)
+    prompt = torch.cat([torch.full((4, 1), 2048), torch.from_numpy(codes)], dim=1)
+    _, pattern = musicgen.build_delay_pattern_mask(prompt, pad_token_id=2048, max_length=14)
+    steps = layout.to_ids("encodec-32k", codes)[1:-1].reshape(-1, 4)
+    as_streams = np.where(steps == 8192, 2048, steps - np.arange(4) * 2048)
+    assert np.array_equal(as_streams.T, pattern.numpy())
