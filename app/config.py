@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "models")
+DEFAULT_LAYOUT_DIR = str(Path(__file__).resolve().parent.parent / "layouts")
 
 
 def _split_list(value: object) -> object:
@@ -27,6 +28,8 @@ class Settings(BaseSettings):
     port: int = 8000
     model_dir: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL_DIR])
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # LLM sequence layouts (app/layouts.py): every *.json whose models are all loaded
+    layout_dir: str = DEFAULT_LAYOUT_DIR
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from fastapi import FastAPI
 
-from app.api import audio, health, images, models
+from app.api import audio, health, images, layouts, models, sequences
 from app.api.pages import install_pages
 from app.api.problems import install_error_handlers
 from app.config import Settings
@@ -91,7 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
     install_pages(app, docs_need_key=bool(settings.api_keys) and not settings.public_docs)
-    for router in (images.router, audio.router, models.router, health.router):
+    routers = (images, audio, models, layouts, sequences, health)
+    for router in (module.router for module in routers):
         app.include_router(router)
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

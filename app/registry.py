@@ -19,6 +19,7 @@ import torch
 from app.compute import Reproducibility, compute_fingerprint, reproducibility, run_dtype
 from app.config import Settings
 from app.errors import NotFound
+from app.layouts import Layout, load_layouts
 from app.model_folder import (
     CONFIG_FILE,
     ModelLoadError,
@@ -201,10 +202,11 @@ def discover(model_dirs: list[str]) -> list[Path]:
 
 
 class ModelRegistry:
-    """The loaded models, by name."""
+    """The loaded models, by name, and the sequence layouts that cover them."""
 
-    def __init__(self, models: list[LoadedModel]) -> None:
+    def __init__(self, models: list[LoadedModel], layouts: dict[str, Layout] | None = None) -> None:
         self.models = {model.name: model for model in models}
+        self.layouts = layouts or {}
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
@@ -229,7 +231,8 @@ class ModelRegistry:
                 model.device,
             )
             models.append(model)
-        return cls(models)
+        infos = {model.name: model.info for model in models}
+        return cls(models, load_layouts(Path(settings.layout_dir), infos))
 
     def get(self, name: str | None, modality: str) -> LoadedModel:
         """The named model, or the only/first model of the modality when no name is given."""

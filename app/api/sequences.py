@@ -1,0 +1,88 @@
+"""POST /v1/sequences/decode: what an LLM generated, text and media spans mixed, taken apart.
+
+The sequence is cut into spans by a layout (app/layouts.py); each media span is decoded by its
+model (PNG/WebP/JPEG or WAV/FLAC/OGG; base64 in JSON, raw in msgpack), text spans come back as
+id ranges, and a span that does not decode (not closed, a code out of range, a ragged grid)
+carries its problem, with its position, while the others are answered: 207 when one failed.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import msgpack
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from app.api.deps import EngineDep, deadline_of, require_api_key
+from app.api.requests import cancel_on_disconnect
+from app.api.responses import MSGPACK, MULTI_STATUS, problem_of, response_format
+from app.endpoints import Media
+from app.errors import NotFound, PayloadTooLarge, ProblemError, Unprocessable
+from app.layouts import Span
+
+router = APIRouter(
+    prefix="/v1/sequences", tags=["sequences"], dependencies=[Depends(require_api_key)]
+)
+
+
+class SequenceRequest(BaseModel):
+    """A generated sequence and how to read it."""
+
+    layout: str = Field(description="A loaded layout (GET /v1/layouts)")
+    ids: list[int] = Field(description="The sequence: text ids and media spans, as generated")
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    audio_format: Literal["wav", "flac", "ogg"] = "wav"
+
+
+@router.post("/decode", summary="A generated sequence to its text and media spans")
+async def decode_sequence(request: Request, body: SequenceRequest, engine: EngineDep) -> Response:
+    """Each span in order: text as an id range, media decoded, or the span's problem."""
+    layout = engine.registry.layouts.get(body.layout)
+    if layout is None:
+        raise NotFound(
+            f"Unknown layout {body.layout!r}; loaded layouts: {sorted(engine.registry.layouts)}."
+        )
+    limit = engine.settings.max_decode_tokens
+    if len(body.ids) > limit:
+        raise PayloadTooLarge(
+            f"{len(body.ids)} ids in one sequence; at most {limit} (TOKSERVE_MAX_DECODE_TOKENS)."
+        )
+    spans = layout.split(body.ids)
+    deadline = deadline_of(request, engine)
+    results: dict[int, Media | ProblemError] = {}
+    by_model: dict[str, list[int]] = {}
+    for index, span in enumerate(spans):
+        if span.model is not None and span.tokens is not None:
+            by_model.setdefault(span.model, []).append(index)
+    for model, indexes in by_model.items():
+        endpoint = engine.endpoints[model]
+        fmt = body.image_format if endpoint.model.modality == "image" else body.audio_format
+        try:
+            work = endpoint.decode([spans[i].tokens for i in indexes], fmt, deadline)
+            answer = await cancel_on_disconnect(request, work)
+            results.update(zip(indexes, answer.items, strict=True))
+        except ProblemError as exc:  # the model refuses them all (encode-only, too long)
+            results.update((i, exc) for i in indexes)
+    binary = response_format(request) == "msgpack"
+    answered = [_span(span, results.get(i), binary) for i, span in enumerate(spans)]
+    status = MULTI_STATUS if any("error" in span for span in answered) else 200
+    content = {"layout": layout.name, "spans": answered}
+    if binary:
+        return Response(msgpack.packb(content), status, media_type=MSGPACK)
+    return JSONResponse(content, status)
+
+
+def _span(span: Span, result: Media | ProblemError | None, binary: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"kind": span.kind, "start": span.start, "end": span.end}
+    if span.kind == "text":
+        return entry
+    entry["model"] = span.model
+    if result is None:
+        result = Unprocessable(f"ids {span.start} to {span.end - 1}: {span.problem}.")
+    if isinstance(result, ProblemError):
+        return {**entry, "error": problem_of(result)}
+    data = result.data if binary else base64.b64encode(result.data).decode()
+    return {**entry, "data": data, "media_type": result.media_type, **result.figures}

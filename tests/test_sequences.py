@@ -1,0 +1,136 @@
+"""Layouts over HTTP: GET /v1/layouts and POST /v1/sequences/decode on generated sequences."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+from app.layouts import LayoutError
+from app.registry import ModelRegistry
+from tests.support import png_bytes, served, settings_for, wav_bytes
+
+TEXT = 1000  # the layout's text vocabulary: ids 0 .. 999
+
+
+def tiny_layout(folder: Path, infos: dict[str, Any]) -> Path:
+    """A layout for the tiny models: text, 4 markers, the image grid's codes, the codec's."""
+    image, audio = infos["tiny-image"], infos["tiny-audio"]
+    audio_at = TEXT + 4 + image.vocab_size
+    spec = {
+        "name": "tiny",
+        "vocab_size": audio_at + audio.rows() * audio.vocab_size,
+        "text_vocab_size": TEXT,
+        "markers": {"boi": TEXT, "eoi": TEXT + 1, "boa": TEXT + 2, "eoa": TEXT + 3},
+        "models": {
+            "tiny-image": {"begin": "boi", "end": "eoi", "offset": TEXT + 4},
+            "tiny-audio": {"begin": "boa", "end": "eoa", "offset": audio_at},
+        },
+    }
+    folder.mkdir(exist_ok=True)
+    (folder / "tiny.json").write_text(json.dumps(spec))
+    return folder
+
+
+@pytest.fixture
+async def client(repo: Path, tmp_path: Path) -> Any:
+    infos = {m.name: m.info for m in ModelRegistry.load(settings_for(repo)).models.values()}
+    layouts = tiny_layout(tmp_path / "layouts", infos)
+    async with served(settings_for(repo, layout_dir=str(layouts))) as served_client:
+        yield served_client
+
+
+async def tokens_of(client: httpx.AsyncClient) -> tuple[list[list[int]], list[list[int]]]:
+    image = await client.post("/v1/images/encode", content=png_bytes(seed=4))
+    audio = await client.post("/v1/audio/encode", content=wav_bytes(seconds=0.3))
+    return image.json()["items"][0]["tokens"], audio.json()["items"][0]["tokens"]
+
+
+async def generated(client: httpx.AsyncClient) -> tuple[list[int], Any, Any]:
+    """Text, an image span, text, a clip span, text: as an LLM would have generated them."""
+    grid, codes = await tokens_of(client)
+    layout = client.app.state.engine.registry.layouts["tiny"]  # type: ignore[attr-defined]
+    image = layout.to_ids("tiny-image", np.array(grid)).tolist()
+    clip = layout.to_ids("tiny-audio", np.array(codes)).tolist()
+    return [5, 6, *image, 7, *clip, 8, 9], grid, codes
+
+
+async def test_the_loaded_layouts_are_listed_with_their_id_ranges(
+    client: httpx.AsyncClient,
+) -> None:
+    (layout,) = (await client.get("/v1/layouts")).json()["layouts"]
+    assert layout["name"] == "tiny" and layout["text_vocab_size"] == TEXT
+    assert [r["name"] for r in layout["ranges"]] == [
+        "text", "marker boi", "marker eoi", "marker boa", "marker eoa",
+        "tiny-image codes", "tiny-audio codes",
+    ]  # fmt: skip
+    assert layout["ranges"][-1]["stop"] == layout["vocab_size"]
+
+
+async def test_a_generated_sequence_decodes_to_its_spans_in_order(
+    client: httpx.AsyncClient,
+) -> None:
+    ids, grid, codes = await generated(client)
+    answer = await client.post("/v1/sequences/decode", json={"layout": "tiny", "ids": ids})
+    png = await client.post("/v1/images/decode", json={"tokens": grid})
+    wav = await client.post("/v1/audio/decode", json={"tokens": codes})
+    assert answer.status_code == 200
+    spans = answer.json()["spans"]
+    assert [(s["kind"], s["start"], s["end"]) for s in spans] == [
+        ("text", 0, 2),
+        ("media", 2, 2 + len(grid) * len(grid[0]) + 2),
+        ("text", spans[1]["end"], spans[1]["end"] + 1),
+        ("media", spans[2]["end"], spans[2]["end"] + len(codes) * len(codes[0]) + 2),
+        ("text", len(ids) - 2, len(ids)),
+    ]
+    assert base64.b64decode(spans[1]["data"]) == png.content
+    assert base64.b64decode(spans[3]["data"]) == wav.content
+    assert (spans[1]["media_type"], spans[3]["media_type"]) == ("image/png", "audio/wav")
+
+
+async def test_a_malformed_span_carries_its_problem_and_the_others_decode(
+    client: httpx.AsyncClient,
+) -> None:
+    ids, _, _ = await generated(client)
+    ids[3] = 7  # a text id inside the image span
+    answer = await client.post(
+        "/v1/sequences/decode",
+        json={"layout": "tiny", "ids": ids},
+        headers={"Accept": "application/msgpack"},
+    )
+    assert answer.status_code == 207
+    spans = msgpack.unpackb(answer.content)["spans"]
+    image, clip = spans[1], spans[3]
+    assert image["error"]["status"] == 422
+    assert image["error"]["detail"].startswith(
+        f"ids 2 to {image['end'] - 1}: id 7 at position 3 is not one of tiny-image's codes"
+    )
+    assert clip["data"][:4] == b"RIFF"
+
+
+async def test_an_unknown_layout_is_refused_naming_the_loaded_ones(
+    client: httpx.AsyncClient,
+) -> None:
+    answer = await client.post("/v1/sequences/decode", json={"layout": "emu3", "ids": [1]})
+    assert answer.status_code == 404
+    assert answer.json()["detail"] == "Unknown layout 'emu3'; loaded layouts: ['tiny']."
+
+
+def test_a_layout_whose_ranges_overlap_stops_the_start_in_one_sentence(
+    repo: Path, tmp_path: Path
+) -> None:
+    infos = {m.name: m.info for m in ModelRegistry.load(settings_for(repo)).models.values()}
+    folder = tiny_layout(tmp_path / "layouts", infos)
+    spec = json.loads((folder / "tiny.json").read_text())
+    spec["models"]["tiny-audio"]["offset"] = TEXT + 10  # inside the image's codes
+    (folder / "tiny.json").write_text(json.dumps(spec))
+    with pytest.raises(LayoutError) as refused:  # what `tokserve serve` loads before it serves
+        ModelRegistry.load(settings_for(repo, layout_dir=str(folder)))
+    assert str(refused.value).startswith("layout tiny: tiny-image codes [1004, ")
+    assert str(refused.value).endswith(") overlap")
