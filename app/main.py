@@ -14,6 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from app.api import audio, health, images, layouts, models, sequences
+from app.api.openapi import install_openapi, operation_id
 from app.api.pages import install_pages
 from app.api.problems import install_error_handlers
 from app.config import Settings
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=package_version(),
         summary="Images and audio to discrete tokens and back.",
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         # app/api/pages.py serves them, with local assets and, where needed, behind the key
         openapi_url=None,
         docs_url=None,
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app)
     # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
     install_pages(app, docs_need_key=bool(settings.api_keys) and not settings.public_docs)
     routers = (images, audio, models, layouts, sequences, health)

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
-from app.api.schemas import DECODE_BODY, ENCODE_BODY, AudioEncodeResponse, DecodedItems
+from app.api.schemas import (
+    AUDIO_TYPES,
+    decode_body,
+    encode_body,
+    item_answers,
+    problems,
+)
 
 router = APIRouter(prefix="/v1/audio", tags=["audio"], dependencies=[Depends(require_api_key)])
 AudioFormat = Literal["wav", "flac", "ogg"]
@@ -17,9 +23,13 @@ AudioFormat = Literal["wav", "flac", "ogg"]
 
 @router.post(
     "/encode",
-    response_model=AudioEncodeResponse,
+    response_class=Response,
     summary="Audio to codebook tokens",
-    openapi_extra=ENCODE_BODY("audio"),
+    responses={
+        **item_answers("AudioEncodeResponse", "AudioEncodeMsgpack", npy=True),
+        **problems(400, 404, 413, 415, 422, 503, 504),
+    },
+    openapi_extra=encode_body("audio"),
 )
 async def encode_audio(
     request: Request,
@@ -43,9 +53,13 @@ async def encode_audio(
 
 @router.post(
     "/decode",
+    response_class=Response,
     summary="Codebook tokens to audio",
-    responses={200: {"content": {"audio/wav": {}}, "model": DecodedItems}},
-    openapi_extra=DECODE_BODY("[[int]] of k codebooks (rows) by F frames"),
+    responses={
+        **item_answers("DecodedAudios", "DecodedAudiosMsgpack", files=AUDIO_TYPES),
+        **problems(400, 404, 413, 422, 503, 504),
+    },
+    openapi_extra=decode_body("audio"),
 )
 async def decode_audio(
     request: Request,

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
-from app.api.schemas import DECODE_BODY, ENCODE_BODY, DecodedItems, ImageEncodeResponse
+from app.api.schemas import (
+    IMAGE_TYPES,
+    decode_body,
+    encode_body,
+    item_answers,
+    problems,
+)
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(require_api_key)])
 ImageFormat = Literal["png", "webp", "jpeg"]
@@ -17,9 +23,13 @@ ImageFormat = Literal["png", "webp", "jpeg"]
 
 @router.post(
     "/encode",
-    response_model=ImageEncodeResponse,
+    response_class=Response,
     summary="Images to token grids",
-    openapi_extra=ENCODE_BODY("images"),
+    responses={
+        **item_answers("ImageEncodeResponse", "ImageEncodeMsgpack", npy=True),
+        **problems(400, 404, 413, 415, 422, 503, 504),
+    },
+    openapi_extra=encode_body("images"),
 )
 async def encode_images(
     request: Request,
@@ -43,9 +53,13 @@ async def encode_images(
 
 @router.post(
     "/decode",
+    response_class=Response,
     summary="Token grids to images",
-    responses={200: {"content": {"image/png": {}}, "model": DecodedItems}},
-    openapi_extra=DECODE_BODY("[[int]] of the model's grid (h rows of w ids)"),
+    responses={
+        **item_answers("DecodedImages", "DecodedImagesMsgpack", files=IMAGE_TYPES),
+        **problems(400, 404, 413, 422, 503, 504),
+    },
+    openapi_extra=decode_body("image"),
 )
 async def decode_images(
     request: Request,

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from app.api.deps import EngineDep, require_api_key
-from app.api.schemas import ModelsResponse
+from app.api.schemas import ModelsResponse, problems, ref
 from app.errors import NotFound
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -24,7 +24,12 @@ LIMITS = (
 )
 
 
-@router.get("", response_model=ModelsResponse, summary="Loaded models and request limits")
+@router.get(
+    "",
+    response_model=None,
+    summary="Loaded models and request limits",
+    responses={200: {"model": ModelsResponse, "description": "Every loaded model, and limits"}},
+)
 async def list_models(engine: EngineDep) -> dict[str, Any]:
     """Each loaded model, and the limits a client splits its work by."""
     settings = engine.settings
@@ -34,7 +39,24 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
     }
 
 
-@router.get("/{name}", summary="One model")
+ONE_MODEL = {
+    "oneOf": [ref("ImageModel"), ref("AudioModel")],
+    "discriminator": {
+        "propertyName": "modality",
+        "mapping": {"image": ref("ImageModel")["$ref"], "audio": ref("AudioModel")["$ref"]},
+    },
+}
+
+
+@router.get(
+    "/{name}",
+    response_model=None,
+    summary="One model",
+    responses={
+        200: {"description": "The model", "content": {"application/json": {"schema": ONE_MODEL}}},
+        **problems(404),
+    },
+)
 async def get_model(name: str, engine: EngineDep) -> dict[str, Any]:
     model = engine.registry.models.get(name)
     if model is None:

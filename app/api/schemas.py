@@ -1,27 +1,52 @@
-"""Response models and request-body descriptions for the OpenAPI document."""
+"""The OpenAPI document's models: every answer's body, and the per-route declarations of what a
+route answers (its statuses, media types and headers).
+
+The parts that depend on the loaded models (model names, token grid shapes, examples) are
+added to the document by app/api/openapi.py; the declarations here refer to them by name.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.api.responses import MSGPACK, NPY
+
+PROBLEM_JSON = "application/problem+json"
+IMAGE_TYPES = ("image/png", "image/webp", "image/jpeg")
+AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg")
+
+TokenId = Annotated[int, Field(ge=0, description="A token id, 0 to the model's vocab_size - 1")]
+TokenRows = list[list[TokenId]]
+TokenDtype = Literal["uint16", "int32"]
 
 
-class Problem(BaseModel):
-    status: int
+class ItemProblem(BaseModel):
+    """One item's problem: the slot of a failed item in a multi-item answer."""
+
+    status: int = Field(description="The HTTP status this item would have answered alone")
     title: str
     detail: str = Field(description="What was wrong with this item and what is accepted")
 
 
+class Problem(ItemProblem):
+    """An RFC 9457 problem document (application/problem+json): every error answer."""
+
+    type: str = Field("about:blank", description="Always about:blank: the status says it")
+    items: list[ItemProblem] | None = Field(
+        None, description="When every item of a list failed: each item's problem, in order"
+    )
+
+
 class ItemFailure(BaseModel):
-    """A failed item's slot in a multi-item answer (status 207, or the request's own)."""
+    """A failed item's slot in a 207 Multi-Status answer."""
 
-    error: Problem
+    error: ItemProblem
 
 
-class ImageTokens(BaseModel):
-    tokens: list[list[int]] = Field(description="Token ids, h rows of w")
-    shape: list[int] = Field(description="[h, w]")
+class ImageFigures(BaseModel):
+    shape: list[int] = Field(description="[h, w]: rows and columns of tokens")
     source_size: list[int] | None = Field(
         None, description="[width, height] of the upright source image; null if unreadable"
     )
@@ -34,15 +59,21 @@ class ImageTokens(BaseModel):
     cached: bool = Field(description="Answered from the token cache")
 
 
-class ImageEncodeResponse(BaseModel):
-    model: str
-    version: str = Field(description="Hash of the model's config and weights")
-    items: list[ImageTokens | ItemFailure]
+class ImageTokens(ImageFigures):
+    """One image's tokens."""
+
+    tokens: TokenRows = Field(description="Token ids: h rows of w ids")
 
 
-class AudioTokens(BaseModel):
-    tokens: list[list[int]] = Field(description="Token ids, K codebooks of F frames")
-    shape: list[int] = Field(description="[K, F]")
+class ImageTokensMsgpack(ImageFigures):
+    """One image's tokens, in a msgpack answer."""
+
+    tokens: bytes = Field(description="The ids as little-endian `dtype`, row-major, `shape`")
+    dtype: TokenDtype
+
+
+class AudioFigures(BaseModel):
+    shape: list[int] = Field(description="[k, F]: codebooks and frames")
     codebooks: int
     frames: int
     frame_rate: float = Field(description="Frames per second")
@@ -51,75 +82,279 @@ class AudioTokens(BaseModel):
     source_sample_rate: int | None = Field(None, description="The file's rate, Hz, as declared")
     source_channels: int | None = Field(None, description="The file's channels (mixed as needed)")
     samples: int | None = Field(None, description="The file's samples per channel, as declared")
-    cached: bool
+    cached: bool = Field(description="Answered from the token cache")
 
 
-class AudioEncodeResponse(BaseModel):
-    model: str
-    version: str
+class AudioTokens(AudioFigures):
+    """One clip's tokens."""
+
+    tokens: TokenRows = Field(description="Token ids: k codebooks (rows) of F frames")
+
+
+class AudioTokensMsgpack(AudioFigures):
+    """One clip's tokens, in a msgpack answer."""
+
+    tokens: bytes = Field(description="The ids as little-endian `dtype`, row-major, `shape`")
+    dtype: TokenDtype
+
+
+class Answer(BaseModel):
+    model: str = Field(description="The model that answered")
+    version: str = Field(description="The model's version: 16 hex digits (X-Model-Version)")
+
+
+class ImageEncodeResponse(Answer):
+    """One item per image, in order: its tokens, or (in a 207) its problem."""
+
+    items: list[ImageTokens | ItemFailure]
+
+
+class ImageEncodeMsgpack(Answer):
+    items: list[ImageTokensMsgpack | ItemFailure]
+
+
+class AudioEncodeResponse(Answer):
+    """One item per clip, in order: its tokens, or (in a 207) its problem."""
+
     items: list[AudioTokens | ItemFailure]
 
 
-class DecodedItem(BaseModel):
-    data: str = Field(description="The file, base64 (raw bytes in msgpack)")
-    media_type: str
-    cached: bool
+class AudioEncodeMsgpack(Answer):
+    items: list[AudioTokensMsgpack | ItemFailure]
 
 
-class DecodedItems(BaseModel):
-    model: str
-    version: str
-    items: list[DecodedItem | ItemFailure]
+class DecodedImage(BaseModel):
+    data: str = Field(description="The image file, base64")
+    media_type: Literal["image/png", "image/webp", "image/jpeg"]
+    width: int
+    height: int
+    cached: bool = Field(description="Answered from the decode cache")
+
+
+class DecodedImageMsgpack(DecodedImage):
+    data: bytes = Field(description="The image file")  # type: ignore[assignment]
+
+
+class DecodedAudio(BaseModel):
+    data: str = Field(description="The audio file, base64")
+    media_type: Literal["audio/wav", "audio/flac", "audio/ogg"]
+    sample_rate: int = Field(description="Hz")
+    duration_s: float
+    cached: bool = Field(description="Answered from the decode cache")
+
+
+class DecodedAudioMsgpack(DecodedAudio):
+    data: bytes = Field(description="The audio file")  # type: ignore[assignment]
+
+
+class DecodedImages(Answer):
+    """One item per grid, in order: the image, or (in a 207) its problem."""
+
+    items: list[DecodedImage | ItemFailure]
+
+
+class DecodedImagesMsgpack(Answer):
+    items: list[DecodedImageMsgpack | ItemFailure]
+
+
+class DecodedAudios(Answer):
+    """One item per array, in order: the audio, or (in a 207) its problem."""
+
+    items: list[DecodedAudio | ItemFailure]
+
+
+class DecodedAudiosMsgpack(Answer):
+    items: list[DecodedAudioMsgpack | ItemFailure]
+
+
+class ModelEntry(BaseModel):
+    """What GET /v1/models says of every model; a backend may add fields of its own."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: str = Field(description="16 hex digits: config, weights and dtype (and compute)")
+    backend: str = Field(description="native, transformers, exported, or a plugin's")
+    device: str
+    dtype: str
+    reproducibility: Literal["portable", "host"]
+    compute: str = Field(description="The host's compute fingerprint")
+    vocab_size: int = Field(description="Ids per codebook: 0 to vocab_size - 1")
+    codebooks: int
+    encode_only: bool = Field(description="No decoder: its decodes answer 422")
+    extra: dict[str, Any] | None = Field(None, description="Backend-specific figures")
+    max_batch_size: int = Field(description="Items per forward pass")
+    source: str | None = Field(None, description="Where the weights come from, if named")
+
+
+class ImageModel(ModelEntry):
+    modality: Literal["image"]
+    image_size: list[int] = Field(description="[H, W] pixels the model takes")
+    grid: list[int] = Field(description="[h, w] tokens per image")
+    downsample: int = Field(description="Pixels per token side")
+
+
+class AudioModel(ModelEntry):
+    modality: Literal["audio"]
+    sample_rate: int = Field(description="Hz")
+    channels: int
+    hop_length: int = Field(description="Samples per frame")
+    frame_rate: float = Field(description="Frames per second")
+
+
+LoadedModelEntry = Annotated[ImageModel | AudioModel, Field(discriminator="modality")]
+
+
+class Limits(BaseModel):
+    """The request limits a client splits its work by, named as their settings."""
+
+    max_items: int = Field(description="Items per request")
+    max_body_bytes: int
+    max_image_pixels: int = Field(description="Pixels of one image")
+    max_audio_seconds: float = Field(description="Seconds of one clip, or of one decoded item")
+    max_request_audio_seconds: float = Field(description="Seconds of all items of a request")
+    min_audio_sample_rate: int = Field(description="Hz")
+    max_decode_tokens: int = Field(description="Token ids in one decode request")
 
 
 class ModelsResponse(BaseModel):
-    models: list[dict[str, Any]]
-    limits: dict[str, float] = Field(description="Request limits, named as in the settings")
+    models: list[LoadedModelEntry]
+    limits: Limits
 
 
-def ENCODE_BODY(what: str) -> dict[str, Any]:
-    """OpenAPI request body of an encode route: raw file, multipart files, or base64 JSON."""
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    models: list[str] = Field(description="Every loaded model, by name")
+
+
+class ImagesBase64(BaseModel):
+    """An encode body in JSON: each image file in base64, or as a data: URL."""
+
+    images: list[str] = Field(min_length=1, description="Standard base64, or data:...;base64,")
+
+
+class AudioBase64(BaseModel):
+    """An encode body in JSON: each audio file in base64, or as a data: URL."""
+
+    audio: list[str] = Field(min_length=1, description="Standard base64, or data:...;base64,")
+
+
+class MediaFiles(BaseModel):
+    """An encode body in multipart/form-data: one file part per item (any field name)."""
+
+    files: list[bytes] = Field(min_length=1)
+
+
+class BinaryTokens(BaseModel):
+    """One decode item as binary (msgpack bodies only): its ids as raw bytes."""
+
+    dtype: str = Field(description="Any integer NumPy dtype: uint16, <i4, ...; little-endian")
+    shape: list[int] = Field(description="[h, w] or [k, F]")
+    data: bytes = Field(description="The ids, row-major")
+
+
+def ref(name: str) -> dict[str, str]:
+    """A reference to the document's schema ``name``."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+_MODEL_VERSION = {
+    "X-Model-Version": {"description": "The serving model's version", "schema": {"type": "string"}}
+}
+_WHEN = {
+    400: "Empty body, unreadable JSON, msgpack or multipart, bad base64, or bad X-Request-Timeout",
+    401: "API key missing or wrong (TOKSERVE_API_KEYS)",
+    404: "Unknown model, or none of this modality loaded",
+    413: "Body, items, tokens or audio seconds over a limit (GET /v1/models: limits)",
+    415: "Not an image or audio file in an accepted format, or truncated",
+    422: "The body's structure, a query parameter, or an item's content is not accepted",
+    503: "Too many requests in flight, the queue is full, or the server is draining",
+    504: "The request's deadline (X-Request-Timeout) passed before its work started",
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The problem+json answers a route gives, each with when it is given; 503 says when to
+    retry."""
     return {
+        status: {
+            "description": _WHEN[status],
+            "content": {PROBLEM_JSON: {"schema": ref("Problem")}},
+            **({"headers": _RETRY_AFTER} if status == 503 else {}),
+        }
+        for status in statuses
+    }
+
+
+def item_answers(
+    json_schema: str, msgpack_schema: str, files: tuple[str, ...] = (), npy: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """200 and 207 of a multi-item route: the items in JSON or msgpack (Accept picks); a decode
+    of one item answers the file itself, an encode may ask for one npy array."""
+    lists = {
+        "application/json": {"schema": ref(json_schema)},
+        MSGPACK: {"schema": ref(msgpack_schema)},
+    }
+    whole = {media_type: _BINARY for media_type in files}
+    return {
+        200: {
+            "description": "Every item succeeded",
+            "headers": _MODEL_VERSION,
+            # the files first: a client generator that maps them to bytes takes the first it knows
+            "content": {**whole, **lists, **({NPY: _BINARY} if npy else {})},
+        },
+        207: {
+            "description": "Some items failed: each failed slot holds its problem",
+            "headers": _MODEL_VERSION,
+            "content": lists,
+        },
+    }
+
+
+_REQUEST_TIMEOUT = {
+    "name": "X-Request-Timeout",
+    "in": "header",
+    "required": False,
+    "description": "Seconds until work must have started (default TOKSERVE_REQUEST_TIMEOUT_S)",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+}
+
+
+def encode_body(what: Literal["images", "audio"]) -> dict[str, Any]:
+    """openapi_extra of an encode route: the files as the raw body, as multipart parts or as
+    base64 JSON; and X-Request-Timeout."""
+    return {
+        "parameters": [_REQUEST_TIMEOUT],
         "requestBody": {
             "required": True,
             "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {
-                            "files": {
-                                "type": "array",
-                                "items": {"type": "string", "format": "binary"},
-                            }
-                        },
-                    }
-                },
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": [what],
-                        "properties": {what: {"type": "array", "items": {"type": "string"}}},
-                    }
-                },
+                "application/octet-stream": _BINARY,
+                "multipart/form-data": {"schema": ref("MediaFiles")},
+                "application/json": {"schema": ref(f"{what.capitalize()}Base64")},
             },
-        }
-    }
-
-
-def DECODE_BODY(layout: str) -> dict[str, Any]:
-    """OpenAPI request body of a decode route: JSON or msgpack {model, tokens}."""
-    schema = {
-        "type": "object",
-        "required": ["tokens"],
-        "properties": {
-            "model": {"type": "string"},
-            "tokens": {"type": "array", "description": f"{layout}, or a list of those"},
         },
     }
+
+
+def decode_body(modality: Literal["image", "audio"]) -> dict[str, Any]:
+    """openapi_extra of a decode route: {model, tokens} in JSON or msgpack (whose items may be
+    binary); and X-Request-Timeout. app/api/openapi.py defines the schemas for what is loaded."""
+    name = modality.capitalize()
     return {
+        "parameters": [_REQUEST_TIMEOUT],
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": schema}, "application/msgpack": {}},
-        }
+            "content": {
+                "application/json": {"schema": ref(f"{name}DecodeBody")},
+                MSGPACK: {"schema": ref(f"{name}DecodeMsgpack")},
+            },
+        },
     }
