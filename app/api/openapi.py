@@ -32,8 +32,13 @@ from app.media import encode_audio, encode_image
 
 H = TypeVar("H", bound=Hashable)
 REF_PREFIX = "#/components/schemas/"
-# the tag of a route -> the schema of its model-naming parameter (`model` or `name`)
-MODEL_PARAMETERS = {"images": "ImageModelName", "audio": "AudioModelName", "models": "ModelName"}
+# (a route's tag, its parameter) -> the schema, of those that depend on what is loaded
+LOADED_PARAMETERS = {
+    ("images", "model"): "ImageModelName",
+    ("audio", "model"): "AudioModelName",
+    ("audio", "codebooks"): "Codebooks",
+    ("models", "name"): "ModelName",
+}
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer"},
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -80,7 +85,7 @@ def openapi_document(app: FastAPI, engine: Engine | None) -> dict[str, Any]:
     }
     endpoints = list(engine.endpoints.values()) if engine else []
     components["schemas"].update(_loaded_schemas(endpoints, settings.max_items))
-    _name_models(document)
+    _describe_loaded_parameters(document)
     _add_referenced_models(document)
     _add_media_examples(components["schemas"])
     if settings.api_keys:
@@ -133,6 +138,7 @@ def _loaded_schemas(
         "ModelName": _names(endpoints),
         "ImageModelName": _names(images),
         "AudioModelName": _names(clips),
+        "Codebooks": {"type": "integer", "minimum": 1, **({"maximum": most} if most else {})},
         "ImageTokenGrid": _array(image_row, rows, rows, "[[int]]: the model's h rows of w ids"),
         "AudioTokenCodes": _array(
             audio_row,
@@ -209,12 +215,14 @@ def _codes_example(clips: list[AudioEndpoint]) -> tuple[str, Any] | None:
     return first.model.name, _pattern((first.codebooks, frames), first.info.vocab_size)
 
 
-def _name_models(document: dict[str, Any]) -> None:
-    """Each route's model-naming parameter lists the loaded models of its modality."""
+def _describe_loaded_parameters(document: dict[str, Any]) -> None:
+    """A route's model parameter lists the loaded models of its modality; ``codebooks`` is
+    bounded by theirs."""
     for operation in _operations(document):
-        name = MODEL_PARAMETERS.get(operation.get("tags", [""])[0])
+        tag = operation.get("tags", [""])[0]
         for parameter in operation.get("parameters", []):
-            if name and parameter["name"] in ("model", "name") and parameter["in"] != "header":
+            name = LOADED_PARAMETERS.get((tag, parameter["name"]))
+            if name is not None:
                 parameter["schema"] = ref(name)
 
 
