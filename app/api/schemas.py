@@ -263,8 +263,15 @@ def ref(name: str) -> dict[str, str]:
 
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-_RETRY_AFTER = {
-    "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}
+# the headers a problem answer carries, by status
+_PROBLEM_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    503: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying",
+            "schema": {"type": "integer"},
+        }
+    },
 }
 _MODEL_VERSION = {
     "X-Model-Version": {"description": "The serving model's version", "schema": {"type": "string"}}
@@ -282,13 +289,13 @@ _WHEN = {
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The problem+json answers a route gives, each with when it is given; 503 says when to
-    retry."""
+    """The problem+json answers a route gives, each with when it is given and its headers
+    (401 names the scheme, 503 says when to retry)."""
     return {
         status: {
             "description": _WHEN[status],
             "content": {PROBLEM_JSON: {"schema": ref("Problem")}},
-            **({"headers": _RETRY_AFTER} if status == 503 else {}),
+            **({"headers": _PROBLEM_HEADERS[status]} if status in _PROBLEM_HEADERS else {}),
         }
         for status in statuses
     }
