@@ -7,7 +7,7 @@ added to the document by app/api/openapi.py; the declarations here refer to them
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,7 @@ AUDIO_TYPES = ("audio/wav", "audio/flac", "audio/ogg")
 TokenId = Annotated[int, Field(ge=0, description="A token id, 0 to the model's vocab_size - 1")]
 TokenRows = list[list[TokenId]]
 TokenDtype = Literal["uint16", "int32"]
+Item = TypeVar("Item", bound=BaseModel)
 
 
 class ItemProblem(BaseModel):
@@ -65,11 +66,15 @@ class ImageTokens(ImageFigures):
     tokens: TokenRows = Field(description="Token ids: h rows of w ids")
 
 
-class ImageTokensMsgpack(ImageFigures):
-    """One image's tokens, in a msgpack answer."""
+class PackedTokens(BaseModel):
+    """Tokens as a msgpack answer carries them: raw bytes and their dtype."""
 
     tokens: bytes = Field(description="The ids as little-endian `dtype`, row-major, `shape`")
     dtype: TokenDtype
+
+
+class ImageTokensMsgpack(PackedTokens, ImageFigures):
+    """One image's tokens, in a msgpack answer."""
 
 
 class AudioFigures(BaseModel):
@@ -91,36 +96,33 @@ class AudioTokens(AudioFigures):
     tokens: TokenRows = Field(description="Token ids: k codebooks (rows) of F frames")
 
 
-class AudioTokensMsgpack(AudioFigures):
+class AudioTokensMsgpack(PackedTokens, AudioFigures):
     """One clip's tokens, in a msgpack answer."""
 
-    tokens: bytes = Field(description="The ids as little-endian `dtype`, row-major, `shape`")
-    dtype: TokenDtype
 
+class ItemsAnswer(BaseModel, Generic[Item]):
+    """A multi-item answer: one slot per item, in order: its result, or (in a 207) its
+    problem."""
 
-class Answer(BaseModel):
     model: str = Field(description="The model that answered")
     version: str = Field(description="The model's version: 16 hex digits (X-Model-Version)")
+    items: list[Item | ItemFailure]
 
 
-class ImageEncodeResponse(Answer):
-    """One item per image, in order: its tokens, or (in a 207) its problem."""
-
-    items: list[ImageTokens | ItemFailure]
+class ImageEncodeResponse(ItemsAnswer[ImageTokens]):
+    """One slot per image: its tokens, or (in a 207) its problem."""
 
 
-class ImageEncodeMsgpack(Answer):
-    items: list[ImageTokensMsgpack | ItemFailure]
+class ImageEncodeMsgpack(ItemsAnswer[ImageTokensMsgpack]):
+    """One slot per image, in msgpack: its tokens as bytes, or (in a 207) its problem."""
 
 
-class AudioEncodeResponse(Answer):
-    """One item per clip, in order: its tokens, or (in a 207) its problem."""
-
-    items: list[AudioTokens | ItemFailure]
+class AudioEncodeResponse(ItemsAnswer[AudioTokens]):
+    """One slot per clip: its tokens, or (in a 207) its problem."""
 
 
-class AudioEncodeMsgpack(Answer):
-    items: list[AudioTokensMsgpack | ItemFailure]
+class AudioEncodeMsgpack(ItemsAnswer[AudioTokensMsgpack]):
+    """One slot per clip, in msgpack: its tokens as bytes, or (in a 207) its problem."""
 
 
 class DecodedImage(BaseModel):
@@ -147,24 +149,20 @@ class DecodedAudioMsgpack(DecodedAudio):
     data: bytes = Field(description="The audio file")  # type: ignore[assignment]
 
 
-class DecodedImages(Answer):
-    """One item per grid, in order: the image, or (in a 207) its problem."""
-
-    items: list[DecodedImage | ItemFailure]
+class DecodedImages(ItemsAnswer[DecodedImage]):
+    """One slot per grid: the image in base64, or (in a 207) its problem."""
 
 
-class DecodedImagesMsgpack(Answer):
-    items: list[DecodedImageMsgpack | ItemFailure]
+class DecodedImagesMsgpack(ItemsAnswer[DecodedImageMsgpack]):
+    """One slot per grid, in msgpack: the image's bytes, or (in a 207) its problem."""
 
 
-class DecodedAudios(Answer):
-    """One item per array, in order: the audio, or (in a 207) its problem."""
-
-    items: list[DecodedAudio | ItemFailure]
+class DecodedAudios(ItemsAnswer[DecodedAudio]):
+    """One slot per array: the audio in base64, or (in a 207) its problem."""
 
 
-class DecodedAudiosMsgpack(Answer):
-    items: list[DecodedAudioMsgpack | ItemFailure]
+class DecodedAudiosMsgpack(ItemsAnswer[DecodedAudioMsgpack]):
+    """One slot per array, in msgpack: the audio's bytes, or (in a 207) its problem."""
 
 
 class ModelEntry(BaseModel):
