@@ -25,10 +25,10 @@ VENV_BIN = Path(sys.executable).parent
 GENERATOR_CONFIG = REPO_ROOT / "examples" / "openapi-python-client.yaml"
 GRID = [TINY_IMAGE["arch"]["image_size"] // 8] * 2  # the tiny image model downsamples by 8
 CODEBOOKS = TINY_AUDIO["arch"]["codebooks"]
-# schemathesis's run: its answers the document declares but its defaults would count against
-# the server. 503 and 504 are answers, not crashes (a tiny X-Request-Timeout gets 504); 413 is
-# how a list over max_items is refused; and no schema can tell audio from other bytes, so a raw
-# audio body the schema allows may still be refused as not audio (415).
+# Where schemathesis's defaults would count a documented answer against the server: 503 and
+# 504 are answers, not crashes (a tiny X-Request-Timeout gets 504); 413 is how a list over
+# max_items is refused; and no schema tells audio from other bytes, so a raw body the schema
+# allows (schemathesis sends a PNG) may be refused as not audio (415). Any warning fails it.
 SCHEMATHESIS_CONFIG = """
 [warnings]
 fail-on = true

@@ -31,6 +31,7 @@ from app.engine import Engine
 from app.media import encode_audio, encode_image
 
 H = TypeVar("H", bound=Hashable)
+E = TypeVar("E", ImageEndpoint, AudioEndpoint)
 REF_PREFIX = "#/components/schemas/"
 # (a route's tag, its parameter) -> the schema, of those that depend on what is loaded
 LOADED_PARAMETERS = {
@@ -186,7 +187,10 @@ def _decode_bodies(
     json_body = body(ref(item))
     if example is not None:
         model, tokens = example
-        json_body["examples"] = [{"model": model, "tokens": tokens}, {"tokens": [tokens, tokens]}]
+        json_body["examples"] = [
+            {"model": model, "tokens": tokens},
+            {"model": model, "tokens": [tokens, tokens]},
+        ]
     return {
         f"{modality}DecodeBody": json_body,
         f"{modality}DecodeMsgpack": body(ref(item), ref("BinaryTokens")),
@@ -199,20 +203,22 @@ def _pattern(shape: tuple[int, int], vocab_size: int) -> list[list[int]]:
 
 
 def _grid_example(images: list[ImageEndpoint]) -> tuple[str, Any] | None:
-    decodable = [e for e in images if not e.info.encode_only]
-    if not decodable:
+    first = _first_decodable(images)
+    if first is None:
         return None
-    first = decodable[0]
     return first.model.name, _pattern((first.grid[0], first.grid[1]), first.info.vocab_size)
 
 
 def _codes_example(clips: list[AudioEndpoint]) -> tuple[str, Any] | None:
-    decodable = [e for e in clips if not e.info.encode_only]
-    if not decodable:
+    first = _first_decodable(clips)
+    if first is None:
         return None
-    first = decodable[0]
     frames = max(1, round(first.info.frame_rate / 10))  # a tenth of a second
     return first.model.name, _pattern((first.codebooks, frames), first.info.vocab_size)
+
+
+def _first_decodable(endpoints: list[E]) -> E | None:
+    return next((e for e in endpoints if not e.info.encode_only), None)
 
 
 def _describe_loaded_parameters(document: dict[str, Any]) -> None:
