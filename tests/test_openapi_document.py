@@ -56,6 +56,14 @@ async def test_a_decode_body_takes_the_loaded_models_grid_and_vocabulary(
     assert several["maxItems"] == 64  # TOKSERVE_MAX_ITEMS
 
 
+async def test_encode_bodies_take_at_most_max_items_files(repo: Path) -> None:
+    async with served(settings_for(repo, max_items=3)) as client:
+        schemas = (await document_of(client))["components"]["schemas"]
+    assert schemas["ImagesBase64"]["properties"]["images"]["maxItems"] == 3
+    assert schemas["AudioBase64"]["properties"]["audio"]["maxItems"] == 3
+    assert schemas["MediaFiles"]["properties"]["files"]["maxItems"] == 3
+
+
 async def test_shapes_that_loaded_models_differ_on_are_left_open(tmp_path: Path) -> None:
     repo = tiny_repo(tmp_path)
     smaller = {**TINY_IMAGE, "name": "tiny-image-32"}

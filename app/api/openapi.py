@@ -89,6 +89,7 @@ def openapi_document(app: FastAPI, engine: Engine | None) -> dict[str, Any]:
     _describe_loaded_parameters(document)
     _add_referenced_models(document)
     _add_media_examples(components["schemas"])
+    _bound_encode_lists(components["schemas"], settings.max_items)
     if settings.api_keys:
         _require_keys(document, settings.public_metrics)
     return document
@@ -275,6 +276,16 @@ def _add_media_examples(known: dict[str, dict[str, Any]]) -> None:
     wav = base64.b64encode(encode_audio(wave, EXAMPLE_SAMPLE_RATE, "wav")).decode()
     known["ImagesBase64"]["examples"] = [{"images": [png]}, {"images": [png, png]}]
     known["AudioBase64"]["examples"] = [{"audio": [wav]}]
+
+
+def _bound_encode_lists(known: dict[str, dict[str, Any]], max_items: int) -> None:
+    """An encode body's files, in JSON or multipart, are at most MAX_ITEMS (more answer 413)."""
+    for schema, files in (
+        ("ImagesBase64", "images"),
+        ("AudioBase64", "audio"),
+        ("MediaFiles", "files"),
+    ):
+        known[schema]["properties"][files]["maxItems"] = max_items
 
 
 def _require_keys(document: dict[str, Any], public_metrics: bool) -> None:
