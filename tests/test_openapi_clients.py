@@ -28,7 +28,8 @@ CODEBOOKS = TINY_AUDIO["arch"]["codebooks"]
 # Where schemathesis's defaults would count a documented answer against the server: 503 and
 # 504 are answers, not crashes (a tiny X-Request-Timeout gets 504); 413 is how a list over
 # max_items is refused; and no schema tells audio from other bytes, so a raw body the schema
-# allows (schemathesis sends a PNG) may be refused as not audio (415). Any warning fails it.
+# allows (schemathesis sends a PNG) may be refused as not audio (415). A route ignores the
+# headers and query parameters it does not read, as HTTP expects. Any warning fails the run.
 SCHEMATHESIS_CONFIG = """
 [warnings]
 fail-on = true
@@ -41,6 +42,9 @@ expected-statuses = ["2xx", "3xx", "4xx", "503", "504"]
 
 [checks.negative_data_rejection]
 expected-statuses = ["400", "404", "413", "415", "422", "504"]
+
+[generation]
+allow-extra-parameters = false
 
 [[operations]]
 include-path = "/v1/audio/encode"
@@ -234,17 +238,19 @@ def test_generated_client_reads_health_readiness_and_metrics(
     assert "tokserve_model_info" in metrics.parsed
 
 
-def test_schemathesis_finds_the_server_true_to_its_document(server: str, tmp_path: Path) -> None:
-    """Its examples and coverage phases (every operation, positive and negative cases) report
-    no failure, no error and no warning."""
-    config = tmp_path / "schemathesis.toml"
-    config.write_text(SCHEMATHESIS_CONFIG)
-    report = tmp_path / "report.json"
+def schemathesis(server: str, document: dict[str, Any], folder: Path, config: str) -> None:
+    """Run schemathesis's examples and coverage phases (positive and negative cases) against
+    ``server`` described by ``document``; fail on any failure, error or warning it reports,
+    and unless it tested every operation."""
+    (folder / "openapi.json").write_text(json.dumps(document))
+    (folder / "schemathesis.toml").write_text(SCHEMATHESIS_CONFIG + config)
+    report = folder / "report.json"
     run = subprocess.run(
         [
-            *(VENV_BIN / "schemathesis", "--config-file", config, "run", f"{server}/openapi.json"),
+            *(VENV_BIN / "schemathesis", "--config-file", folder / "schemathesis.toml"),
+            *("run", folder / "openapi.json", "--url", server, "--seed", "1"),
             *("--phases", "examples,coverage", "--checks", "all", "--continue-on-failure"),
-            *("--seed", "1", "--report", "json", "--report-json-path", report),
+            *("--report", "json", "--report-json-path", report),
         ],
         cwd=REPO_ROOT,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"},
@@ -257,9 +263,22 @@ def test_schemathesis_finds_the_server_true_to_its_document(server: str, tmp_pat
     assert outcome["failures"] == [] and outcome["errors"] == []
     assert {kind: names for kind, names in outcome["warnings"].items() if names} == {}
     assert outcome["phases"]["examples"]["status"] == "success"
-    assert set(outcome["valid_rates"]) == set(operations_of(server))
+    operations = [
+        f"{verb.upper()} {path}" for path, verbs in document["paths"].items() for verb in verbs
+    ]
+    assert set(outcome["valid_rates"]) == set(operations)
 
 
-def operations_of(server: str) -> list[str]:
-    paths = httpx.get(f"{server}/openapi.json").json()["paths"]
-    return [f"{method.upper()} {path}" for path, methods in paths.items() for method in methods]
+def test_schemathesis_finds_the_server_true_to_its_document(server: str, tmp_path: Path) -> None:
+    schemathesis(server, httpx.get(f"{server}/openapi.json").json(), tmp_path, "")
+
+
+def test_schemathesis_finds_a_keyed_server_true_to_its_document_and_its_key_required(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The document declares both ways to send the key and 401; schemathesis sends each,
+    and checks that a request without a valid one is refused."""
+    keys = '[auth.openapi.apiKey]\napi_key = "k1"\n[auth.openapi.bearer]\nbearer = "k1"\n'
+    with server_process(repo, TOKSERVE_LOG_LEVEL="WARNING", TOKSERVE_API_KEYS="k1") as (_, url):
+        document = httpx.get(f"{url}/openapi.json", headers={"X-API-Key": "k1"}).json()
+        schemathesis(url, document, tmp_path, keys)
