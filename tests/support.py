@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 
 from app.config import Settings
 from app.main import create_app
+from app.registry import ModelRegistry
+from app.tokenizers.base import AudioInfo
 from app.tokenizers.native import NATIVE_ARCHITECTURES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -124,3 +126,28 @@ def noisy_wav(samples: int, seed: int, sample_rate: int) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, wave.astype(np.float32), sample_rate, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
+
+
+TEXT = 1000  # tiny_layout's text vocabulary: ids 0 .. 999
+
+
+def tiny_layout(folder: Path, repo: Path) -> Path:
+    """``folder`` holding a layout "tiny" for tiny_repo's models: text ids below TEXT, 4
+    markers, the image grid's codes, the codec's."""
+    registry = ModelRegistry.load(settings_for(repo))
+    image, audio = (registry.models[name].info for name in ("tiny-image", "tiny-audio"))
+    assert isinstance(audio, AudioInfo)
+    audio_at = TEXT + 4 + image.vocab_size
+    spec = {
+        "name": "tiny",
+        "vocab_size": audio_at + audio.rows() * audio.vocab_size,
+        "text_vocab_size": TEXT,
+        "markers": {"boi": TEXT, "eoi": TEXT + 1, "boa": TEXT + 2, "eoa": TEXT + 3},
+        "models": {
+            "tiny-image": {"begin": "boi", "end": "eoi", "offset": TEXT + 4},
+            "tiny-audio": {"begin": "boa", "end": "eoa", "offset": audio_at},
+        },
+    }
+    folder.mkdir(exist_ok=True)
+    (folder / "tiny.json").write_text(json.dumps(spec))
+    return folder

@@ -19,7 +19,15 @@ import httpx
 import pytest
 
 from bench.server import server_process
-from tests.support import REPO_ROOT, TINY_AUDIO, TINY_IMAGE, png_bytes, wav_bytes
+from tests.support import (
+    REPO_ROOT,
+    TEXT,
+    TINY_AUDIO,
+    TINY_IMAGE,
+    png_bytes,
+    tiny_layout,
+    wav_bytes,
+)
 
 VENV_BIN = Path(sys.executable).parent
 GENERATOR_CONFIG = REPO_ROOT / "examples" / "openapi-python-client.yaml"
@@ -53,9 +61,18 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "415", "5xx"]
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[str]:
-    """A real server over the tiny models; its base URL."""
-    with server_process(repo, TOKSERVE_LOG_LEVEL="WARNING") as (_, url):
+def layouts(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A layout folder for the tiny models (GET /v1/layouts, POST /v1/sequences/decode)."""
+    return str(tiny_layout(tmp_path_factory.mktemp("layouts"), repo))
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, layouts: str) -> Iterator[str]:
+    """A real server over the tiny models and their layout; its base URL."""
+    with server_process(repo, TOKSERVE_LOG_LEVEL="WARNING", TOKSERVE_LAYOUT_DIR=layouts) as (
+        _,
+        url,
+    ):
         yield url
 
 
@@ -225,6 +242,36 @@ def test_generated_client_gets_one_model_by_its_enumerated_name(
     assert isinstance(answer.parsed, models.AudioModel) and answer.parsed.sample_rate == 16000
 
 
+def test_generated_client_lists_the_layouts_and_gets_one_by_its_enumerated_name(
+    generated: SimpleNamespace, server: str
+) -> None:
+    models = generated.models
+    listed = call(server, "layouts.list_layouts")
+    one = call(server, "layouts.get_layout", name=models.LayoutName.TINY)
+    assert [layout.name for layout in listed.parsed.layouts] == ["tiny"]
+    assert isinstance(one.parsed, models.LayoutEntry) and one.parsed.text_vocab_size == TEXT
+    assert [r.name for r in one.parsed.ranges][-2:] == ["tiny-image codes", "tiny-audio codes"]
+
+
+def test_generated_client_decodes_a_generated_sequence_to_typed_spans(
+    generated: SimpleNamespace, server: str
+) -> None:
+    models = generated.models
+    place = httpx.get(f"{server}/v1/layouts/tiny").json()["models"]["tiny-image"]
+    grid = [[place["offset"]] * GRID[1] for _ in range(GRID[0])]
+    ids = [5, place["begin"], *(code for row in grid for code in row), place["end"], 6]
+    answer = call(
+        server,
+        "sequences.decode_sequence",
+        body=models.SequenceRequest(layout=models.LayoutName.TINY, ids=ids),
+    )
+    assert answer.status_code == 200
+    text, image, tail = answer.parsed.spans
+    assert (text.kind, text.start, text.end, tail.start) == ("text", 0, 1, len(ids) - 1)
+    assert isinstance(image, models.SequenceSpan) and image.media_type == "image/png"
+    assert base64.b64decode(image.data)[:4] == b"\x89PNG"
+
+
 def test_generated_client_reads_health_readiness_and_metrics(
     generated: SimpleNamespace, server: str
 ) -> None:
@@ -274,11 +321,12 @@ def test_schemathesis_finds_the_server_true_to_its_document(server: str, tmp_pat
 
 
 def test_schemathesis_finds_a_keyed_server_true_to_its_document_and_its_key_required(
-    repo: Path, tmp_path: Path
+    repo: Path, layouts: str, tmp_path: Path
 ) -> None:
     """The document declares both ways to send the key and 401; schemathesis sends each,
     and checks that a request without a valid one is refused."""
     keys = '[auth.openapi.apiKey]\napi_key = "k1"\n[auth.openapi.bearer]\nbearer = "k1"\n'
-    with server_process(repo, TOKSERVE_LOG_LEVEL="WARNING", TOKSERVE_API_KEYS="k1") as (_, url):
+    keyed = {"TOKSERVE_API_KEYS": "k1", "TOKSERVE_LAYOUT_DIR": layouts}
+    with server_process(repo, TOKSERVE_LOG_LEVEL="WARNING", **keyed) as (_, url):
         document = httpx.get(f"{url}/openapi.json", headers={"X-API-Key": "k1"}).json()
         schemathesis(url, document, tmp_path, keys)

@@ -14,34 +14,12 @@ import pytest
 
 from app.layouts import LayoutError
 from app.registry import ModelRegistry
-from tests.support import png_bytes, served, settings_for, wav_bytes
-
-TEXT = 1000  # the layout's text vocabulary: ids 0 .. 999
-
-
-def tiny_layout(folder: Path, infos: dict[str, Any]) -> Path:
-    """A layout for the tiny models: text, 4 markers, the image grid's codes, the codec's."""
-    image, audio = infos["tiny-image"], infos["tiny-audio"]
-    audio_at = TEXT + 4 + image.vocab_size
-    spec = {
-        "name": "tiny",
-        "vocab_size": audio_at + audio.rows() * audio.vocab_size,
-        "text_vocab_size": TEXT,
-        "markers": {"boi": TEXT, "eoi": TEXT + 1, "boa": TEXT + 2, "eoa": TEXT + 3},
-        "models": {
-            "tiny-image": {"begin": "boi", "end": "eoi", "offset": TEXT + 4},
-            "tiny-audio": {"begin": "boa", "end": "eoa", "offset": audio_at},
-        },
-    }
-    folder.mkdir(exist_ok=True)
-    (folder / "tiny.json").write_text(json.dumps(spec))
-    return folder
+from tests.support import TEXT, png_bytes, served, settings_for, tiny_layout, wav_bytes
 
 
 @pytest.fixture
 async def client(repo: Path, tmp_path: Path) -> Any:
-    infos = {m.name: m.info for m in ModelRegistry.load(settings_for(repo)).models.values()}
-    layouts = tiny_layout(tmp_path / "layouts", infos)
+    layouts = tiny_layout(tmp_path / "layouts", repo)
     async with served(settings_for(repo, layout_dir=str(layouts))) as served_client:
         yield served_client
 
@@ -125,8 +103,7 @@ async def test_an_unknown_layout_is_refused_naming_the_loaded_ones(
 def test_a_layout_whose_ranges_overlap_stops_the_start_in_one_sentence(
     repo: Path, tmp_path: Path
 ) -> None:
-    infos = {m.name: m.info for m in ModelRegistry.load(settings_for(repo)).models.values()}
-    folder = tiny_layout(tmp_path / "layouts", infos)
+    folder = tiny_layout(tmp_path / "layouts", repo)
     spec = json.loads((folder / "tiny.json").read_text())
     spec["models"]["tiny-audio"]["offset"] = TEXT + 10  # inside the image's codes
     (folder / "tiny.json").write_text(json.dumps(spec))

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from app.api.deps import EngineDep, require_api_key
+from app.api.schemas import LayoutEntry, LayoutsResponse, problems
 from app.errors import NotFound
 from app.layouts import Layout
 
@@ -31,13 +32,23 @@ def describe(layout: Layout) -> dict[str, Any]:
     }
 
 
-@router.get("", summary="Loaded sequence layouts")
+@router.get(
+    "",
+    response_model=None,
+    summary="Loaded sequence layouts",
+    responses={200: {"model": LayoutsResponse, "description": "Every loaded layout"}},
+)
 async def list_layouts(engine: EngineDep) -> dict[str, Any]:
     """Every layout whose models are loaded, with the id ranges it uses."""
     return {"layouts": [describe(layout) for layout in engine.registry.layouts.values()]}
 
 
-@router.get("/{name}", summary="One sequence layout")
+@router.get(
+    "/{name}",
+    response_model=None,
+    summary="One sequence layout",
+    responses={200: {"model": LayoutEntry, "description": "The layout"}, **problems(404)},
+)
 async def get_layout(name: str, engine: EngineDep) -> dict[str, Any]:
     layout = engine.registry.layouts.get(name)
     if layout is None:

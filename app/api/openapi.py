@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import inspect
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,6 +28,7 @@ from app.api.schemas import problems, ref
 from app.config import Settings
 from app.endpoints import AudioEndpoint, ImageEndpoint
 from app.engine import Engine
+from app.layouts import Layout
 from app.media import encode_audio, encode_image
 
 H = TypeVar("H", bound=Hashable)
@@ -39,6 +40,7 @@ LOADED_PARAMETERS = {
     ("audio", "model"): "AudioModelName",
     ("audio", "codebooks"): "Codebooks",
     ("models", "name"): "ModelName",
+    ("layouts", "name"): "LayoutName",
 }
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer"},
@@ -89,6 +91,8 @@ def openapi_document(app: FastAPI, engine: Engine | None) -> dict[str, Any]:
     _describe_loaded_parameters(document)
     _add_referenced_models(document)
     _add_media_examples(components["schemas"])
+    if engine is not None:
+        _describe_layouts(components["schemas"], engine.registry.layouts)
     _bound_encode_lists(components["schemas"], settings.max_items)
     if settings.api_keys:
         _require_keys(document, settings.public_metrics)
@@ -144,9 +148,10 @@ def _loaded_schemas(
         "ImageTokenGrid": _array(image_row, rows, rows, "[[int]]: the model's h rows of w ids"),
         "AudioTokenCodes": _array(
             audio_row,
-            _shared(e.fewest_codebooks for e in clips),
-            most,
-            "[[int]]: k codebooks (the model's first k) of F frames, every row as long",
+            _shared(e.info.rows(e.fewest_codebooks) for e in clips),
+            _shared(e.info.rows() for e in clips),
+            "[[int]]: the rows of k codebooks (the model's first k; one row each, or each one's "
+            "tokens_per_frame rows) of F frames, every row as long",
         ),
         **_decode_bodies("Image", "ImageTokenGrid", max_items, _grid_example(images)),
         **_decode_bodies("Audio", "AudioTokenCodes", max_items, _codes_example(clips)),
@@ -265,6 +270,21 @@ def _references(node: Any) -> set[str]:
     own = node.get("$ref")
     found = {own.removeprefix(REF_PREFIX)} if isinstance(own, str) else set()
     return found.union(*map(_references, node.values()))
+
+
+def _describe_layouts(known: dict[str, dict[str, Any]], layouts: Mapping[str, Layout]) -> None:
+    """The loaded layouts' names as an enum, and a generated sequence of the first layout (text,
+    one media span of its first model, text) as the example of a sequence decode body."""
+    names = sorted(layouts)
+    known["LayoutName"] = {"type": "string", **({"enum": names} if names else {})}
+    known["SequenceRequest"]["properties"]["layout"] = ref("LayoutName")
+    if not names:
+        return
+    layout = layouts[names[0]]
+    place = next(iter(layout.media.values()))
+    shape = place.shape if place.modality == "image" else (place.rows, 2)
+    span = layout.to_ids(place.model, np.zeros(shape, dtype=np.int64)).tolist()
+    known["SequenceRequest"]["examples"] = [{"layout": names[0], "ids": [1, 2, *span, 3]}]
 
 
 def _add_media_examples(known: dict[str, dict[str, Any]]) -> None:

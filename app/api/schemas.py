@@ -185,11 +185,26 @@ class ModelEntry(BaseModel):
     source: str | None = Field(None, description="Where the weights come from, if named")
 
 
+class ImageStream(BaseModel):
+    name: str
+    shape: list[int] = Field(description="[h, w] of the grid")
+    vocab_size: int
+
+
+class AudioStream(BaseModel):
+    name: str = Field(description="codebook k")
+    rows: list[int] = Field(description="Its rows of the token array")
+    tokens_per_frame: int
+    rate: float = Field(description="Its tokens per second")
+    vocab_size: int
+
+
 class ImageModel(ModelEntry):
     modality: Literal["image"]
     image_size: list[int] = Field(description="[H, W] pixels the model takes")
     grid: list[int] = Field(description="[h, w] tokens per image")
     downsample: int = Field(description="Pixels per token side")
+    streams: list[ImageStream]
 
 
 class AudioModel(ModelEntry):
@@ -198,6 +213,10 @@ class AudioModel(ModelEntry):
     channels: int
     hop_length: int = Field(description="Samples per frame")
     frame_rate: float = Field(description="Frames per second")
+    tokens_per_frame: list[int] = Field(
+        description="Codebooks at several rates (SNAC): each one's tokens per frame; else empty"
+    )
+    streams: list[AudioStream]
 
 
 LoadedModelEntry = Annotated[ImageModel | AudioModel, Field(discriminator="modality")]
@@ -218,6 +237,100 @@ class Limits(BaseModel):
 class ModelsResponse(BaseModel):
     models: list[LoadedModelEntry]
     limits: Limits
+
+
+class LayoutRange(BaseModel):
+    name: str = Field(description="text, marker NAME, or MODEL codes")
+    start: int
+    stop: int = Field(description="One past the last id")
+
+
+class MediaPlace(BaseModel):
+    """Where one model's tokens sit in a layout's sequences (docs/layouts.md)."""
+
+    modality: Literal["image", "audio"]
+    begin: int = Field(description="The marker id that opens an item")
+    end: int = Field(description="The marker id that closes it")
+    offset: int = Field(description="The first id of the codes")
+    stride: int = Field(description="Ids per row of the token array")
+    rows: int
+    shape: list[int] = Field(description="Image: [h, w]")
+    end_of_row: int | None
+    order: Literal["frame", "codebook", "delay"]
+    row_order: list[int]
+    pad: int | None
+    delay_lead: int
+
+
+class LayoutEntry(BaseModel):
+    name: str
+    description: str
+    source: str = Field(description="Where the convention comes from")
+    vocab_size: int
+    text_vocab_size: int
+    markers: dict[str, int]
+    models: dict[str, MediaPlace]
+    ranges: list[LayoutRange] = Field(description="Every id range the layout uses, in order")
+
+
+class LayoutsResponse(BaseModel):
+    layouts: list[LayoutEntry]
+
+
+Id = Annotated[int, Field(strict=True, ge=0, lt=2**31, description="A token id of the LLM")]
+
+
+class SequenceRequest(BaseModel):
+    """A generated sequence and how to read it."""
+
+    layout: str = Field(description="A loaded layout (GET /v1/layouts)")
+    ids: list[Id] = Field(description="The sequence: text ids and media spans, as generated")
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    audio_format: Literal["wav", "flac", "ogg"] = "wav"
+
+
+class SequenceSpan(BaseModel):
+    """One span of the sequence, ids ``start`` to ``end - 1``: text, a decoded media item with
+    its figures, or a media span's problem."""
+
+    kind: Literal["text", "media"]
+    start: int
+    end: int
+    model: str | None = None
+    data: str | None = Field(None, description="The decoded file, base64")
+    media_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+    sample_rate: int | None = None
+    duration_s: float | None = None
+    cached: bool | None = None
+    error: ItemProblem | None = None
+
+
+class SequenceSpanMsgpack(SequenceSpan):
+    data: bytes | None = Field(None, description="The decoded file")  # type: ignore[assignment]
+
+
+class SequenceAnswer(BaseModel):
+    layout: str
+    spans: list[SequenceSpan]
+
+
+class SequenceAnswerMsgpack(BaseModel):
+    layout: str
+    spans: list[SequenceSpanMsgpack]
+
+
+def span_answers() -> dict[int | str, dict[str, Any]]:
+    """200 and 207 of POST /v1/sequences/decode, in JSON or msgpack."""
+    content = {
+        "application/json": {"schema": ref("SequenceAnswer")},
+        MSGPACK: {"schema": ref("SequenceAnswerMsgpack")},
+    }
+    return {
+        200: {"description": "Every media span decoded", "content": content},
+        207: {"description": "Some media spans failed: each holds its problem", "content": content},
+    }
 
 
 class Health(BaseModel):
@@ -277,7 +390,7 @@ _MODEL_VERSION = {
 _WHEN = {
     400: "Empty body, unreadable JSON, msgpack or multipart, bad base64, or bad X-Request-Timeout",
     401: "API key missing or wrong (TOKSERVE_API_KEYS)",
-    404: "Unknown model, or none of this modality loaded",
+    404: "Unknown model or layout, or none of this modality loaded",
     413: "Body, items, tokens or audio seconds over a limit (GET /v1/models: limits)",
     415: "Not an image or audio file in an accepted format, or truncated",
     422: "The body's structure, a query parameter, or an item's content is not accepted",

@@ -9,16 +9,20 @@ carries its problem, with its position, while the others are answered: 207 when 
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any
 
 import msgpack
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
 from app.api.deps import EngineDep, deadline_of, require_api_key
 from app.api.requests import cancel_on_disconnect
 from app.api.responses import MSGPACK, MULTI_STATUS, problem_of, response_format
+from app.api.schemas import (
+    SequenceRequest,
+    problems,
+    span_answers,
+)
 from app.endpoints import Media
 from app.errors import NotFound, PayloadTooLarge, ProblemError, Unprocessable
 from app.layouts import Span
@@ -28,16 +32,12 @@ router = APIRouter(
 )
 
 
-class SequenceRequest(BaseModel):
-    """A generated sequence and how to read it."""
-
-    layout: str = Field(description="A loaded layout (GET /v1/layouts)")
-    ids: list[int] = Field(description="The sequence: text ids and media spans, as generated")
-    image_format: Literal["png", "webp", "jpeg"] = "png"
-    audio_format: Literal["wav", "flac", "ogg"] = "wav"
-
-
-@router.post("/decode", summary="A generated sequence to its text and media spans")
+@router.post(
+    "/decode",
+    response_class=Response,
+    summary="A generated sequence to its text and media spans",
+    responses={**span_answers(), **problems(400, 404, 413, 422)},
+)
 async def decode_sequence(request: Request, body: SequenceRequest, engine: EngineDep) -> Response:
     """Each span in order: text as an id range, media decoded, or the span's problem."""
     layout = engine.registry.layouts.get(body.layout)
@@ -85,4 +85,10 @@ def _span(span: Span, result: Media | ProblemError | None, binary: bool) -> dict
     if isinstance(result, ProblemError):
         return {**entry, "error": problem_of(result)}
     data = result.data if binary else base64.b64encode(result.data).decode()
-    return {**entry, "data": data, "media_type": result.media_type, **result.figures}
+    return {
+        **entry,
+        "data": data,
+        "media_type": result.media_type,
+        **result.figures,
+        "cached": result.cached,
+    }
