@@ -32,6 +32,11 @@ JUDGEMENTS = ROOT / "bench" / "mutation_judgements.json"
 TESTS: dict[str, list[str]] = {
     "app/single_flight.py": ["tests/test_cache.py"],
     "app/cache/breaker.py": ["tests/test_cache.py"],
+    "app/cache/redis.py": ["tests/test_cache.py"],
+    "app/cache/memory.py": ["tests/test_cache.py"],
+    "app/cache/format.py": ["tests/test_cache.py"],
+    "app/cache/counting.py": ["tests/test_cache.py"],
+    "app/cache/keys.py": ["tests/test_cache.py"],
     "app/batching.py": ["tests/test_batching.py"],
     # the numerics tests read photos from ../shared/data, which mutants/ does not reach
     "app/api/deps.py": ["tests/test_api.py", "-m", "not numerics"],
