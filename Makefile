@@ -71,8 +71,8 @@ bench: $(STAMP)
 # what survived: make mutate MUTATE=app/batching.py MUTATE_FLAGS=--survivors
 MUTATE_FLAGS ?=
 MUTATE ?= app/single_flight.py app/cache/breaker.py app/cache/redis.py app/cache/memory.py \
-	app/cache/format.py app/cache/counting.py app/cache/keys.py app/batching.py app/api/deps.py \
-	app/media.py app/drain.py
+	app/cache/format.py app/cache/counting.py app/cache/keys.py app/cache/__init__.py \
+	app/batching.py app/api/deps.py app/media.py app/drain.py
 MUTATE_REPORT ?= bench/results/$(shell date -u +%Y-%m-%d)-mutation.md
 mutate: $(STAMP)
 	$(BIN)/python -m bench.mutate $(MUTATE_FLAGS) $(MUTATE)

@@ -37,6 +37,7 @@ TESTS: dict[str, list[str]] = {
     "app/cache/format.py": ["tests/test_cache.py"],
     "app/cache/counting.py": ["tests/test_cache.py"],
     "app/cache/keys.py": ["tests/test_cache.py"],
+    "app/cache/__init__.py": ["tests/test_cache.py"],
     "app/batching.py": ["tests/test_batching.py"],
     # the numerics tests read photos from ../shared/data, which mutants/ does not reach
     "app/api/deps.py": ["tests/test_api.py", "-m", "not numerics"],
