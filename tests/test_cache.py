@@ -419,20 +419,20 @@ async def either_cache(request: pytest.FixtureRequest) -> AsyncIterator[MemoryCa
     await redis_cache.close()
 
 
-async def test_a_value_its_fits_refuses_reads_as_a_miss_counted_invalid_and_logged(
+async def test_each_value_its_fits_refuses_reads_as_a_miss_counted_invalid_and_logged(
     either_cache: MemoryCache | RedisCache, cache_log: pytest.LogCaptureFixture
 ) -> None:
-    await either_cache.set_many([(KEY, TOKENS), ("tok:b", TOKENS)])
+    await either_cache.set_many([("tok:b", TOKENS), (KEY, TOKENS), ("tok:c", TOKENS[:2])])
     before = {result: cache_requests(result) for result in RESULTS}
-    found = await either_cache.get_many(
-        ["tok:b", KEY], fits=[lambda tokens: False, lambda tokens: tokens.shape == (16, 16)]
-    )
-    assert found[0] is None
+    refuse, accept = (lambda tokens: False), (lambda tokens: tokens.shape == (16, 16))
+    found = await either_cache.get_many(["tok:b", KEY, "tok:c"], fits=[refuse, accept, refuse])
+    assert (found[0], found[2]) == (None, None)
     np.testing.assert_array_equal(found[1], TOKENS)
     moved = {result: cache_requests(result) - before[result] for result in RESULTS}
-    assert moved == {"hit": 1, "miss": 0, "error": 0, "invalid": 1}
+    assert moved == {"hit": 1, "miss": 0, "error": 0, "invalid": 2}
     assert cache_records(cache_log) == [
-        ("WARNING", "cached uint16[16, 16] does not fit its key; a miss")
+        ("WARNING", "cached uint16[16, 16] does not fit its key; a miss"),
+        ("WARNING", "cached uint16[2, 16] does not fit its key; a miss"),
     ]
 
 
