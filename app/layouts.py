@@ -78,8 +78,8 @@ class MediaLayout:
         return np.concatenate([[self.begin], codes, [self.end]]).astype(np.int64)
 
     def _audio_ids(self, tokens: np.ndarray) -> np.ndarray:
-        rows, frames = tokens.shape
-        order = list(self.row_order) or list(range(rows))
+        rows, frames = tokens.shape  # the first rows only, for an encode of fewer codebooks
+        order = [row for row in (self.row_order or range(self.rows)) if row < rows]
         positions = np.arange(rows)[:, None] * self.stride + self.offset
         if self.order == "codebook":
             return (tokens + positions).reshape(-1)

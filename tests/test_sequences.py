@@ -111,3 +111,56 @@ def test_a_layout_whose_ranges_overlap_stops_the_start_in_one_sentence(
         ModelRegistry.load(settings_for(repo, layout_dir=str(folder)))
     assert str(refused.value).startswith("layout tiny: tiny-image codes [1004, ")
     assert str(refused.value).endswith(") overlap")
+
+
+async def test_encode_with_a_layout_adds_each_items_span_of_ids(client: httpx.AsyncClient) -> None:
+    grid, codes = await tokens_of(client)
+    layout = client.app.state.engine.registry.layouts["tiny"]  # type: ignore[attr-defined]
+    image = await client.post("/v1/images/encode?layout=tiny", content=png_bytes(seed=4))
+    audio = await client.post(
+        "/v1/audio/encode?layout=tiny",
+        content=wav_bytes(seconds=0.3),
+        headers={"Accept": "application/msgpack"},
+    )
+    assert image.json()["items"][0]["ids"] == layout.to_ids("tiny-image", np.array(grid)).tolist()
+    assert msgpack.unpackb(audio.content)["items"][0]["ids"] == (
+        layout.to_ids("tiny-audio", np.array(codes)).tolist()
+    )
+
+
+async def test_encode_with_a_layout_and_fewer_codebooks_lays_out_their_rows(
+    client: httpx.AsyncClient,
+) -> None:
+    answer = await client.post("/v1/audio/encode?layout=tiny&codebooks=2", content=wav_bytes())
+    item = answer.json()["items"][0]
+    layout = client.app.state.engine.registry.layouts["tiny"]  # type: ignore[attr-defined]
+    place = layout.media["tiny-audio"]
+    first_frame = [place.offset + row * place.stride + item["tokens"][row][0] for row in (0, 1)]
+    assert item["ids"][1:3] == first_frame and len(item["ids"]) == 2 + 2 * item["frames"]
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "status", "detail"),
+    [
+        (
+            "/v1/images/encode?layout=emu3",
+            {},
+            404,
+            "Unknown layout 'emu3'; loaded layouts: ['tiny'].",
+        ),
+        (
+            "/v1/images/encode?layout=tiny",
+            {"Accept": "application/x-npy"},
+            422,
+            "?layout adds ids to each item, which application/x-npy cannot carry; ask for JSON "
+            "or msgpack.",
+        ),
+    ],
+    ids=["unknown", "npy"],
+)
+async def test_encode_with_a_layout_it_cannot_use_is_refused_before_any_work(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], status: int, detail: str
+) -> None:
+    media = png_bytes(seed=4) if "images" in url else wav_bytes(seconds=0.3)
+    answer = await client.post(url, content=media, headers=headers)
+    assert (answer.status_code, answer.json()["detail"]) == (status, detail)

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
+from app.api.layouts import ids_for
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
@@ -40,15 +41,20 @@ async def encode_audio(
     codebooks: Annotated[
         int | None, Query(ge=1, description="Return only the first k codebooks (coarser, fewer)")
     ] = None,
+    layout: Annotated[
+        str | None,
+        Query(description="A loaded layout (GET /v1/layouts): each item also gets its `ids` there"),
+    ] = None,
 ) -> Response:
     """WAV/FLAC/OGG bytes, multipart files or JSON base64 -> tokens [K][F] per clip."""
     endpoint = engine.audio(model)
     label_model(request, endpoint.model.name)
     endpoint.check_codebooks(codebooks)
+    ids_of = ids_for(request, engine, layout, endpoint.model.name)
     clips = await read_media_items(request, engine, "audio")
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(clips, codebooks, deadline))
-    return tokens_response(request, answer, single=len(clips) == 1)
+    return tokens_response(request, answer, single=len(clips) == 1, ids_of=ids_of)
 
 
 @router.post(

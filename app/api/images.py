@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
+from app.api.layouts import ids_for
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
@@ -41,14 +42,19 @@ async def encode_images(
         Literal["crop", "pad", "stretch"],
         Query(description="How to fit the model's size: centre crop, pad, or stretch"),
     ] = "crop",
+    layout: Annotated[
+        str | None,
+        Query(description="A loaded layout (GET /v1/layouts): each item also gets its `ids` there"),
+    ] = None,
 ) -> Response:
     """Raw image bytes, multipart files or JSON base64 -> one token grid [h][w] per image."""
     endpoint = engine.image(model)
     label_model(request, endpoint.model.name)
+    ids_of = ids_for(request, engine, layout, endpoint.model.name)
     images = await read_media_items(request, engine, "images")
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(images, resize, deadline))
-    return tokens_response(request, answer, single=len(images) == 1)
+    return tokens_response(request, answer, single=len(images) == 1, ids_of=ids_of)
 
 
 @router.post(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from app.api.deps import EngineDep, require_api_key
+from app.api.responses import IdsOf, response_format
 from app.api.schemas import LayoutEntry, LayoutsResponse, problems
-from app.errors import NotFound
+from app.engine import Engine
+from app.errors import NotFound, Unprocessable
 from app.layouts import Layout
 
 router = APIRouter(prefix="/v1/layouts", tags=["layouts"], dependencies=[Depends(require_api_key)])
@@ -32,6 +35,16 @@ def describe(layout: Layout) -> dict[str, Any]:
     }
 
 
+def layout_named(engine: Engine, name: str) -> Layout:
+    """The loaded layout ``name``; 404 naming the loaded ones."""
+    layout = engine.registry.layouts.get(name)
+    if layout is None:
+        raise NotFound(
+            f"Unknown layout {name!r}; loaded layouts: {sorted(engine.registry.layouts)}."
+        )
+    return layout
+
+
 @router.get(
     "",
     response_model=None,
@@ -50,9 +63,23 @@ async def list_layouts(engine: EngineDep) -> dict[str, Any]:
     responses={200: {"model": LayoutEntry, "description": "The layout"}, **problems(404)},
 )
 async def get_layout(name: str, engine: EngineDep) -> dict[str, Any]:
-    layout = engine.registry.layouts.get(name)
-    if layout is None:
-        raise NotFound(
-            f"Unknown layout {name!r}; loaded layouts: {sorted(engine.registry.layouts)}."
+    return describe(layout_named(engine, name))
+
+
+def ids_for(request: Request, engine: Engine, name: str | None, model: str) -> IdsOf | None:
+    """What ``?layout=NAME`` adds to each encoded item of ``model``: its span of ids in that
+    layout. Checked before any work: an unknown layout (404), one that does not cover the
+    model or an npy answer, which holds tokens only (422)."""
+    if name is None:
+        return None
+    layout = layout_named(engine, name)
+    if model not in layout.media:
+        raise Unprocessable(
+            f"Layout {name!r} does not cover model {model}; it covers {sorted(layout.media)}."
         )
-    return describe(layout)
+    if response_format(request) == "npy":
+        raise Unprocessable(
+            "?layout adds ids to each item, which application/x-npy cannot carry; ask for JSON "
+            "or msgpack."
+        )
+    return partial(layout.to_ids, model)

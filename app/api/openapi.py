@@ -41,6 +41,8 @@ LOADED_PARAMETERS = {
     ("audio", "codebooks"): "Codebooks",
     ("models", "name"): "ModelName",
     ("layouts", "name"): "LayoutName",
+    ("images", "layout"): "LayoutName",
+    ("audio", "layout"): "LayoutName",
 }
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer"},

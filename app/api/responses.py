@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgpack
@@ -27,6 +27,8 @@ MSGPACK = "application/msgpack"
 NPY = "application/x-npy"
 MULTI_STATUS = 207
 ResponseFormat = Literal["json", "msgpack", "npy"]
+# an item's tokens -> its span of ids in an LLM sequence layout (?layout=NAME)
+IdsOf = Callable[[np.ndarray], np.ndarray]
 # the media types that name each format, in Accept
 _FORMAT_TYPES: dict[ResponseFormat, tuple[str, ...]] = {
     "msgpack": (MSGPACK, "application/x-msgpack"),
@@ -86,9 +88,12 @@ def outcome_status(items: Sequence[Any], single: bool) -> int:
     )
 
 
-def tokens_response(request: Request, answer: Answer[Tokens], single: bool = False) -> Response:
-    """Answer encode results: each item's tokens with its figures, or its problem. npy holds
-    one array, so there any failed item fails the request."""
+def tokens_response(
+    request: Request, answer: Answer[Tokens], single: bool = False, ids_of: IdsOf | None = None
+) -> Response:
+    """Answer encode results: each item's tokens with its figures (and, with ``ids_of``, its
+    ``ids`` in a layout), or its problem. npy holds one array, so there any failed item fails
+    the request."""
     fmt = response_format(request)
     status = outcome_status(answer.items, single)
     headers = {"X-Model-Version": answer.version}
@@ -98,18 +103,13 @@ def tokens_response(request: Request, answer: Answer[Tokens], single: bool = Fal
     for item in answer.items:
         if isinstance(item, ProblemError):
             items.append({"error": problem_of(item)})
-        elif fmt == "msgpack":
-            tokens = item.tokens
-            items.append(
-                {
-                    "tokens": tokens.tobytes(),
-                    "dtype": tokens.dtype.name,
-                    **item.figures,
-                    "cached": item.cached,
-                }
-            )
         else:
-            items.append({"tokens": item.tokens.tolist(), **item.figures, "cached": item.cached})
+            ids = {"ids": ids_of(item.tokens).tolist()} if ids_of else {}
+            if fmt == "msgpack":
+                tokens = {"tokens": item.tokens.tobytes(), "dtype": item.tokens.dtype.name}
+            else:
+                tokens = {"tokens": item.tokens.tolist()}
+            items.append({**tokens, **item.figures, **ids, "cached": item.cached})
     return _items_response(answer, items, fmt == "msgpack", status, headers)
 
 

@@ -46,7 +46,13 @@ class ItemFailure(BaseModel):
     error: ItemProblem
 
 
-class ImageFigures(BaseModel):
+class InLayout(BaseModel):
+    ids: list[int] | None = Field(
+        None, description="With ?layout=NAME: the item's span of ids in that layout"
+    )
+
+
+class ImageFigures(InLayout):
     shape: list[int] = Field(description="[h, w]: rows and columns of tokens")
     source_size: list[int] | None = Field(
         None, description="[width, height] of the upright source image; null if unreadable"
@@ -77,8 +83,8 @@ class ImageTokensMsgpack(PackedTokens, ImageFigures):
     """One image's tokens, in a msgpack answer."""
 
 
-class AudioFigures(BaseModel):
-    shape: list[int] = Field(description="[k, F]: codebooks and frames")
+class AudioFigures(InLayout):
+    shape: list[int] = Field(description="[rows, F]: codebooks (or their rows) and frames")
     codebooks: int
     frames: int
     frame_rate: float = Field(description="Frames per second")
@@ -87,6 +93,9 @@ class AudioFigures(BaseModel):
     source_sample_rate: int | None = Field(None, description="The file's rate, Hz, as declared")
     source_channels: int | None = Field(None, description="The file's channels (mixed as needed)")
     samples: int | None = Field(None, description="The file's samples per channel, as declared")
+    tokens_per_frame: list[int] | None = Field(
+        None, description="Codebooks at several rates (SNAC): each one's rows of the array"
+    )
     cached: bool = Field(description="Answered from the token cache")
 
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import EngineDep, deadline_of, require_api_key
+from app.api.layouts import layout_named
 from app.api.requests import cancel_on_disconnect
 from app.api.responses import MSGPACK, MULTI_STATUS, problem_of, response_format
 from app.api.schemas import (
@@ -24,7 +25,7 @@ from app.api.schemas import (
     span_answers,
 )
 from app.endpoints import Media
-from app.errors import NotFound, PayloadTooLarge, ProblemError, Unprocessable
+from app.errors import PayloadTooLarge, ProblemError, Unprocessable
 from app.layouts import Span
 
 router = APIRouter(
@@ -40,11 +41,7 @@ router = APIRouter(
 )
 async def decode_sequence(request: Request, body: SequenceRequest, engine: EngineDep) -> Response:
     """Each span in order: text as an id range, media decoded, or the span's problem."""
-    layout = engine.registry.layouts.get(body.layout)
-    if layout is None:
-        raise NotFound(
-            f"Unknown layout {body.layout!r}; loaded layouts: {sorted(engine.registry.layouts)}."
-        )
+    layout = layout_named(engine, body.layout)
     limit = engine.settings.max_decode_tokens
     if len(body.ids) > limit:
         raise PayloadTooLarge(
