@@ -139,6 +139,25 @@ async def test_encode_with_a_layout_and_fewer_codebooks_lays_out_their_rows(
     assert item["ids"][1:3] == first_frame and len(item["ids"]) == 2 + 2 * item["frames"]
 
 
+async def test_long_audio_comes_in_overlapping_windows_each_its_own_span(
+    client: httpx.AsyncClient,
+) -> None:
+    # tiny-audio: 50 frames/s; 1 s of audio, windows of 0.4 s overlapping by 0.1 s
+    url = "/v1/audio/encode?layout=tiny&window_s=0.4&overlap_s=0.1"
+    item = (await client.post(url, content=wav_bytes(seconds=1.0))).json()["items"][0]
+    layout = client.app.state.engine.registry.layouts["tiny"]  # type: ignore[attr-defined]
+    tokens = np.array(item["tokens"])
+    starts = [0, 15, 30]  # 20-frame windows every 15 frames, the last one 20 frames
+    assert [(w["start_s"], w["duration_s"]) for w in item["windows"]] == [
+        (0.0, 0.4),
+        (0.3, 0.4),
+        (0.6, 0.4),
+    ]
+    assert [w["ids"] for w in item["windows"]] == [
+        layout.to_ids("tiny-audio", tokens[:, start : start + 20]).tolist() for start in starts
+    ]
+
+
 @pytest.mark.parametrize(
     ("url", "headers", "status", "detail"),
     [
@@ -155,8 +174,21 @@ async def test_encode_with_a_layout_and_fewer_codebooks_lays_out_their_rows(
             "?layout adds ids to each item, which application/x-npy cannot carry; ask for JSON "
             "or msgpack.",
         ),
+        (
+            "/v1/audio/encode?window_s=2",
+            {},
+            422,
+            "window_s cuts a clip's ids in a layout; name one with layout.",
+        ),
+        (
+            "/v1/audio/encode?layout=tiny&window_s=0.2&overlap_s=0.2",
+            {},
+            422,
+            "overlap_s=0.2 must be shorter than window_s=0.2 (10 frames of tiny-audio at 50 "
+            "frames/s).",
+        ),
     ],
-    ids=["unknown", "npy"],
+    ids=["unknown", "npy", "window-without-layout", "overlap-too-long"],
 )
 async def test_encode_with_a_layout_it_cannot_use_is_refused_before_any_work(
     client: httpx.AsyncClient, url: str, headers: dict[str, str], status: int, detail: str

@@ -45,16 +45,23 @@ async def encode_audio(
         str | None,
         Query(description="A loaded layout (GET /v1/layouts): each item also gets its `ids` there"),
     ] = None,
+    window_s: Annotated[
+        float | None,
+        Query(gt=0, le=3600, description="With layout: the clip's ids in windows of this length"),
+    ] = None,
+    overlap_s: Annotated[
+        float, Query(ge=0, le=3600, description="With window_s: how much windows overlap")
+    ] = 0.0,
 ) -> Response:
     """WAV/FLAC/OGG bytes, multipart files or JSON base64 -> tokens [K][F] per clip."""
     endpoint = engine.audio(model)
     label_model(request, endpoint.model.name)
     endpoint.check_codebooks(codebooks)
-    ids_of = ids_for(request, engine, layout, endpoint.model.name)
+    in_layout = ids_for(request, engine, layout, endpoint.model.name, window_s, overlap_s)
     clips = await read_media_items(request, engine, "audio")
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(clips, codebooks, deadline))
-    return tokens_response(request, answer, single=len(clips) == 1, ids_of=ids_of)
+    return tokens_response(request, answer, single=len(clips) == 1, in_layout=in_layout)
 
 
 @router.post(

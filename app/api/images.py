@@ -50,11 +50,11 @@ async def encode_images(
     """Raw image bytes, multipart files or JSON base64 -> one token grid [h][w] per image."""
     endpoint = engine.image(model)
     label_model(request, endpoint.model.name)
-    ids_of = ids_for(request, engine, layout, endpoint.model.name)
+    in_layout = ids_for(request, engine, layout, endpoint.model.name)
     images = await read_media_items(request, engine, "images")
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(images, resize, deadline))
-    return tokens_response(request, answer, single=len(images) == 1, ids_of=ids_of)
+    return tokens_response(request, answer, single=len(images) == 1, in_layout=in_layout)
 
 
 @router.post(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from functools import partial
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 
 from app.api.deps import EngineDep, require_api_key
-from app.api.responses import IdsOf, response_format
+from app.api.responses import LayoutFields, response_format
 from app.api.schemas import LayoutEntry, LayoutsResponse, problems
 from app.engine import Engine
 from app.errors import NotFound, Unprocessable
@@ -66,11 +66,22 @@ async def get_layout(name: str, engine: EngineDep) -> dict[str, Any]:
     return describe(layout_named(engine, name))
 
 
-def ids_for(request: Request, engine: Engine, name: str | None, model: str) -> IdsOf | None:
+def ids_for(
+    request: Request,
+    engine: Engine,
+    name: str | None,
+    model: str,
+    window_s: float | None = None,
+    overlap_s: float = 0.0,
+) -> LayoutFields | None:
     """What ``?layout=NAME`` adds to each encoded item of ``model``: its span of ids in that
-    layout. Checked before any work: an unknown layout (404), one that does not cover the
-    model or an npy answer, which holds tokens only (422)."""
+    layout (``ids``), or, with ``window_s``, the clip in windows of that many seconds
+    overlapping by ``overlap_s``, each its own span (``windows``), so that each fits a
+    context. Checked before any work: an unknown layout (404), one that does not cover the
+    model, windows without a layout or that do not advance, or an npy answer (422)."""
     if name is None:
+        if window_s is not None:
+            raise Unprocessable("window_s cuts a clip's ids in a layout; name one with layout.")
         return None
     layout = layout_named(engine, name)
     if model not in layout.media:
@@ -82,4 +93,30 @@ def ids_for(request: Request, engine: Engine, name: str | None, model: str) -> I
             "?layout adds ids to each item, which application/x-npy cannot carry; ask for JSON "
             "or msgpack."
         )
-    return partial(layout.to_ids, model)
+    if window_s is None:
+        return lambda tokens: {"ids": layout.to_ids(model, tokens).tolist()}
+    frame_rate = engine.audio(model).frame_rate
+    width = max(1, round(window_s * frame_rate))
+    overlap = round(overlap_s * frame_rate)
+    if overlap >= width:
+        raise Unprocessable(
+            f"overlap_s={overlap_s:g} must be shorter than window_s={window_s:g} "
+            f"({width} frames of {model} at {frame_rate:g} frames/s)."
+        )
+
+    def windows(tokens: np.ndarray) -> dict[str, Any]:
+        cut, start = [], 0
+        while True:
+            part = tokens[:, start : start + width]
+            cut.append(
+                {
+                    "start_s": round(start / frame_rate, 6),
+                    "duration_s": round(part.shape[1] / frame_rate, 6),
+                    "ids": layout.to_ids(model, part).tolist(),
+                }
+            )
+            if start + width >= tokens.shape[1]:
+                return {"windows": cut}
+            start += width - overlap
+
+    return windows

@@ -27,8 +27,8 @@ MSGPACK = "application/msgpack"
 NPY = "application/x-npy"
 MULTI_STATUS = 207
 ResponseFormat = Literal["json", "msgpack", "npy"]
-# an item's tokens -> its span of ids in an LLM sequence layout (?layout=NAME)
-IdsOf = Callable[[np.ndarray], np.ndarray]
+# an item's tokens -> what ?layout=NAME adds to it: its span of ids, or its windows' spans
+LayoutFields = Callable[[np.ndarray], dict[str, Any]]
 # the media types that name each format, in Accept
 _FORMAT_TYPES: dict[ResponseFormat, tuple[str, ...]] = {
     "msgpack": (MSGPACK, "application/x-msgpack"),
@@ -89,10 +89,13 @@ def outcome_status(items: Sequence[Any], single: bool) -> int:
 
 
 def tokens_response(
-    request: Request, answer: Answer[Tokens], single: bool = False, ids_of: IdsOf | None = None
+    request: Request,
+    answer: Answer[Tokens],
+    single: bool = False,
+    in_layout: LayoutFields | None = None,
 ) -> Response:
-    """Answer encode results: each item's tokens with its figures (and, with ``ids_of``, its
-    ``ids`` in a layout), or its problem. npy holds one array, so there any failed item fails
+    """Answer encode results: each item's tokens with its figures (and, with ``in_layout``, its
+    ids in a layout), or its problem. npy holds one array, so there any failed item fails
     the request."""
     fmt = response_format(request)
     status = outcome_status(answer.items, single)
@@ -104,7 +107,7 @@ def tokens_response(
         if isinstance(item, ProblemError):
             items.append({"error": problem_of(item)})
         else:
-            ids = {"ids": ids_of(item.tokens).tolist()} if ids_of else {}
+            ids = in_layout(item.tokens) if in_layout else {}
             if fmt == "msgpack":
                 tokens = {"tokens": item.tokens.tobytes(), "dtype": item.tokens.dtype.name}
             else:

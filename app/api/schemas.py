@@ -46,9 +46,18 @@ class ItemFailure(BaseModel):
     error: ItemProblem
 
 
+class LayoutWindow(BaseModel):
+    start_s: float = Field(description="Where the window starts in the clip")
+    duration_s: float
+    ids: list[int] = Field(description="The window's span of ids in the layout")
+
+
 class InLayout(BaseModel):
     ids: list[int] | None = Field(
         None, description="With ?layout=NAME: the item's span of ids in that layout"
+    )
+    windows: list[LayoutWindow] | None = Field(
+        None, description="With ?layout=NAME&window_s=S: the clip's spans, window by window"
     )
 
 
