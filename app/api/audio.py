@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
-from app.api.layouts import ids_for
+from app.api.layouts import layout_fields
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
@@ -47,7 +47,7 @@ async def encode_audio(
     ] = None,
     window_s: Annotated[
         float | None,
-        Query(gt=0, le=3600, description="With layout: the clip's ids in windows of this length"),
+        Query(gt=0, le=3600, description="The clip in windows of this length (spans with layout)"),
     ] = None,
     overlap_s: Annotated[
         float, Query(ge=0, le=3600, description="With window_s: how much windows overlap")
@@ -57,7 +57,7 @@ async def encode_audio(
     endpoint = engine.audio(model)
     label_model(request, endpoint.model.name)
     endpoint.check_codebooks(codebooks)
-    in_layout = ids_for(request, engine, layout, endpoint.model.name, window_s, overlap_s)
+    in_layout = layout_fields(request, engine, layout, endpoint.model.name, window_s, overlap_s)
     clips = await read_media_items(request, engine, "audio")
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(clips, codebooks, deadline))

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
-from app.api.layouts import ids_for
+from app.api.layouts import layout_fields
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
@@ -50,7 +50,7 @@ async def encode_images(
     """Raw image bytes, multipart files or JSON base64 -> one token grid [h][w] per image."""
     endpoint = engine.image(model)
     label_model(request, endpoint.model.name)
-    in_layout = ids_for(request, engine, layout, endpoint.model.name)
+    in_layout = layout_fields(request, engine, layout, endpoint.model.name)
     images = await read_media_items(request, engine, "images")
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(images, resize, deadline))

@@ -66,7 +66,7 @@ async def get_layout(name: str, engine: EngineDep) -> dict[str, Any]:
     return describe(layout_named(engine, name))
 
 
-def ids_for(
+def layout_fields(
     request: Request,
     engine: Engine,
     name: str | None,
@@ -75,34 +75,34 @@ def ids_for(
     overlap_s: float = 0.0,
 ) -> LayoutFields | None:
     """What ``?layout=NAME`` adds to each encoded item of ``model``: its span of ids in that
-    layout (``ids``), or, with ``window_s``, the clip in windows of that many seconds
-    overlapping by ``overlap_s``, each its own span (``windows``), so that each fits a
-    context. Checked before any work: an unknown layout (404), one that does not cover the
-    model, windows without a layout or that do not advance, or an npy answer (422)."""
-    if name is None:
-        if window_s is not None:
-            raise Unprocessable("window_s cuts a clip's ids in a layout; name one with layout.")
+    layout (``ids``). With ``window_s``, the clip comes in windows of that many seconds
+    overlapping by ``overlap_s`` (``windows``), each its own span (or, without a layout, its
+    own tokens), so that each fits a context; an overlap of a window or more advances one frame
+    at a time. Checked before any work: an unknown layout (404), one that does not cover the
+    model, or an npy answer with either (422)."""
+    if name is None and window_s is None:
         return None
-    layout = layout_named(engine, name)
-    if model not in layout.media:
+    layout = layout_named(engine, name) if name is not None else None
+    if layout is not None and model not in layout.media:
         raise Unprocessable(
             f"Layout {name!r} does not cover model {model}; it covers {sorted(layout.media)}."
         )
     if response_format(request) == "npy":
         raise Unprocessable(
-            "?layout adds ids to each item, which application/x-npy cannot carry; ask for JSON "
-            "or msgpack."
+            "layout and window_s add to each item what application/x-npy cannot carry; ask "
+            "for JSON or msgpack."
         )
+
+    def span(tokens: np.ndarray) -> dict[str, Any]:
+        if layout is None:
+            return {"tokens": tokens.tolist()}
+        return {"ids": layout.to_ids(model, tokens).tolist()}
+
     if window_s is None:
-        return lambda tokens: {"ids": layout.to_ids(model, tokens).tolist()}
+        return span
     frame_rate = engine.audio(model).frame_rate
     width = max(1, round(window_s * frame_rate))
-    overlap = round(overlap_s * frame_rate)
-    if overlap >= width:
-        raise Unprocessable(
-            f"overlap_s={overlap_s:g} must be shorter than window_s={window_s:g} "
-            f"({width} frames of {model} at {frame_rate:g} frames/s)."
-        )
+    step = max(1, width - round(overlap_s * frame_rate))  # windows advance a frame at least
 
     def windows(tokens: np.ndarray) -> dict[str, Any]:
         cut, start = [], 0
@@ -112,11 +112,11 @@ def ids_for(
                 {
                     "start_s": round(start / frame_rate, 6),
                     "duration_s": round(part.shape[1] / frame_rate, 6),
-                    "ids": layout.to_ids(model, part).tolist(),
+                    **span(part),
                 }
             )
             if start + width >= tokens.shape[1]:
                 return {"windows": cut}
-            start += width - overlap
+            start += step
 
     return windows

@@ -49,7 +49,8 @@ class ItemFailure(BaseModel):
 class LayoutWindow(BaseModel):
     start_s: float = Field(description="Where the window starts in the clip")
     duration_s: float
-    ids: list[int] = Field(description="The window's span of ids in the layout")
+    ids: list[int] | None = Field(None, description="The window's span of ids in the layout")
+    tokens: TokenRows | None = Field(None, description="Without a layout: the window's tokens")
 
 
 class InLayout(BaseModel):
@@ -57,7 +58,7 @@ class InLayout(BaseModel):
         None, description="With ?layout=NAME: the item's span of ids in that layout"
     )
     windows: list[LayoutWindow] | None = Field(
-        None, description="With ?layout=NAME&window_s=S: the clip's spans, window by window"
+        None, description="With ?window_s=S: the clip window by window (spans with a layout)"
     )
 
 
