@@ -27,7 +27,11 @@ from app.tokenizers.base import AudioInfo
 from app.tokenizers.native import NATIVE_ARCHITECTURES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; found from bench.mutate's copy of the tree (mutants/) too
+SHARED_DATA = next(
+    (root / "shared" / "data" for root in REPO_ROOT.parents if (root / "shared" / "data").is_dir()),
+    REPO_ROOT.parent / "shared" / "data",
+)
 
 TINY_IMAGE = {
     "name": "tiny-image",

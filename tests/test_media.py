@@ -8,7 +8,6 @@ import io
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +26,10 @@ from app.media import (
     parse_base64,
 )
 from app.runner import to_rgb8
+from tests.support import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PHOTO = sorted((DATA / "images").glob("*.jpg"))[0]
-SPEECH = sorted((DATA / "audio" / "speech").glob("*.ogg"))[0]
+PHOTO = sorted((SHARED_DATA / "images").glob("*.jpg"))[0]
+SPEECH = sorted((SHARED_DATA / "audio" / "speech").glob("*.ogg"))[0]
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
