@@ -594,6 +594,14 @@ def test_wav_cut_right_after_its_data_chunk_header_answers_415_truncated() -> No
         decode_audio(data[: data.find(b"data") + 8], 8000)
 
 
+def test_wav_whose_data_chunk_declares_2_gib_it_does_not_hold_answers_415() -> None:
+    data = bytearray(audio_bytes(sine(440.0, 8000, 0.1), 8000))
+    size_at = data.find(b"data") + 4
+    data[size_at : size_at + 4] = struct.pack("<I", 2**31)  # chunk sizes are unsigned
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(bytes(data), 8000)
+
+
 def test_truncated_wav_with_an_odd_length_chunk_before_its_data_answers_415() -> None:
     # RIFF pads a chunk of odd length with one byte; the data chunk's header follows the pad
     data = audio_bytes(sine(440.0, 8000, 0.1), 8000)
