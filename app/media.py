@@ -57,6 +57,15 @@ _AUDIO_ENCODINGS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg":
 _UNKNOWN_FRAMES = 2**63 - 1
 # A streamed WAV writer that cannot seek back leaves the data length as 0 or 0xFFFFFFFF.
 _WAV_UNKNOWN_LENGTHS = (0, 0xFFFFFFFF)
+# Chunked containers libsndfile reads quietly shortened when cut: (form id, form type) -> the
+# byte order of chunk sizes and the id of the chunk that holds the samples.
+_CHUNKED_AUDIO = {
+    (b"RIFF", b"WAVE"): ("<", b"data"),
+    (b"RIFX", b"WAVE"): (">", b"data"),  # big-endian WAV
+    (b"RF64", b"WAVE"): ("<", b"data"),  # 64-bit WAV: the data size is in its ds64 chunk
+    (b"FORM", b"AIFF"): (">", b"SSND"),
+    (b"FORM", b"AIFC"): (">", b"SSND"),
+}
 
 
 @dataclass(frozen=True)
@@ -353,7 +362,7 @@ def decode_audio(
             f"The audio could not be decoded ({exc.error_string}); send a complete "
             f"{_ACCEPTED_AUDIO}."
         ) from None
-    if len(samples) < declared_frames or _wav_is_truncated(data):
+    if len(samples) < declared_frames or _data_chunk_is_truncated(data):
         raise UnsupportedMedia(
             "The audio is truncated: it ends before the length its header declares; send a "
             f"complete {_ACCEPTED_AUDIO}."
@@ -397,17 +406,26 @@ def _check_channels(source_channels: int, channels: int) -> None:
         )
 
 
-def _wav_is_truncated(data: bytes) -> bool:
-    """True when a RIFF/WAVE data chunk declares more bytes than the file holds.
+def _data_chunk_is_truncated(data: bytes) -> bool:
+    """True when the sample chunk of a WAV (RIFF, RIFX or RF64) or AIFF declares more bytes
+    than the file holds.
 
     libsndfile reads such a file without error, quietly shortened to what is there.
     """
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+    layout = _CHUNKED_AUDIO.get((data[:4], data[8:12]))
+    if layout is None:
         return False
+    order, samples_id = layout
+    ds64_size = None
     offset = 12
     while offset + 8 <= len(data):
-        chunk_id, chunk_size = struct.unpack_from("<4sI", data, offset)
-        if chunk_id == b"data":
+        chunk_id, chunk_size = struct.unpack_from(f"{order}4sI", data, offset)
+        if chunk_id == b"ds64" and offset + 24 <= len(data):
+            # after the RIFF's own 64-bit size: the data chunk's
+            (ds64_size,) = struct.unpack_from("<Q", data, offset + 16)
+        if chunk_id == samples_id:
+            if chunk_size == 0xFFFFFFFF and ds64_size is not None:
+                chunk_size = ds64_size
             end = offset + 8 + chunk_size
             return chunk_size not in _WAV_UNKNOWN_LENGTHS and end > len(data)
         offset += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to even lengths

@@ -86,11 +86,15 @@ def sine(freq_hz: float, sample_rate: int, seconds: float, amplitude: float = 0.
 
 
 def audio_bytes(
-    samples: np.ndarray, sample_rate: int, fmt: str = "WAV", subtype: str = "PCM_16"
+    samples: np.ndarray,
+    sample_rate: int,
+    fmt: str = "WAV",
+    subtype: str = "PCM_16",
+    endian: str = "FILE",
 ) -> bytes:
     """Write samples [T] or [T, C] with libsndfile."""
     buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, format=fmt, subtype=subtype)
+    sf.write(buffer, samples, sample_rate, format=fmt, subtype=subtype, endian=endian)
     return buffer.getvalue()
 
 
@@ -592,6 +596,25 @@ def test_wav_cut_right_after_its_data_chunk_header_answers_415_truncated() -> No
     data = audio_bytes(sine(440.0, 8000, 0.1), 8000)
     with pytest.raises(UnsupportedMedia, match="truncated"):
         decode_audio(data[: data.find(b"data") + 8], 8000)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "endian"),
+    [
+        ("WAV", "PCM_16", "BIG"),  # RIFX
+        ("RF64", "PCM_16", "FILE"),  # the data chunk's size is in the ds64 chunk
+        ("AIFF", "PCM_16", "FILE"),
+        ("AIFF", "FLOAT", "FILE"),  # AIFF-C
+    ],
+)
+def test_wav_and_aiff_variants_missing_their_last_sample_answer_415(
+    fmt: str, subtype: str, endian: str
+) -> None:
+    # libsndfile reads each of them cut short without an error, just fewer frames
+    data = audio_bytes(sine(440.0, 8000, 0.1), 8000, fmt, subtype, endian)
+    assert decode_audio(data, 8000)[0].shape == (1, 800)
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(data[:-2], 8000)
 
 
 def test_wav_whose_data_chunk_declares_2_gib_it_does_not_hold_answers_415() -> None:
