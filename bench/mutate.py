@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -59,6 +60,10 @@ LINKED = ["models", "examples", "docker", "docs", "k8s", "README.md"]
 # copied into mutants/: bench.server starts the server in the tree its own file lies in, which a
 # link would resolve to the unmutated one
 COPIED = ["bench"]
+# mutmut runs each mutant's tests in a process forked from one that has run them once; a torch op
+# big enough to go parallel then hangs in the child (OpenMP's pool does not survive fork), and
+# the hang is scored as a timeout, i.e. caught. One OpenMP thread has no pool to lose.
+MUTMUT_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def _key(module: str) -> str:
@@ -292,7 +297,11 @@ def main() -> None:
             )
         start = time.monotonic()
         again = ["--survivors"] if args.survivors else []
-        subprocess.run([sys.executable, "-m", "bench.mutate", "--one", module, *again], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "bench.mutate", "--one", module, *again],
+            check=True,
+            env={**os.environ, **MUTMUT_ENV},
+        )
         path = WORK / f"{_key(module)}.json"
         result = json.loads(path.read_text())
         key = "rerun_seconds" if args.survivors else "seconds"
