@@ -218,6 +218,11 @@ def test_palette_png_with_transparency_composites_over_white() -> None:
     assert rgb_at(pixels, 8, 28) == GREEN
 
 
+def test_half_transparent_greyscale_png_composites_over_white() -> None:
+    data = image_bytes(Image.new("LA", (16, 16), (0, 128)), "PNG")
+    assert rgb_at(decode_image(data, (16, 16)), 8, 8) == (127, 127, 127)
+
+
 def test_greyscale_png_becomes_equal_rgb_channels() -> None:
     data = image_bytes(Image.new("L", (16, 16), 64), "PNG")
     assert rgb_at(decode_image(data, (16, 16)), 8, 8) == (64, 64, 64)
@@ -745,6 +750,14 @@ def test_wav_whose_data_chunk_declares_2_gib_it_does_not_hold_answers_415() -> N
     data = bytearray(audio_bytes(sine(440.0, 8000, 0.1), 8000))
     size_at = data.find(b"data") + 4
     data[size_at : size_at + 4] = struct.pack("<I", 2**31)  # chunk sizes are unsigned
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(bytes(data), 8000)
+
+
+def test_rf64_whose_ds64_chunk_declares_8_eib_it_does_not_hold_answers_415() -> None:
+    data = bytearray(audio_bytes(sine(440.0, 8000, 0.1), 8000, "RF64"))
+    data_size_at = data.find(b"ds64") + 16  # after the chunk header and the RIFF's own size
+    data[data_size_at : data_size_at + 8] = struct.pack("<Q", 2**63)  # unsigned, like all sizes
     with pytest.raises(UnsupportedMedia, match="truncated"):
         decode_audio(bytes(data), 8000)
 
