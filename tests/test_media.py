@@ -320,36 +320,33 @@ def test_crop_takes_any_aspect_ratio_whose_scale_is_not_exact(height: int) -> No
     assert rgb_at(pixels, 32, 32) == RED
 
 
-def test_geometry_names_the_crop_box_of_the_source_and_the_whole_model_image() -> None:
-    assert image_geometry(banded_image(), (64, 64), "crop") == {
-        "source_size": [200, 100],
-        "crop_box": [50.0, 0.0, 150.0, 100.0],
-        "content_box": [0, 0, 64, 64],
-    }
-
-
-def test_geometry_names_where_a_padded_image_sits_in_the_letterbox() -> None:
-    assert image_geometry(banded_image(), (64, 64), "pad") == {
-        "source_size": [200, 100],
-        "crop_box": [0.0, 0.0, 200.0, 100.0],
-        "content_box": [0, 16, 64, 48],
-    }
-
-
-def test_geometry_of_stretch_keeps_the_whole_source_and_fills_the_model_image() -> None:
-    assert image_geometry(banded_image(), (64, 64), "stretch") == {
-        "source_size": [200, 100],
-        "crop_box": [0.0, 0.0, 200.0, 100.0],
-        "content_box": [0, 0, 64, 64],
-    }
-
-
-def test_geometry_centres_a_padded_tall_image_between_side_bars() -> None:
-    data = image_bytes(Image.new("RGB", (100, 200), RED), "PNG")
-    assert image_geometry(data, (64, 64), "pad") == {
-        "source_size": [100, 200],
-        "crop_box": [0.0, 0.0, 100.0, 200.0],
-        "content_box": [16, 0, 48, 64],
+@pytest.mark.parametrize(
+    ("source", "size", "resize", "crop_box", "content_box"),
+    [
+        # the centre, on the whole model image
+        ((200, 100), (64, 64), "crop", [50.0, 0.0, 150.0, 100.0], [0, 0, 64, 64]),
+        # all of it, inside the letterbox
+        ((200, 100), (64, 64), "pad", [0.0, 0.0, 200.0, 100.0], [0, 16, 64, 48]),
+        # all of it, on the whole model image
+        ((200, 100), (64, 64), "stretch", [0.0, 0.0, 200.0, 100.0], [0, 0, 64, 64]),
+        # all of it, between side bars
+        ((100, 200), (64, 64), "pad", [0.0, 0.0, 100.0, 200.0], [16, 0, 48, 64]),
+        # edges rounded to a thousandth of a pixel
+        ((100, 100), (64, 96), "crop", [0.0, 16.667, 100.0, 83.333], [0, 0, 96, 64]),
+    ],
+)
+def test_geometry_names_the_source_box_kept_and_the_model_box_it_fills(
+    source: tuple[int, int],
+    size: tuple[int, int],
+    resize: ResizeMode,
+    crop_box: list[float],
+    content_box: list[int],
+) -> None:
+    data = image_bytes(Image.new("RGB", source, RED), "PNG")
+    assert image_geometry(data, size, resize) == {
+        "source_size": list(source),
+        "crop_box": crop_box,
+        "content_box": content_box,
     }
 
 
@@ -385,20 +382,10 @@ def test_geometry_gives_the_upright_size_of_an_exif_rotated_photo() -> None:
 def test_geometry_swaps_the_sides_for_each_exif_orientation_that_transposes(
     orientation: int, upright: list[int]
 ) -> None:
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    data = image_bytes(Image.new("RGB", (200, 100), RED), "JPEG", exif=exif)
-    geometry = image_geometry(data, (64, 64), "stretch")
+    geometry = image_geometry(
+        exif_jpeg(Image.new("RGB", (200, 100), RED), orientation), (64, 64), "stretch"
+    )
     assert geometry is not None and geometry["source_size"] == upright
-
-
-def test_geometry_rounds_the_crop_box_to_a_thousandth_of_a_pixel() -> None:
-    data = image_bytes(Image.new("RGB", (100, 100), RED), "PNG")
-    assert image_geometry(data, (64, 96), "crop") == {
-        "source_size": [100, 100],
-        "crop_box": [0.0, 16.667, 100.0, 83.333],
-        "content_box": [0, 0, 96, 64],
-    }
 
 
 def test_geometry_of_an_image_format_not_accepted_is_none() -> None:
