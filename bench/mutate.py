@@ -268,7 +268,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         path = WORK / f"{_key(args.one)}.json"
-        kept = json.loads(path.read_text()) if args.survivors else None
+        earlier = json.loads(path.read_text()) if path.exists() else None
+        kept = earlier if args.survivors else None
         names = [m["name"] for m in kept["mutants"] if m["status"] not in CAUGHT] if kept else []
         if kept and not names:
             return
@@ -279,7 +280,8 @@ def main() -> None:
                 fresh.get(m["name"], m) if m["name"] in names else m for m in kept["mutants"]
             ]
             result["seconds"] = kept.get("seconds", 0)
-            result["before"] = kept.get("before") or summarize(kept)
+        if earlier:  # the module's first run stays its "before", whatever ran since
+            result["before"] = earlier.get("before") or summarize(earlier)
         WORK.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         return
