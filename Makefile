@@ -6,18 +6,30 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# the client's own venv: the client and its tests, without torch or the server's packages
+CLIENT_VENV  := client/.venv
+CLIENT_STAMP := $(CLIENT_VENV)/.installed
 JEMALLOC := $(VENV)/.jemalloc
 NGINX  := $(VENV)/.nginx
 CHROMIUM := $(VENV)/.chromium
 KUBECTL := $(BIN)/kubectl
 
-.PHONY: run test lint fmt bench mutate clean
+.PHONY: run test test-client lint fmt bench mutate clean
 
-$(STAMP): pyproject.toml
+# tokserve-client first, from client/: pyproject.toml depends on it by name, and pip then finds
+# it installed instead of looking it up on PyPI
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ./client
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(CLIENT_STAMP): client/pyproject.toml
+	test -x $(CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENT_VENV)/bin/python -m pip install --quiet -e './client[test]'
+	touch $(CLIENT_STAMP)
 
 # The images' allocator (docker/Dockerfile): the tests and the soak run the server with it.
 $(JEMALLOC): | $(STAMP)
@@ -46,19 +58,25 @@ $(KUBECTL): tests/kubectl.py | $(STAMP)
 run: $(STAMP)
 	$(BIN)/tokserve serve
 
-# the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic
-test: $(STAMP) $(JEMALLOC) $(NGINX) $(CHROMIUM) $(KUBECTL)
+# the suite, then the tests marked numerics again as on a CPU without bfloat16 arithmetic, then
+# the client's
+test: $(STAMP) $(JEMALLOC) $(NGINX) $(CHROMIUM) $(KUBECTL) test-client
 	$(BIN)/python -m pytest -q
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m numerics
 
+# the client's tests in its own venv, where torch is not installed, against a server that
+# .venv's python runs
+test-client: $(CLIENT_STAMP) $(STAMP)
+	cd client && TOKSERVE_SERVER_PYTHON=$(abspath $(BIN)/python) .venv/bin/python -m pytest -q
+
 lint: $(STAMP)
-	$(BIN)/ruff check app tests bench
-	$(BIN)/ruff format --check app tests bench
-	$(BIN)/mypy app
+	$(BIN)/ruff check app tests bench client
+	$(BIN)/ruff format --check app tests bench client
+	$(BIN)/mypy app client/tokserve_client
 
 fmt: $(STAMP)
-	$(BIN)/ruff format app tests bench
-	$(BIN)/ruff check --fix app tests bench
+	$(BIN)/ruff format app tests bench client
+	$(BIN)/ruff check --fix app tests bench client
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
@@ -79,4 +97,4 @@ mutate: $(STAMP)
 	$(BIN)/python -m bench.mutate --report $(MUTATE_REPORT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENT_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
+from tokserve_client import pack_streams
 
 from app.batching import Batcher
 from app.cache import Fits, canonical_params
@@ -37,7 +38,6 @@ from app.tokenizers.base import AudioInfo, ImageInfo
 from app.tokens import (
     file_fits,
     key_bytes,
-    pack_streams,
     raw_bytes,
     token_array,
     token_fits,

@@ -8,7 +8,6 @@ form and are checked here, item by item, before any model sees them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -68,31 +67,6 @@ def token_array(item: Any, where: str, vocab_size: int) -> np.ndarray:
             f"this model accepts 0 to {vocab_size - 1}."
         )
     return array.astype(np.int64)
-
-
-def pack_streams(streams: Sequence[np.ndarray], tokens_per_frame: Sequence[int]) -> np.ndarray:
-    """Codebooks at several rates -> the token array [rows, F]: stream k, of
-    ``tokens_per_frame[k] * F`` ids, fills that many rows, frame by frame (its token j lands in
-    row ``j % r`` of its rows, column ``j // r``). The inverse of ``unpack_streams``."""
-    frames = len(streams[0]) // tokens_per_frame[0]
-    return np.concatenate(
-        [
-            np.asarray(stream).reshape(frames, per_frame).T
-            for stream, per_frame in zip(streams, tokens_per_frame, strict=False)
-        ]
-    )
-
-
-def unpack_streams(array: np.ndarray, tokens_per_frame: Sequence[int]) -> list[np.ndarray]:
-    """The token array [rows, F] -> each codebook's stream of ``tokens_per_frame[k] * F`` ids,
-    as far as its rows reach."""
-    streams, row = [], 0
-    for per_frame in tokens_per_frame:
-        if row + per_frame > array.shape[0]:
-            break
-        streams.append(array[row : row + per_frame].T.reshape(-1))
-        row += per_frame
-    return streams
 
 
 def _holds_bool(rows: list[Any]) -> bool:

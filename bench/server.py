@@ -28,9 +28,10 @@ def free_port() -> int:
 
 @contextmanager
 def server_process(
-    model_dir: Path, ready_timeout_s: float = 120.0, **env: str
+    model_dir: Path, ready_timeout_s: float = 120.0, python: str = sys.executable, **env: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start the server over ``model_dir`` with TOKSERVE_* ``env``; yield the process and its base
+    """Start the server over ``model_dir`` with TOKSERVE_* ``env``, run by ``python`` (the
+    client's tests, in a venv without torch, name the server's); yield the process and its base
     URL once /readyz answers 200; on exit SIGTERM it (it drains) and wait."""
     port = free_port()
     environment = {
@@ -42,7 +43,7 @@ def server_process(
     }
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
+            [python, "-m", "app.cli", "serve"],
             cwd=REPO_ROOT,
             env=environment,
             stdout=log,

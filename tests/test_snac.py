@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from tokserve_client import unpack_streams
 
 from app.cli import main
 from app.media import decode_audio
-from app.tokens import unpack_streams
 from tests.support import noisy_wav, served, settings_for
 
 snac = pytest.importorskip("snac")

@@ -5,7 +5,7 @@ at several rates: ``vq_strides`` [4, 2, 1] gives, at 24 kHz, codebooks of 12, 23
 per second. tokserve's frame is the coarsest codebook's step (``hop_length * vq_strides[0]``
 samples), so each frame holds 1, 2 and 4 tokens of the three codebooks
 (``AudioInfo.tokens_per_frame``) and an item's tokens are one array [1 + 2 + 4, F]
-(app/tokens.py ``pack_streams``; ``unpack_streams`` gives the package's own list back).
+(``tokserve_client.pack_streams``; ``unpack_streams`` gives the package's own list back).
 
 The model folder's ``source`` is what ``SNAC.from_pretrained`` reads, kept local: config.json
 with ``model.safetensors`` or ``pytorch_model.bin`` (loaded with ``weights_only``: tensors, no

@@ -1,0 +1,121 @@
+"""The asyncio client: one keep-alive connection pool, a call's requests as tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tokserve_client import wire
+from tokserve_client.results import Encoded, ItemError
+from tokserve_client.retry import RetryPolicy, Tries, stands
+
+
+class AsyncClient:
+    """Encode and decode over HTTP, awaited: the same calls, answers and errors as Client.
+
+    A call's list goes in as few requests as the server's limits allow, ``max_concurrency`` of
+    them in flight at once; each request is retried by ``retry``."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_concurrency: int = 4,
+        retry: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        options = wire.http_options(base_url, api_key, timeout_s)
+        self.http = httpx.AsyncClient(**options, transport=transport)
+        self.max_concurrency = max_concurrency
+        self.retry = retry or RetryPolicy()
+        self._limits: dict[str, Any] | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.http.aclose()
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Every loaded model's description (name, modality, version, grid or codebooks, ...)."""
+        response = await self._send(self.http.build_request("GET", "/v1/models"))
+        models, self._limits = wire.models_and_limits(response)
+        return models
+
+    async def limits(self) -> dict[str, Any]:
+        """The server's request limits (max_items, max_body_bytes, ...), asked once."""
+        if self._limits is None:
+            await self.models()
+        assert self._limits is not None
+        return self._limits
+
+    async def encode_images(
+        self, images: list[bytes], model: str | None = None, resize: str = "crop"
+    ) -> list[Encoded]:
+        """Image files -> one Encoded per image, tokens [h, w]; ItemsFailed if any failed."""
+        return await self._encode("/v1/images/encode", images, model=model, resize=resize)
+
+    async def encode_audio(
+        self, clips: list[bytes], model: str | None = None, codebooks: int | None = None
+    ) -> list[Encoded]:
+        """Audio files -> one Encoded per clip, tokens [K, F] (or the first ``codebooks``);
+        ItemsFailed if any failed."""
+        return await self._encode("/v1/audio/encode", clips, model=model, codebooks=codebooks)
+
+    async def decode_image(
+        self, tokens: Encoded | np.ndarray, model: str | None = None, fmt: str = "png"
+    ) -> bytes:
+        """A token grid [h, w] -> the image file (by the model that encoded it, if Encoded)."""
+        request = wire.decode_request(self.http, "/v1/images/decode", tokens, model, fmt)
+        return wire.checked(await self._send(request)).content
+
+    async def decode_audio(
+        self, tokens: Encoded | np.ndarray, model: str | None = None, fmt: str = "wav"
+    ) -> bytes:
+        """Tokens [k, F] -> the audio file (by the model that encoded them, if Encoded)."""
+        request = wire.decode_request(self.http, "/v1/audio/decode", tokens, model, fmt)
+        return wire.checked(await self._send(request)).content
+
+    async def _encode(self, path: str, blobs: list[bytes], **params: Any) -> list[Encoded]:
+        """Every blob through as few requests as the limits allow, ``max_concurrency`` at once;
+        raises ItemsFailed if any item failed, once every request was answered."""
+        requests = wire.encode_requests(self.http, path, blobs, await self.limits(), params)
+        places = asyncio.Semaphore(self.max_concurrency)
+
+        async def answer(request: wire.EncodeRequest) -> list[Encoded | ItemError]:
+            async with places:
+                response = await self._send(request.request)
+            return wire.encode_results(response, request.first, request.count)
+
+        tasks = [asyncio.ensure_future(answer(request)) for request in requests]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return wire.encoded_or_raise(list(itertools.chain.from_iterable(answers)))
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """``request``'s answer, tried again as the retry policy says."""
+        tries = Tries(self.retry, request)
+        while True:
+            try:
+                outcome: httpx.Response | httpx.TransportError = await self.http.send(request)
+            except httpx.TransportError as exc:
+                outcome = exc
+            pause = tries.pause_s(outcome)
+            if pause is None:
+                return stands(outcome)
+            await asyncio.sleep(pause)
