@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 from PIL import Image
+from tokserve_client import Client
 
-from app.client import Client
 from bench.machine import describe
 from bench.media import image_file, unique_copy, wav_file
 from bench.server import REPO_ROOT, server_process

@@ -1,30 +1,24 @@
 """The server bulk engine: the same job against a running tokserve (or a fleet behind a load
-balancer) through app.client, sharing the servers' cache."""
+balancer) through tokserve_client, sharing the servers' cache."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
+from tokserve_client import Client, Encoded, ItemError, ItemsFailed, RetryPolicy
 
 from app.bulk.job import BulkOptions
-from app.client import Client, Encoded, ItemError, ItemsFailed, TokserveError
 from app.errors import ProblemError
-
-log = logging.getLogger("tokserve.bulk")
-T = TypeVar("T")
 
 # items per request, and requests in flight unless --workers says otherwise
 CHUNK = 16
 WINDOW = 4
-# statuses worth trying again: the server is busy, draining or restarting
-RETRY_STATUSES = (502, 503, 504)
-RETRIES = 12
-MAX_BACKOFF_S = 10.0
+# a job outlasts a server that is busy, draining or restarting (a load balancer answers 502 or
+# 504 meanwhile): 12 tries, pauses doubling from 0.5 s to 10 s
+RETRY = RetryPolicy(
+    attempts=12, backoff_s=0.5, max_wait_s=10.0, budget_s=120.0, statuses=(502, 503, 504)
+)
 
 
 class ModelChanged(RuntimeError):
@@ -49,8 +43,11 @@ class ServerTokenizer:
         """Ask the server for ``options.model``'s description; ValueError if it does not serve
         it."""
         assert options.server is not None
-        client = Client(options.server, api_key=options.api_key, timeout_s=300.0)
-        models = _retried(client.models)
+        # one request per call: the job keeps ``window`` calls in flight itself
+        client = Client(
+            options.server, api_key=options.api_key, timeout_s=300.0, max_concurrency=1, retry=RETRY
+        )
+        models = client.models()
         named = [m for m in models if m["name"] == options.model or options.model is None]
         if len(named) != 1:
             client.close()
@@ -66,13 +63,9 @@ class ServerTokenizer:
         readable = [b for b in blobs if isinstance(b, bytes)]
         name = self.model["name"]
         if self.model["modality"] == "image":
-            results = _retried(
-                lambda: _items(self.client.encode_images, readable, name, self.options.resize)
-            )
+            results = _items(self.client.encode_images, readable, name, self.options.resize)
         else:
-            results = _retried(
-                lambda: _items(self.client.encode_audio, readable, name, self.options.codebooks)
-            )
+            results = _items(self.client.encode_audio, readable, name, self.options.codebooks)
         answers = iter(results)
         out: list[Any] = []
         for blob in blobs:
@@ -100,19 +93,3 @@ def _items(encode: Any, blobs: list[bytes], *args: Any) -> list[Encoded | ItemEr
         return list(encode(blobs, *args))
     except ItemsFailed as failed:
         return failed.results
-
-
-def _retried(call: Callable[[], T]) -> T:
-    """``call()``, tried again with growing pauses while the server is unreachable or busy."""
-    for attempt in range(RETRIES):
-        try:
-            return call()
-        except (httpx.TransportError, TokserveError) as exc:
-            status = getattr(exc, "status", None)
-            retryable = status in RETRY_STATUSES or isinstance(exc, httpx.TransportError)
-            if not retryable or attempt == RETRIES - 1:
-                raise
-            pause = min(MAX_BACKOFF_S, 0.5 * 2**attempt)
-            log.warning("server busy or unreachable (%s); retrying in %.1f s", exc, pause)
-            time.sleep(pause)
-    raise AssertionError("unreachable")
