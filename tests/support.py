@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -155,3 +156,26 @@ def tiny_layout(folder: Path, repo: Path) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / "tiny.json").write_text(json.dumps(spec))
     return folder
+
+
+DOCKERIGNORE_WILDCARDS = {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or a parent decides; `!` re-includes."""
+    excluded = False
+    for rule in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        rule = rule.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate = rule.startswith("!")
+        pattern = rule.removeprefix("!").strip("/")
+        regex = "".join(
+            DOCKERIGNORE_WILDCARDS.get(token)
+            or (token if token.startswith("[") else re.escape(token))
+            for token in re.findall(r"\*\*/|\*\*|\*|\?|\[[^\]]*\]|[^*?\[]+", pattern)
+        )
+        parts = path.split("/")
+        if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded

@@ -25,7 +25,7 @@ import pytest
 
 from bench.memory import CONFIGURATIONS
 from bench.server import free_port, wait_ready
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, dockerignore_excludes
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
 DOCKERFILES = [DOCKERFILE, REPO_ROOT / "docker" / "Dockerfile.cuda"]
@@ -54,6 +54,13 @@ def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
         else:
             named[current].append((keyword, rest))
     return named
+
+
+def outside_build_context(folder: str, names: list[str]) -> list[str]:
+    """The ``names`` in ``folder`` that .dockerignore keeps out of the build context, for
+    shutil.copytree: a COPY here takes what Docker's would (client/ without its .venv)."""
+    where = Path(folder).relative_to(REPO_ROOT)
+    return [name for name in names if dockerignore_excludes(str(where / name))]
 
 
 def substitute(text: str, args: dict[str, str]) -> str:
@@ -106,7 +113,7 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
                 origin = REPO_ROOT / name.rstrip("/")
                 target = source / origin.name
                 if origin.is_dir():
-                    shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__"))
+                    shutil.copytree(origin, target, ignore=outside_build_context)
                 else:
                     shutil.copy(origin, target)
         elif keyword == "RUN" and "venv" not in rest:

@@ -31,7 +31,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from app import metrics
 from app.config import Settings
 from tests.kubectl import kubectl_binary
-from tests.support import served, settings_for
+from tests.support import dockerignore_excludes, served, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -726,6 +726,25 @@ def test_dockerfile_installs_the_torch_that_pyproject_pins(name):
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_installs_the_client_from_its_copy_before_the_server(name):
+    """pyproject.toml depends on tokserve-client by name: installed from client/ first, pip
+    finds it there and never looks the name up on PyPI."""
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    assert f"{client['name']}=={client['version']}" in PYPROJECT["project"]["dependencies"]
+    steps = [step for step in dockerfile_instructions(name) if step[0] in ("COPY", "RUN")]
+    copied = steps.index(("COPY", "client ./client"))
+    [installed] = [
+        i for i, (_, arguments) in enumerate(steps) if "pip install ./client" in arguments
+    ]
+    [server] = [
+        i
+        for i, (instruction, arguments) in enumerate(steps)
+        if instruction == "RUN" and re.search(r'pip install (\.|"\.\[ray\]") ', arguments)
+    ]
+    assert copied < installed < server
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_runtime_image_is_unprivileged_read_only_friendly_and_signal_safe(name):
     stage = final_stage(name)
     [user] = [arguments for instruction, arguments in stage if instruction == "USER"]
@@ -759,29 +778,6 @@ def test_runtime_image_is_unprivileged_read_only_friendly_and_signal_safe(name):
     assert ("EXPOSE", env["TOKSERVE_PORT"]) in stage
 
 
-DOCKERIGNORE_WILDCARDS = {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
-
-
-def dockerignore_excludes(path: str) -> bool:
-    """Docker's rule: the last pattern matching the path or a parent decides; `!` re-includes."""
-    excluded = False
-    for rule in (ROOT / ".dockerignore").read_text().splitlines():
-        rule = rule.strip()
-        if not rule or rule.startswith("#"):
-            continue
-        negate = rule.startswith("!")
-        pattern = rule.removeprefix("!").strip("/")
-        regex = "".join(
-            DOCKERIGNORE_WILDCARDS.get(token)
-            or (token if token.startswith("[") else re.escape(token))
-            for token in re.findall(r"\*\*/|\*\*|\*|\?|\[[^\]]*\]|[^*?\[]+", pattern)
-        )
-        parts = path.split("/")
-        if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
-            excluded = not negate
-    return excluded
-
-
 def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_else():
     copied = {
         source.rstrip("/")
@@ -790,11 +786,14 @@ def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_else():
         if instruction == "COPY" and not arguments.startswith("--from")
         for source in arguments.split()[:-1]
     }
-    assert copied == {"pyproject.toml", "README.md", "app", "models"}
+    assert copied == {"pyproject.toml", "README.md", "app", "client", "models"}
     for path in [
         "pyproject.toml",
         "README.md",
         "app/__init__.py",
+        "client/pyproject.toml",
+        "client/README.md",
+        "client/tokserve_client/__init__.py",
         "app/tokenizers/image.py",
         "models/demo/config.json",
         "models/demo/model.safetensors",
@@ -804,6 +803,9 @@ def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_else():
         ".venv/bin/python",
         ".git/HEAD",
         "tests/test_deploy.py",
+        "client/.venv/bin/python",
+        "client/tests/test_sync.py",
+        "client/tokserve_client.egg-info/PKG-INFO",
         "k8s/base/hpa.yaml",
         "docker/README.md",
         "runs/exp1/checkpoint.pt",
