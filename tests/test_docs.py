@@ -1,5 +1,5 @@
-"""The documents in docs/ cite code that exists, and they and the README link only inside the
-repository: someone who clones it alone can follow every link."""
+"""The documents in docs/ cite code that exists (the server's and the client's), and they and the
+READMEs link only inside the repository: someone who clones it alone can follow every link."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
-LINKED = [*DOCS, REPO_ROOT / "README.md"]
+LINKED = [*DOCS, REPO_ROOT / "README.md", REPO_ROOT / "client" / "README.md"]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.DOTALL | re.MULTILINE)
 # app/... as a path: not part of a longer word, path or name (``tokserve-app/`` is not one)
 APP_PATH = re.compile(r"(?<![\w./-])app/[\w./-]*")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
-DOTTED_NAME = re.compile(r"app(?:\.[A-Za-z_]\w*)+")
-FROM_IMPORT = re.compile(r"^\s*from (app(?:\.\w+)*) import \(?([\w, ]+)", re.MULTILINE)
+# the server's names (app.x.y) and the client package's (tokserve_client.x)
+DOTTED_NAME = re.compile(r"(?:app|tokserve_client)(?:\.[A-Za-z_]\w*)+")
+FROM_IMPORT = re.compile(
+    r"^\s*from ((?:app|tokserve_client)(?:\.\w+)*) import \(?([\w, ]+)", re.MULTILINE
+)
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.MULTILINE)
 EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, mailto:, ...
@@ -34,8 +37,8 @@ def app_paths(text: str) -> set[str]:
 
 
 def dotted_names(text: str) -> set[str]:
-    """Every ``app.x.y`` name in an inline code span, and every name a code block imports from
-    app."""
+    """Every ``app.x.y`` or ``tokserve_client.x`` name in an inline code span, and every name a
+    code block imports from either."""
     names = set()
     for match in FROM_IMPORT.finditer(text):
         names |= {f"{match[1]}.{name.strip()}" for name in match[2].split(",") if name.strip()}
@@ -105,15 +108,18 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     """The patterns find paths, names and links where documents put them."""
     text = (
         "See `app/engine.py`, app/cache/. and `app.engine.Engine.start()`.\n"
+        "`tokserve_client.unpack_streams(tokens, per_frame)`\n"
         "[out](../shared/DESIGN.md) [site](https://example.org) [here](#parts)\n"
-        "```python\nfrom app.client import Client, ItemsFailed\n"
+        "```python\nfrom tokserve_client import Client, ItemsFailed\n"
         "[not a link](../x.md) `app.not_checked_in_code`\n```\n"
     )
     assert app_paths(text) == {"app/engine.py", "app/cache/"}
     assert dotted_names(text) == {
         "app.engine.Engine.start",
-        "app.client.Client",
-        "app.client.ItemsFailed",
+        "tokserve_client.unpack_streams",
+        "tokserve_client.Client",
+        "tokserve_client.ItemsFailed",
     }
     assert link_targets(text) == ["../shared/DESIGN.md", "https://example.org", "#parts"]
     assert resolves("app.config.Settings") and not resolves("app.config.NoSuchSetting")
+    assert resolves("tokserve_client.Encoded") and not resolves("tokserve_client.pack_layout")

@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import numpy as np
+import pytest
 import soundfile as sf
 from PIL import Image
 
@@ -28,19 +30,33 @@ def usage_block(language: str) -> str:
     return match.group(1)
 
 
+def client_blocks() -> list[str]:
+    """The python code blocks of the README's 'The Python client' section."""
+    section = README.read_text().split("### The Python client", 1)[1].split("\n#", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+
+
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_readme_examples_round_trip_a_real_photo_and_recording(tmp_path: Path) -> None:
-    (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
+@pytest.fixture(scope="module")
+def shipped() -> Iterator[str]:
+    """A server of every shipped model, as `make run` serves them; yields its URL."""
     with server_process(REPO_ROOT / "models") as (_, url):
-        script = usage_block("bash").replace("http://127.0.0.1:8000", url)
-        # every curl of the README fails the script on a 4xx or 5xx, not only on no answer
-        fail = 'curl() { command curl --fail-with-body "$@"; }\n'
-        result = run(["bash", "-euo", "pipefail", "-c", fail + script], tmp_path)
-        python = usage_block("python").replace("http://127.0.0.1:8000", url)
-        client = run([sys.executable, "-c", python + "\nprint(len(png), len(wav))"], tmp_path)
+        yield url
+
+
+def test_readme_examples_round_trip_a_real_photo_and_recording(
+    shipped: str, tmp_path: Path
+) -> None:
+    (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
+    script = usage_block("bash").replace("http://127.0.0.1:8000", shipped)
+    # every curl of the README fails the script on a 4xx or 5xx, not only on no answer
+    fail = 'curl() { command curl --fail-with-body "$@"; }\n'
+    result = run(["bash", "-euo", "pipefail", "-c", fail + script], tmp_path)
+    python = usage_block("python").replace("http://127.0.0.1:8000", shipped)
+    client = run([sys.executable, "-c", python + "\nprint(len(png), len(wav))"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert client.returncode == 0, client.stderr
     assert '"status":"ready"' in result.stdout
@@ -64,6 +80,19 @@ def test_readme_examples_round_trip_a_real_photo_and_recording(tmp_path: Path) -
     frame_s = 320 / 24000
     assert decoded.samplerate == 24000
     assert abs(decoded.duration - source.duration) <= frame_s
+
+
+def test_readme_async_client_example_runs_as_shown(shipped: str, tmp_path: Path) -> None:
+    (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
+    sync_block, async_block = client_blocks()
+    assert sync_block == usage_block("python")  # the one the round trip above runs
+    done = run(
+        [sys.executable, "-c", async_block.replace("http://127.0.0.1:8000", shipped)], tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    # 8 clips of 4 codebooks, a 32x32 grid, a WAV of the first clip
+    printed = re.fullmatch(r"8 \(4, (\d+)\) \(32, 32\) (\d+)\n", done.stdout)
+    assert printed and int(printed[1]) > 0 and int(printed[2]) > 1000, done.stdout
 
 
 def test_readme_in_process_example_runs_as_shown() -> None:
