@@ -14,7 +14,7 @@ from tokserve_client.results import Encoded, ItemError
 from tokserve_client.retry import RetryPolicy, Tries, stands
 
 
-class AsyncClient:
+class AsyncClient(wire.Calls):
     """Encode and decode over HTTP, awaited: the same calls, answers and errors as Client.
 
     A call's list goes in as few requests as the server's limits allow, ``max_concurrency`` of
@@ -29,13 +29,9 @@ class AsyncClient:
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        super().__init__(max_concurrency, retry)
         options = wire.http_options(base_url, api_key, timeout_s)
         self.http = httpx.AsyncClient(**options, transport=transport)
-        self.max_concurrency = max_concurrency
-        self.retry = retry or RetryPolicy()
-        self._limits: dict[str, Any] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -19,7 +19,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Client:
+class Client(wire.Calls):
     """Encode and decode over HTTP, blocking.
 
     A call's list goes in as few requests as the server's limits allow, ``max_concurrency`` of
@@ -34,13 +34,9 @@ class Client:
         retry: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        super().__init__(max_concurrency, retry)
         options = wire.http_options(base_url, api_key, timeout_s)
         self.http = httpx.Client(**options, transport=transport)
-        self.max_concurrency = max_concurrency
-        self.retry = retry or RetryPolicy()
-        self._limits: dict[str, Any] | None = None
 
     def __enter__(self) -> Client:
         return self

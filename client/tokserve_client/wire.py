@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 
 from tokserve_client.results import Encoded, ItemError, ItemsFailed, TokserveError
+from tokserve_client.retry import RetryPolicy
 
 MSGPACK = "application/msgpack"
 # statuses a single item's request answers for that item alone (its media or tokens are bad)
@@ -23,6 +24,18 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 # what a client builds its requests with: httpx.Client and httpx.AsyncClient alike
 Builder = httpx.Client | httpx.AsyncClient
+
+
+class Calls:
+    """What Client and AsyncClient hold alike besides their connection pool: how many of a
+    call's requests go at once, the retry policy, and the server's limits once asked."""
+
+    def __init__(self, max_concurrency: int, retry: RetryPolicy | None) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
+        self.retry = retry or RetryPolicy()
+        self._limits: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
