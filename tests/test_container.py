@@ -133,6 +133,8 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
     image_tmp.mkdir()
     models = tmp_path / "models"
     shutil.copytree(REPO_ROOT / "models", models)
+    layouts = tmp_path / "layouts"
+    shutil.copytree(REPO_ROOT / "layouts", layouts)
     runtime_env: dict[str, str] = {}
     for keyword, rest in runtime:
         if keyword == "ENV":
@@ -147,6 +149,7 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
     runtime_env.update(
         PATH=f"{prefix / 'bin'}:{os.environ['PATH']}",
         TOKSERVE_MODEL_DIR=str(models),
+        TOKSERVE_LAYOUT_DIR=str(layouts),
         TOKSERVE_HOST="127.0.0.1",  # loopback here; 0.0.0.0 in the image
         TOKSERVE_PORT=str(port),
     )
@@ -163,6 +166,7 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
         try:
             wait_ready(process, url, log)
             models_answer = httpx.get(f"{url}/v1/models", timeout=10).json()
+            layouts_answer = httpx.get(f"{url}/v1/layouts", timeout=10).json()
             probe = subprocess.run(healthcheck, env=runtime_env, timeout=30)
         finally:
             process.terminate()
@@ -175,6 +179,7 @@ def test_dockerfile_install_steps_and_entrypoint_serve_ready(tmp_path: Path) -> 
         "audio-rvq-24k",
         "audio-rvq-24k-hq",
     }
+    assert [layout["name"] for layout in layouts_answer["layouts"]] == ["generic"]
     assert probe.returncode == 0
     assert exit_code == 0
     assert json.loads(first_line)["level"] in {"info", "warning"}

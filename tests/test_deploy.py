@@ -771,10 +771,12 @@ def test_runtime_image_is_unprivileged_read_only_friendly_and_signal_safe(name):
     assert env["TOKSERVE_HOST"] == "0.0.0.0"
     assert env["TOKSERVE_PORT"] == "8000"
     assert env["TOKSERVE_MODEL_DIR"] == "/models"
+    assert env["TOKSERVE_LAYOUT_DIR"] == "/layouts"
     assert env["TOKSERVE_LOG_FORMAT"] == "json"
     assert env["TOKSERVE_DEVICE"] == ("cuda" if name.endswith("cuda") else "cpu")
     copies = [arguments.split() for instruction, arguments in stage if instruction == "COPY"]
     assert ["models/", "/models/"] in copies
+    assert ["layouts/", "/layouts/"] in copies
     assert ("EXPOSE", env["TOKSERVE_PORT"]) in stage
 
 
@@ -786,7 +788,7 @@ def test_dockerignore_sends_what_the_dockerfiles_copy_and_nothing_else():
         if instruction == "COPY" and not arguments.startswith("--from")
         for source in arguments.split()[:-1]
     }
-    assert copied == {"pyproject.toml", "README.md", "app", "client", "models"}
+    assert copied == {"pyproject.toml", "README.md", "app", "client", "models", "layouts"}
     for path in [
         "pyproject.toml",
         "README.md",
