@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     port: int = 8000
     model_dir: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEFAULT_MODEL_DIR])
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # LLM sequence layouts (app/layouts.py): every *.json whose models are all loaded
+    # LLM sequence layouts (tokserve_client.layouts): every *.json whose models are all loaded
     layout_dir: str = DEFAULT_LAYOUT_DIR
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokserve_client.layouts import Layout, load_layouts
 
 from app.compute import Reproducibility, compute_fingerprint, reproducibility, run_dtype
 from app.config import Settings
 from app.errors import NotFound
-from app.layouts import Layout, load_layouts
 from app.model_folder import (
     CONFIG_FILE,
     ModelLoadError,
@@ -231,8 +231,8 @@ class ModelRegistry:
                 model.device,
             )
             models.append(model)
-        infos = {model.name: model.info for model in models}
-        return cls(models, load_layouts(Path(settings.layout_dir), infos))
+        figures = {model.name: model.info.to_dict() for model in models}
+        return cls(models, load_layouts(Path(settings.layout_dir), figures))
 
     def get(self, name: str | None, modality: str) -> LoadedModel:
         """The named model, or the only/first model of the modality when no name is given."""

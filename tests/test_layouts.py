@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tokserve_client import pack_streams, unpack_streams
+from tokserve_client.layouts import Layout, LayoutError, load_layout, load_layouts
 
-from app.layouts import Layout, LayoutError, load_layout, load_layouts
 from app.tokenizers.base import AudioInfo, ImageInfo, TokenizerInfo
-from app.tokens import pack_streams, unpack_streams
 from tests.support import REPO_ROOT
 
 GRID = ImageInfo(vocab_size=64000, image_size=(256, 256), grid=(32, 32), downsample=8)
@@ -28,7 +28,7 @@ SNAC = AudioInfo(
     frame_rate=24000 / 2048,
     tokens_per_frame=(1, 2, 4),
 )
-SHIPPED = {"image-fsq-256": GRID, "audio-rvq-24k": CODEC}
+SHIPPED = {"image-fsq-256": GRID.to_dict(), "audio-rvq-24k": CODEC.to_dict()}
 RNG = np.random.default_rng(7)
 
 
@@ -46,7 +46,8 @@ def small(models: dict[str, Any], **overrides: Any) -> dict[str, Any]:
 
 
 def load(tmp_path: Path, spec: dict[str, Any], infos: dict[str, TokenizerInfo]) -> Layout:
-    return load_layout(layout_file(tmp_path, spec), infos)
+    """``spec`` written to a file and loaded over these models' figures (/v1/models entries)."""
+    return load_layout(layout_file(tmp_path, spec), {k: v.to_dict() for k, v in infos.items()})
 
 
 def generic() -> Layout:
@@ -143,8 +144,8 @@ def test_a_layout_naming_an_unknown_marker_is_refused(tmp_path: Path) -> None:
 
 def test_layouts_for_models_that_are_not_loaded_are_skipped(tmp_path: Path) -> None:
     layout_file(tmp_path, small({"codec": {"begin": "boa", "end": "eoa", "offset": 1000}}))
-    assert load_layouts(tmp_path, {"other": CODEC}) == {}
-    assert list(load_layouts(tmp_path, {"codec": CODEC})) == ["test"]
+    assert load_layouts(tmp_path, {"other": CODEC.to_dict()}) == {}
+    assert list(load_layouts(tmp_path, {"codec": CODEC.to_dict()})) == ["test"]
 
 
 def test_a_generated_sequence_splits_into_its_text_and_media_spans_in_order() -> None:
@@ -223,7 +224,7 @@ def orpheus_tokenise_audio(levels: list[np.ndarray]) -> list[int]:
 
 
 def test_the_orpheus_preset_lays_snac_out_as_orpheus_does() -> None:
-    layout = load_layout(REPO_ROOT / "layouts" / "orpheus-snac.json", {"snac-24k": SNAC})
+    layout = load_layout(REPO_ROOT / "layouts" / "orpheus-snac.json", {"snac-24k": SNAC.to_dict()})
     levels = [RNG.integers(0, 4096, n) for n in (9, 18, 36)]
     ids = layout.to_ids("snac-24k", pack_streams(levels, [1, 2, 4]))
     assert ids.tolist() == [128257, *orpheus_tokenise_audio(levels), 128258]
@@ -237,7 +238,9 @@ def test_the_musicgen_preset_is_transformers_delay_pattern_flattened() -> None:
     info = AudioInfo(
         vocab_size=2048, codebooks=4, sample_rate=32000, channels=1, hop_length=640, frame_rate=50
     )
-    layout = load_layout(REPO_ROOT / "layouts" / "musicgen-delay.json", {"encodec-32k": info})
+    layout = load_layout(
+        REPO_ROOT / "layouts" / "musicgen-delay.json", {"encodec-32k": info.to_dict()}
+    )
     codes = RNG.integers(0, 2048, (4, 10))
     config = transformers.MusicgenDecoderConfig(
         vocab_size=2048, num_codebooks=4, hidden_size=16, num_hidden_layers=1,

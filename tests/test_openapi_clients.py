@@ -86,7 +86,7 @@ def generated(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     run = subprocess.run(
         [
             *(VENV_BIN / "openapi-python-client", "generate", "--meta", "none"),
-            *("--path", document, "--output-path", root / "tokserve_client"),
+            *("--path", document, "--output-path", root / "tokserve_openapi"),
             *("--config", GENERATOR_CONFIG),
         ],
         capture_output=True,
@@ -99,10 +99,10 @@ def generated(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
         yield SimpleNamespace(
-            models=importlib.import_module("tokserve_client.models"),
-            File=importlib.import_module("tokserve_client.types").File,
+            models=importlib.import_module("tokserve_openapi.models"),
+            File=importlib.import_module("tokserve_openapi.types").File,
         )
-    for name in [name for name in sys.modules if name.startswith("tokserve_client")]:
+    for name in [name for name in sys.modules if name.startswith("tokserve_openapi")]:
         del sys.modules[name]
 
 
@@ -110,8 +110,8 @@ def call(server: str, route: str, **arguments: Any) -> Any:
     """``route`` ("images.encode_images") through the generated client: its detailed response,
     whose ``parsed`` is the answer as the document's type for its status."""
     group, name = route.split(".")
-    module: ModuleType = importlib.import_module(f"tokserve_client.api.{group}.{name}")
-    client_class = importlib.import_module("tokserve_client").Client
+    module: ModuleType = importlib.import_module(f"tokserve_openapi.api.{group}.{name}")
+    client_class = importlib.import_module("tokserve_openapi").Client
     with client_class(base_url=server, timeout=httpx.Timeout(60)) as client:
         return module.sync_detailed(client=client, **arguments)
 

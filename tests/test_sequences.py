@@ -11,8 +11,8 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from tokserve_client.layouts import LayoutError
 
-from app.layouts import LayoutError
 from app.registry import ModelRegistry
 from tests.support import TEXT, png_bytes, served, settings_for, tiny_layout, wav_bytes
 

@@ -1,4 +1,4 @@
-"""GET /v1/layouts: the LLM sequence layouts loaded (app/layouts.py), with their id ranges."""
+"""GET /v1/layouts: the LLM sequence layouts loaded (tokserve_client.layouts), with id ranges."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
+from tokserve_client.layouts import Layout
 
 from app.api.deps import EngineDep, require_api_key
 from app.api.responses import LayoutFields, response_format
 from app.api.schemas import LayoutEntry, LayoutsResponse, problems
 from app.engine import Engine
 from app.errors import NotFound, Unprocessable
-from app.layouts import Layout
 
 router = APIRouter(prefix="/v1/layouts", tags=["layouts"], dependencies=[Depends(require_api_key)])
 

@@ -22,13 +22,13 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from tokserve_client.layouts import Layout
 
 from app.api import schemas
 from app.api.schemas import problems, ref
 from app.config import Settings
 from app.endpoints import AudioEndpoint, ImageEndpoint
 from app.engine import Engine
-from app.layouts import Layout
 from app.media import encode_audio, encode_image
 
 H = TypeVar("H", bound=Hashable)

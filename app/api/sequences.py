@@ -1,9 +1,10 @@
 """POST /v1/sequences/decode: what an LLM generated, text and media spans mixed, taken apart.
 
-The sequence is cut into spans by a layout (app/layouts.py); each media span is decoded by its
-model (PNG/WebP/JPEG or WAV/FLAC/OGG; base64 in JSON, raw in msgpack), text spans come back as
-id ranges, and a span that does not decode (not closed, a code out of range, a ragged grid)
-carries its problem, with its position, while the others are answered: 207 when one failed.
+The sequence is cut into spans by a layout (tokserve_client.layouts); each media span is
+decoded by its model (PNG/WebP/JPEG or WAV/FLAC/OGG; base64 in JSON, raw in msgpack), text
+spans come back as id ranges, and a span that does not decode (not closed, a code out of range,
+a ragged grid) carries its problem, with its position, while the others are answered: 207
+when one failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import msgpack
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from tokserve_client.layouts import Span
 
 from app.api.deps import EngineDep, deadline_of, require_api_key
 from app.api.layouts import layout_named
@@ -26,7 +28,6 @@ from app.api.schemas import (
 )
 from app.endpoints import Media
 from app.errors import PayloadTooLarge, ProblemError, Unprocessable
-from app.layouts import Span
 
 router = APIRouter(
     prefix="/v1/sequences", tags=["sequences"], dependencies=[Depends(require_api_key)]

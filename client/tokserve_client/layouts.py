@@ -1,5 +1,8 @@
 """LLM sequence layouts: media tokens in one flat id space with text, and back.
 
+The server lays tokens out and takes sequences apart with this very module; a client does the
+same offline from a layout file and the models' figures (GET /v1/models entries).
+
 A multimodal LLM reads one sequence of ids from one vocabulary: text ids, a marker that opens
 an image or a clip, the media's codes shifted past the text vocabulary (per row of the token
 array for audio), markers inside (end of row), a closing marker. A layout (a JSON file in
@@ -22,8 +25,6 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-
-from app.tokenizers.base import AudioInfo, TokenizerInfo
 
 log = logging.getLogger("tokserve.layouts")
 Order = Literal["frame", "codebook", "delay"]
@@ -265,8 +266,12 @@ def _next_of(sequence: list[int], values: Mapping[int, Any], start: int) -> int 
     return next((i for i in range(start, len(sequence)) if sequence[i] in values), None)
 
 
-def load_layout(path: Path, models: Mapping[str, TokenizerInfo]) -> Layout:
-    """One layout file, checked against the loaded models it names; LayoutError otherwise."""
+Figures = Mapping[str, Any]  # a model's GET /v1/models entry
+
+
+def load_layout(path: Path, models: Mapping[str, Figures]) -> Layout:
+    """One layout file, checked against the models it names (their GET /v1/models entries, by
+    name); LayoutError otherwise."""
     try:
         spec = json.loads(path.read_text())
         return _build(spec, path.stem, models)
@@ -276,7 +281,7 @@ def load_layout(path: Path, models: Mapping[str, TokenizerInfo]) -> Layout:
         raise LayoutError(f"layout {path.name}: {exc}") from exc
 
 
-def _build(spec: dict[str, Any], name: str, models: Mapping[str, TokenizerInfo]) -> Layout:
+def _build(spec: dict[str, Any], name: str, models: Mapping[str, Figures]) -> Layout:
     markers = {str(k): int(v) for k, v in spec.get("markers", {}).items()}
     media: dict[str, MediaLayout] = {}
     for model, entry in spec.get("models", {}).items():
@@ -300,7 +305,7 @@ def _build(spec: dict[str, Any], name: str, models: Mapping[str, TokenizerInfo])
 
 
 def _media(
-    layout: str, model: str, entry: dict[str, Any], info: TokenizerInfo, markers: dict[str, int]
+    layout: str, model: str, entry: dict[str, Any], info: Figures, markers: dict[str, int]
 ) -> MediaLayout:
     def marker(key: str) -> int | None:
         if entry.get(key) is None:
@@ -316,13 +321,14 @@ def _media(
     order = entry.get("order", "frame")
     if order not in ORDERS:
         raise LayoutError(f"layout {layout}: {model}'s order must be one of {ORDERS}")
-    stride = int(entry.get("stride", info.vocab_size))
-    if stride < info.vocab_size:
+    vocab_size = int(info["vocab_size"])
+    stride = int(entry.get("stride", vocab_size))
+    if stride < vocab_size:
         raise LayoutError(
-            f"layout {layout}: {model}'s stride {stride} is below its vocabulary {info.vocab_size}"
+            f"layout {layout}: {model}'s stride {stride} is below its vocabulary {vocab_size}"
         )
-    if isinstance(info, AudioInfo):
-        rows = info.rows()
+    if info["modality"] == "audio":
+        rows = sum(info.get("tokens_per_frame") or []) or int(info["codebooks"])
         row_order = tuple(int(r) for r in entry.get("row_order", ()))
         if row_order and sorted(row_order) != list(range(rows)):
             raise LayoutError(
@@ -337,7 +343,7 @@ def _media(
         )  # fmt: skip
     return MediaLayout(
         model, "image", begin, end, int(entry["offset"]), stride, 1,
-        shape=tuple(info.grid), end_of_row=marker("end_of_row"),
+        shape=tuple(info["grid"]), end_of_row=marker("end_of_row"),
     )  # fmt: skip
 
 
@@ -374,7 +380,7 @@ def _check_ranges(layout: Layout) -> list[IdRange]:
     return ranges
 
 
-def load_layouts(folder: Path, models: Mapping[str, TokenizerInfo]) -> dict[str, Layout]:
+def load_layouts(folder: Path, models: Mapping[str, Figures]) -> dict[str, Layout]:
     """Every ``*.json`` layout in ``folder`` whose models are all loaded; one naming a model
     that is not loaded (a preset for a checkpoint this server does not serve) is skipped and
     logged, a bad one is a LayoutError."""
