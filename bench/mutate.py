@@ -64,6 +64,9 @@ COPIED = ["bench"]
 # big enough to go parallel then hangs in the child (OpenMP's pool does not survive fork), and
 # the hang is scored as a timeout, i.e. caught. One OpenMP thread has no pool to lose.
 MUTMUT_ENV = {"OMP_NUM_THREADS": "1"}
+# a timed-out mutant is checked again in a fresh process, given this long (the slowest test row,
+# test_drain.py's servers, takes about 90 s on a loaded 2-core machine)
+RECHECK_S = 300
 
 
 def _key(module: str) -> str:
@@ -92,7 +95,27 @@ def run_module(module: str, names: list[str]) -> dict:
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-    return collect(module)
+    result = collect(module)
+    for mutant in result["mutants"]:
+        if mutant["status"] == "timeout":
+            mutant["status"] = recheck(module, mutant["name"])
+    return result
+
+
+def recheck(module: str, name: str) -> str:
+    """A timed-out mutant's tests run again in a fresh process (not a fork of one that already
+    ran them, where a lock another thread held can hang it): killed if they fail, survived if
+    they pass, timeout only if they hang again."""
+    tests = TESTS.get(module, ["tests"])
+    command = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"]
+    env = {**os.environ, **MUTMUT_ENV, "MUTANT_UNDER_TEST": name}
+    try:
+        done = subprocess.run(
+            command, cwd=ROOT / "mutants", env=env, capture_output=True, timeout=RECHECK_S
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return "survived" if done.returncode == 0 else "killed"
 
 
 def every_test_for_every_function(module: str) -> None:
@@ -264,13 +287,23 @@ def main() -> None:
         help="rerun only the mutants a module's kept result did not kill (after adding tests, "
         "with the module itself unchanged) and update that result",
     )
+    parser.add_argument(
+        "--timeouts",
+        action="store_true",
+        help="rerun only the mutants a module's kept result holds as timeouts, each rechecked in "
+        "a fresh process",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child that runs one module
     args = parser.parse_args()
     if args.one:
         path = WORK / f"{_key(args.one)}.json"
         earlier = json.loads(path.read_text()) if path.exists() else None
-        kept = earlier if args.survivors else None
-        names = [m["name"] for m in kept["mutants"] if m["status"] not in CAUGHT] if kept else []
+        kept = earlier if args.survivors or args.timeouts else None
+        names = [
+            m["name"]
+            for m in (kept["mutants"] if kept else [])
+            if (m["status"] == "timeout" if args.timeouts else m["status"] not in CAUGHT)
+        ]
         if kept and not names:
             return
         result = run_module(args.one, names)
@@ -298,7 +331,7 @@ def main() -> None:
                 ignore=shutil.ignore_patterns(".work", "results", "__pycache__"),
             )
         start = time.monotonic()
-        again = ["--survivors"] if args.survivors else []
+        again = ["--survivors"] if args.survivors else ["--timeouts"] if args.timeouts else []
         subprocess.run(
             [sys.executable, "-m", "bench.mutate", "--one", module, *again],
             check=True,
@@ -306,7 +339,7 @@ def main() -> None:
         )
         path = WORK / f"{_key(module)}.json"
         result = json.loads(path.read_text())
-        key = "rerun_seconds" if args.survivors else "seconds"
+        key = "rerun_seconds" if args.survivors or args.timeouts else "seconds"
         result[key] = round(time.monotonic() - start)
         path.write_text(json.dumps(result, indent=1))
         print(module, summarize(result), f"{result['seconds']} s", flush=True)
