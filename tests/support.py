@@ -5,6 +5,7 @@ Real server processes come from bench.server.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -179,3 +180,21 @@ def dockerignore_excludes(path: str) -> bool:
         if any(re.fullmatch(regex, "/".join(parts[:i])) for i in range(1, len(parts) + 1)):
             excluded = not negate
     return excluded
+
+
+async def held_body(body: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
+    """A body whose last byte waits for ``release``: its request stays in flight until then."""
+    yield body[:-1]
+    await release.wait()
+    yield body[-1:]
+
+
+def problem_detail(response: httpx.Response, status: int) -> str:
+    """The detail of a problem+json answer, once its status (in the line and the body) is
+    checked: what a user reads, for a test to compare whole."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == status, problem
+    detail: str = problem["detail"]
+    return detail

@@ -11,7 +11,6 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -346,19 +345,6 @@ async def test_decompression_bomb_answers_413(repo: Path) -> None:
         assert_problem(response, 413, "pixels")
 
 
-async def test_body_over_the_limit_answers_413_while_streaming(repo: Path) -> None:
-    async with served(settings_for(repo, max_body_bytes=10_000)) as client:
-        declared = await client.post("/v1/images/encode", content=b"x" * 20_000)
-        assert_problem(declared, 413, "10000")
-
-        async def chunks() -> AsyncIterator[bytes]:
-            for _ in range(100):
-                yield b"x" * 1000
-
-        streamed = await client.post("/v1/images/encode", content=chunks())
-        assert_problem(streamed, 413, "10000")
-
-
 async def test_more_items_than_the_limit_answer_413_however_they_are_sent(repo: Path) -> None:
     async with served(settings_for(repo, max_items=2)) as client:
         for count in (3, 5):
@@ -582,14 +568,6 @@ async def test_one_bad_item_gets_its_problem_in_its_slot_and_the_other_its_token
     assert list(bad) == ["error"]
     assert bad["error"]["status"] == 415 and bad["error"]["title"] == "Unsupported Media Type"
     assert "not an image" in bad["error"]["detail"]
-
-
-async def test_api_keys_are_required_when_configured(repo: Path) -> None:
-    async with served(settings_for(repo, api_keys=["s3cret"])) as client:
-        assert_problem(await client.get("/v1/models"), 401, "api key")
-        ok = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
-        assert (await client.get("/healthz")).status_code == 200
 
 
 async def test_readiness_fails_at_once_when_draining_while_requests_still_work(
