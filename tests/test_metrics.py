@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,3 +235,16 @@ async def test_process_metrics_are_exposed(client: httpx.AsyncClient) -> None:
     text = (await client.get("/metrics")).text
     assert "process_cpu_seconds_total " in text
     assert "process_resident_memory_bytes " in text
+
+
+async def test_a_requests_duration_is_observed_once_within_the_time_its_client_waited(
+    client: httpx.AsyncClient,
+) -> None:
+    labels = {"route": "/v1/models", "model": "", "status": "2xx"}
+    count = sample(REQUESTS, **labels)
+    total = sample("tokserve_request_duration_seconds_sum", **labels)
+    start = time.perf_counter()
+    assert (await client.get("/v1/models")).status_code == 200
+    waited = time.perf_counter() - start
+    assert sample(REQUESTS, **labels) == count + 1
+    assert 0 < sample("tokserve_request_duration_seconds_sum", **labels) - total <= waited
