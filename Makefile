@@ -90,7 +90,7 @@ bench: $(STAMP)
 MUTATE_FLAGS ?=
 MUTATE ?= app/single_flight.py app/cache/breaker.py app/cache/redis.py app/cache/memory.py \
 	app/cache/format.py app/cache/counting.py app/cache/keys.py app/cache/__init__.py \
-	app/batching.py app/api/deps.py app/media.py app/drain.py
+	app/batching.py app/api/deps.py app/api/requests.py app/middleware.py app/media.py app/drain.py
 MUTATE_REPORT ?= bench/results/$(shell date -u +%Y-%m-%d)-mutation.md
 mutate: $(STAMP)
 	$(BIN)/python -m bench.mutate $(MUTATE_FLAGS) $(MUTATE)

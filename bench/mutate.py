@@ -29,6 +29,8 @@ WORK = ROOT / "bench" / ".work" / "mutation"
 # mutant name -> a person's one-line judgement of a survivor (missing test, or equivalent: why)
 JUDGEMENTS = ROOT / "bench" / "mutation_judgements.json"
 
+HOSTILE_ARRIVAL = "test_a_requests_deadline_counts_from_its_arrival_not_from_its_last_byte"
+HOSTILE_IN_FLIGHT = "test_requests_past_max_in_flight_are_answered_503_before_their_bodies_are_read"
 # module -> the test files that exercise it (the narrowest that still cover its promises)
 TESTS: dict[str, list[str]] = {
     "app/single_flight.py": ["tests/test_cache.py"],
@@ -40,8 +42,19 @@ TESTS: dict[str, list[str]] = {
     "app/cache/keys.py": ["tests/test_cache.py"],
     "app/cache/__init__.py": ["tests/test_cache.py"],
     "app/batching.py": ["tests/test_batching.py"],
-    # the numerics tests read photos from ../shared/data, which mutants/ does not reach
-    "app/api/deps.py": ["tests/test_api.py", "-m", "not numerics"],
+    # the API's request handling: only the tests of its promises, each starting a fresh app
+    "app/api/deps.py": [
+        "tests/test_auth.py",
+        "tests/test_request_timeout.py",
+        f"tests/test_hostile.py::{HOSTILE_ARRIVAL}",
+        "tests/test_metrics.py",
+    ],
+    "app/middleware.py": [
+        "tests/test_request_limits.py",
+        f"tests/test_hostile.py::{HOSTILE_ARRIVAL}",
+        f"tests/test_hostile.py::{HOSTILE_IN_FLIGHT}",
+        "tests/test_metrics.py",
+    ],
     "app/media.py": ["tests/test_media.py"],
     "app/drain.py": [
         "tests/test_drain.py",

@@ -99,3 +99,10 @@ async def test_settings_open_docs_and_metrics_explicitly(repo: Path) -> None:
         for path in ("/docs", "/openapi.json", "/metrics"):
             assert (await client.get(path)).status_code == 200, path
         assert problem_detail(await client.get("/v1/models"), 401) == REFUSED
+
+
+async def test_a_missing_key_header_matches_no_configured_key(repo: Path) -> None:
+    """A request without a key is read as holding none, not some default string that a
+    configured key could equal ('XXXX' is the one mutation testing puts there)."""
+    async with served(settings_for(repo, api_keys=["XXXX"], warmup=False)) as client:
+        assert problem_detail(await client.get("/v1/models"), 401) == REFUSED
