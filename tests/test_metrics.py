@@ -248,3 +248,19 @@ async def test_a_requests_duration_is_observed_once_within_the_time_its_client_w
     waited = time.perf_counter() - start
     assert sample(REQUESTS, **labels) == count + 1
     assert 0 < sample("tokserve_request_duration_seconds_sum", **labels) - total <= waited
+
+
+async def test_an_unexpected_error_is_counted_as_a_5xx_of_its_route(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that escapes every handler still leaves its request in the metrics (the only way
+    to get one is to put it there: no input makes a route raise one)."""
+
+    def broken(model: str | None = None) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app.state.engine, "image", broken)  # type: ignore[attr-defined]
+    failed = requests(ENCODE_ROUTE, "", "5xx")
+    with pytest.raises(RuntimeError, match="a bug"):  # the in-process client re-raises it
+        await client.post(ENCODE_ROUTE, content=png_bytes())
+    assert requests(ENCODE_ROUTE, "", "5xx") == failed + 1

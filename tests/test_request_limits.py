@@ -1,15 +1,19 @@
 """What a request may take before any of it is parsed: TOKSERVE_MAX_BODY_BYTES of body, by
 Content-Length at once or while the body streams in, and a place among TOKSERVE_MAX_IN_FLIGHT
-API requests served at once (the 503 past it: tests/test_hostile.py)."""
+API requests served at once (the 503 past it: tests/test_hostile.py). The middleware that
+enforces them passes what is not an HTTP request (the ASGI lifespan) through untouched."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 from prometheus_client import REGISTRY
 
+from app.main import create_app
 from tests.support import held_body, png_bytes, problem_detail, served, settings_for
 
 ENCODE = "/v1/images/encode"
@@ -94,3 +98,31 @@ async def test_a_finished_request_frees_its_place(repo: Path) -> None:
         assert (await client.post(ENCODE, content=IMAGE)).status_code == 503
         release.set()
         assert (await held).status_code == 200
+
+
+async def test_the_app_starts_and_stops_through_the_asgi_lifespan_as_a_server_runs_it(
+    repo: Path,
+) -> None:
+    """uvicorn sends the lifespan through every middleware (tests/support.served does not)."""
+    app = create_app(settings_for(repo, warmup=False))
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await events.put({"type": "lifespan.startup"})
+    lifespan = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, events.get, send)
+    )
+    async with asyncio.timeout(30):
+        while not sent and not lifespan.done():
+            await asyncio.sleep(0.01)
+    assert sent == [{"type": "lifespan.startup.complete"}]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tokserve") as client:
+        assert (await client.post(ENCODE, content=IMAGE)).status_code == 200
+    await events.put({"type": "lifespan.shutdown"})
+    async with asyncio.timeout(30):
+        await lifespan
+    assert sent[1:] == [{"type": "lifespan.shutdown.complete"}]
