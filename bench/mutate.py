@@ -31,6 +31,22 @@ JUDGEMENTS = ROOT / "bench" / "mutation_judgements.json"
 
 HOSTILE_ARRIVAL = "test_a_requests_deadline_counts_from_its_arrival_not_from_its_last_byte"
 HOSTILE_IN_FLIGHT = "test_requests_past_max_in_flight_are_answered_503_before_their_bodies_are_read"
+# test_api.py's tests of reading bodies (the file as a whole is too slow to run per mutant)
+API_BODIES = [
+    "test_multipart_files_and_json_base64_give_the_same_tokens",
+    "test_image_decode_of_many_grids_answers_json_items",
+    "test_image_decode_accepts_msgpack_binary_tokens",
+    "test_empty_body_answers_400",
+    "test_more_items_than_the_limit_answer_413_however_they_are_sent",
+    "test_malformed_multipart_body_answers_400_naming_the_problem",
+    "test_invalid_base64_answers_400",
+    "test_decode_more_tokens_than_the_limit_answers_413",
+    "test_malformed_json_answers_400",
+    "test_json_python_cannot_parse_answers_400",
+    "test_token_payloads_that_are_not_id_grids_answer_422_saying_why",
+    "test_a_client_that_disconnects_has_its_queued_item_dropped",
+    "test_an_empty_body_names_the_file_it_expects",
+]
 # module -> the test files that exercise it (the narrowest that still cover its promises)
 TESTS: dict[str, list[str]] = {
     "app/single_flight.py": ["tests/test_cache.py"],
@@ -54,6 +70,11 @@ TESTS: dict[str, list[str]] = {
         f"tests/test_hostile.py::{HOSTILE_ARRIVAL}",
         f"tests/test_hostile.py::{HOSTILE_IN_FLIGHT}",
         "tests/test_metrics.py",
+    ],
+    "app/api/requests.py": [
+        "tests/test_request_bodies.py",
+        "tests/test_hostile.py",
+        *(f"tests/test_api.py::{name}" for name in API_BODIES),
     ],
     "app/media.py": ["tests/test_media.py"],
     "app/drain.py": [

@@ -182,6 +182,12 @@ def dockerignore_excludes(path: str) -> bool:
     return excluded
 
 
+async def in_chunks(body: bytes, size: int = 4096) -> AsyncIterator[bytes]:
+    """``body`` in chunks of ``size`` bytes, sent without a Content-Length."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
 async def held_body(body: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
     """A body whose last byte waits for ``release``: its request stays in flight until then."""
     yield body[:-1]

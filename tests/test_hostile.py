@@ -27,7 +27,15 @@ from app.errors import DeadlineExceeded
 from app.pipeline import Job, Pipeline, unchanged
 from app.runner import is_out_of_memory
 from app.tokens import key_bytes
-from tests.support import TINY_AUDIO, held_body, png_bytes, served, settings_for, wav_bytes
+from tests.support import (
+    TINY_AUDIO,
+    held_body,
+    in_chunks,
+    png_bytes,
+    served,
+    settings_for,
+    wav_bytes,
+)
 
 GRID = 8
 K = TINY_AUDIO["arch"]["codebooks"]
@@ -68,14 +76,10 @@ async def test_a_token_body_over_the_token_budget_is_refused_by_size_not_parsed(
         response = await client.post("/v1/audio/decode", content=garbage, headers=MSGPACK)
         assert_problem(response, 413, "TOKSERVE_MAX_DECODE_TOKENS")
         assert response.headers["connection"] == "close"
-        streamed = await client.post("/v1/audio/decode", content=_chunks(garbage), headers=MSGPACK)
+        streamed = await client.post(
+            "/v1/audio/decode", content=in_chunks(garbage), headers=MSGPACK
+        )
         assert_problem(streamed, 413, "TOKSERVE_MAX_DECODE_TOKENS")
-
-
-async def _chunks(body: bytes, size: int = 4096) -> Any:
-    """The body streamed without a Content-Length."""
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
 
 
 async def test_large_token_bodies_are_parsed_off_the_event_loop(

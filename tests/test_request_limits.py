@@ -6,7 +6,6 @@ enforces them passes what is not an HTTP request (the ASGI lifespan) through unt
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import httpx
 from prometheus_client import REGISTRY
 
 from app.main import create_app
-from tests.support import held_body, png_bytes, problem_detail, served, settings_for
+from tests.support import held_body, in_chunks, png_bytes, problem_detail, served, settings_for
 
 ENCODE = "/v1/images/encode"
 IMAGE = png_bytes(seed=51)
@@ -22,12 +21,6 @@ TOO_LARGE = (
     "The request body is larger than the limit of {} bytes (TOKSERVE_MAX_BODY_BYTES); "
     "send fewer or smaller items per request."
 )
-
-
-async def _chunks(body: bytes, size: int = 1000) -> AsyncIterator[bytes]:
-    """``body`` streamed in chunks, without a Content-Length."""
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
 
 
 async def test_a_body_declared_over_the_limit_answers_413_and_closes_the_connection(
@@ -41,7 +34,7 @@ async def test_a_body_declared_over_the_limit_answers_413_and_closes_the_connect
 
 async def test_a_body_streamed_past_the_limit_answers_413(repo: Path) -> None:
     async with served(settings_for(repo, max_body_bytes=10_000, warmup=False)) as client:
-        response = await client.post(ENCODE, content=_chunks(b"x" * 10_001))
+        response = await client.post(ENCODE, content=in_chunks(b"x" * 10_001))
         assert problem_detail(response, 413) == TOO_LARGE.format(10_000)
 
 
@@ -49,7 +42,7 @@ async def test_a_body_of_exactly_the_limit_is_served_declared_or_streamed(repo: 
     async with served(settings_for(repo, max_body_bytes=len(IMAGE), warmup=False)) as client:
         declared = await client.post(ENCODE, content=IMAGE)
         assert declared.status_code == 200, declared.text
-        streamed = await client.post(ENCODE, content=_chunks(IMAGE))
+        streamed = await client.post(ENCODE, content=in_chunks(IMAGE))
         assert streamed.status_code == 200, streamed.text
 
 
