@@ -6,6 +6,7 @@ enforces them passes what is not an HTTP request (the ASGI lifespan) through unt
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,9 @@ async def test_the_app_starts_and_stops_through_the_asgi_lifespan_as_a_server_ru
     """uvicorn sends the lifespan through every middleware (tests/support.served does not)."""
     app = create_app(settings_for(repo, warmup=False))
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     await events.put({"type": "lifespan.startup"})
