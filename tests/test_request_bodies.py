@@ -260,3 +260,39 @@ async def test_a_decode_body_of_exactly_its_token_budget_is_read_and_one_byte_mo
         for body in (b" " + fits, in_chunks(b" " + fits)):
             response = await client.post("/v1/audio/decode", content=body, headers=JSON)
             assert problem_detail(response, 413) == refused
+
+
+async def test_a_bad_base64_item_is_named_by_its_place_and_the_others_encoded(
+    two_items: httpx.AsyncClient,
+) -> None:
+    images = [base64.b64encode(png_bytes(seed=63)).decode(), "not base64!!"]
+    response = await two_items.post(ENCODE, json={"images": images})
+    assert response.status_code == 207, response.text
+    good, bad = response.json()["items"]
+    assert len(good["tokens"]) == 8
+    assert bad["error"]["detail"] == (
+        "images[1] is not valid base64 (Only base64 data is allowed); it must be standard "
+        "base64 (A-Z, a-z, 0-9, '+' and '/', padded with '='), optionally as a "
+        "data:<media type>;base64, URL."
+    )
+
+
+async def test_text_fields_beside_the_files_are_read_past_up_to_max_items_plus_one(
+    two_items: httpx.AsyncClient,
+) -> None:
+    fields = {f"note{i}": "x" for i in range(3)}
+    files = [("files", ("a.png", png_bytes(seed=64), "image/png"))]
+    response = await two_items.post(ENCODE, data=fields, files=files)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["items"]) == 1
+
+
+async def test_a_multipart_body_that_cannot_be_parsed_answers_400_quoting_the_parser(
+    two_items: httpx.AsyncClient,
+) -> None:
+    headers = {"Content-Type": "multipart/form-data"}  # no boundary
+    response = await two_items.post(ENCODE, content=b"not multipart at all", headers=headers)
+    assert problem_detail(response, 400) == (
+        "The multipart body could not be parsed (Missing boundary in multipart.); send "
+        "multipart/form-data with one file part per item."
+    )
