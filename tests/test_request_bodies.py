@@ -296,3 +296,37 @@ async def test_a_multipart_body_that_cannot_be_parsed_answers_400_quoting_the_pa
         "The multipart body could not be parsed (Missing boundary in multipart.); send "
         "multipart/form-data with one file part per item."
     )
+
+
+CODES = [[1] * 5] * K
+PAST_THE_PARSERS_LIMITS = {
+    "a-map-of-17": (
+        {"tokens": CODES, **{f"k{i}": 0 for i in range(16)}},
+        "17 exceeds max_map_len(16)",
+    ),
+    "a-string-of-1025": ({"tokens": CODES, "note": "x" * 1025}, "1025 exceeds max_str_len(1024)"),
+    "an-extension-type": (
+        {"tokens": CODES, "model": msgpack.ExtType(1, b"x")},
+        "2 exceeds max_ext_len(0)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"), PAST_THE_PARSERS_LIMITS.values(), ids=list(PAST_THE_PARSERS_LIMITS)
+)
+async def test_msgpack_past_the_parsers_limits_answers_400_quoting_them(
+    two_items: httpx.AsyncClient, payload: dict[str, Any], reason: str
+) -> None:
+    response = await two_items.post(
+        "/v1/audio/decode", content=msgpack.packb(payload), headers=MSGPACK
+    )
+    assert problem_detail(response, 400) == f"The body is not valid msgpack ({reason})."
+
+
+async def test_msgpack_at_the_parsers_limits_is_read(two_items: httpx.AsyncClient) -> None:
+    payload = {"tokens": CODES, "note": "x" * 1024, **{f"k{i}": 0 for i in range(14)}}  # 16 keys
+    response = await two_items.post(
+        "/v1/audio/decode", content=msgpack.packb(payload), headers=MSGPACK
+    )
+    assert response.status_code == 200, response.text
