@@ -330,3 +330,28 @@ async def test_msgpack_at_the_parsers_limits_is_read(two_items: httpx.AsyncClien
         "/v1/audio/decode", content=msgpack.packb(payload), headers=MSGPACK
     )
     assert response.status_code == 200, response.text
+
+
+UNKNOWN = "Unknown audio model 'nope'; known audio models: ['tiny-audio']."
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json-ids", "msgpack-binary-item"])
+async def test_the_model_named_in_a_one_item_body_is_the_one_asked_for(
+    two_items: httpx.AsyncClient, binary: bool
+) -> None:
+    if binary:
+        body = msgpack.packb({"model": "nope", "tokens": BINARY_ITEM})
+        response = await two_items.post("/v1/audio/decode", content=body, headers=MSGPACK)
+    else:
+        response = await two_items.post("/v1/audio/decode", json={"model": "nope", "tokens": CODES})
+    assert problem_detail(response, 404) == UNKNOWN
+
+
+async def test_a_list_of_one_binary_item_answers_a_list_of_one(
+    two_items: httpx.AsyncClient,
+) -> None:
+    body = msgpack.packb({"tokens": [BINARY_ITEM]})
+    response = await two_items.post("/v1/audio/decode", content=body, headers=MSGPACK)
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["items"]
+    assert item["media_type"] == "audio/wav"
