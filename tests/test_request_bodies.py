@@ -335,16 +335,28 @@ async def test_msgpack_at_the_parsers_limits_is_read(two_items: httpx.AsyncClien
 UNKNOWN = "Unknown audio model 'nope'; known audio models: ['tiny-audio']."
 
 
-@pytest.mark.parametrize("binary", [False, True], ids=["json-ids", "msgpack-binary-item"])
-async def test_the_model_named_in_a_one_item_body_is_the_one_asked_for(
-    two_items: httpx.AsyncClient, binary: bool
+@pytest.mark.parametrize(
+    ("tokens", "binary"),
+    [(CODES, False), (BINARY_ITEM, True), ([CODES, CODES], False)],
+    ids=["one-item-of-ids", "one-binary-item", "a-list-of-items"],
+)
+async def test_the_model_named_in_a_decode_body_is_the_one_asked_for(
+    two_items: httpx.AsyncClient, tokens: Any, binary: bool
 ) -> None:
+    payload = {"model": "nope", "tokens": tokens}
     if binary:
-        body = msgpack.packb({"model": "nope", "tokens": BINARY_ITEM})
+        body = msgpack.packb(payload)
         response = await two_items.post("/v1/audio/decode", content=body, headers=MSGPACK)
     else:
-        response = await two_items.post("/v1/audio/decode", json={"model": "nope", "tokens": CODES})
+        response = await two_items.post("/v1/audio/decode", json=payload)
     assert problem_detail(response, 404) == UNKNOWN
+
+
+async def test_a_json_list_of_more_items_than_max_items_is_refused(
+    two_items: httpx.AsyncClient,
+) -> None:
+    response = await two_items.post("/v1/audio/decode", json={"tokens": [CODES] * 3})
+    assert problem_detail(response, 413) == TOO_MANY
 
 
 async def test_a_list_of_one_binary_item_answers_a_list_of_one(
