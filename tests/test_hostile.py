@@ -95,14 +95,15 @@ async def test_large_token_bodies_are_parsed_off_the_event_loop(
     monkeypatch.setattr(requests, "_parse_json", recording)
     tokens = np.zeros((GRID, GRID), int).tolist()
     small = json.dumps({"tokens": tokens})
-    large = " " * requests.INLINE_PARSE_BYTES + small  # a body only whitespace makes large
-    for body in (small, large):
+    edge = " " * (requests.INLINE_PARSE_BYTES - len(small)) + small  # whitespace makes size
+    for body in (small, edge, " " + edge):
         response = await client.post(
             "/v1/images/decode", content=body, headers={"Content-Type": "application/json"}
         )
         assert response.status_code == 200
-    assert parsed_on[0] == threading.current_thread().name  # small: inline, no thread hop
-    assert parsed_on[1].startswith("media")
+    loop = threading.current_thread().name
+    assert parsed_on[:2] == [loop, loop]  # up to INLINE_PARSE_BYTES: inline, no thread hop
+    assert parsed_on[2].startswith("media")
 
 
 def _wav(samples: int, sample_rate: int) -> bytes:

@@ -4,6 +4,7 @@ list of base64 strings."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,15 @@ import httpx
 import msgpack
 import pytest
 
-from tests.support import TINY_AUDIO, in_chunks, png_bytes, problem_detail, served, settings_for
+from tests.support import (
+    TINY_AUDIO,
+    held_body,
+    in_chunks,
+    png_bytes,
+    problem_detail,
+    served,
+    settings_for,
+)
 
 K = TINY_AUDIO["arch"]["codebooks"]
 MSGPACK = {"Content-Type": "application/msgpack"}
@@ -367,3 +376,20 @@ async def test_a_list_of_one_binary_item_answers_a_list_of_one(
     assert response.status_code == 200, response.text
     (item,) = response.json()["items"]
     assert item["media_type"] == "audio/wav"
+
+
+async def test_a_decode_body_declared_over_its_token_budget_is_refused_before_it_arrives(
+    repo: Path,
+) -> None:
+    release = asyncio.Event()  # never set before the answer: the body's rest never comes
+    headers = {**JSON, "Content-Length": "100000"}  # over the 81536 bytes 1000 tokens allow
+    async with served(settings_for(repo, warmup=False, max_decode_tokens=1000)) as client:
+        try:
+            async with asyncio.timeout(10):
+                response = await client.post(
+                    "/v1/audio/decode", content=held_body(b"{}", release), headers=headers
+                )
+        finally:
+            release.set()
+    assert problem_detail(response, 413).startswith("A decode body may hold 1000 tokens")
+    assert response.headers["connection"] == "close"
