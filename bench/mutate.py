@@ -98,9 +98,8 @@ COPIED = ["bench"]
 # big enough to go parallel then hangs in the child (OpenMP's pool does not survive fork), and
 # the hang is scored as a timeout, i.e. caught. One OpenMP thread has no pool to lose.
 MUTMUT_ENV = {"OMP_NUM_THREADS": "1"}
-# a timed-out mutant is checked again in a fresh process, given this long (the slowest test row,
-# test_drain.py's servers, takes about 90 s on a loaded 2-core machine)
-RECHECK_S = 300
+# how long each module's tests take unmutated in a fresh process: a rechecked mutant gets ten times
+_BASELINE_S: dict[str, float] = {}
 
 
 def _key(module: str) -> str:
@@ -139,13 +138,21 @@ def run_module(module: str, names: list[str]) -> dict:
 def recheck(module: str, name: str) -> str:
     """A timed-out mutant's tests run again in a fresh process (not a fork of one that already
     ran them, where a lock another thread held can hang it): killed if they fail, survived if
-    they pass, timeout only if they hang again."""
+    they pass, timeout only if they take ten times as long as on the unmutated module."""
     tests = TESTS.get(module, ["tests"])
     command = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"]
-    env = {**os.environ, **MUTMUT_ENV, "MUTANT_UNDER_TEST": name}
+    env = {**os.environ, **MUTMUT_ENV}
+    if module not in _BASELINE_S:
+        start = time.monotonic()
+        subprocess.run(command, cwd=ROOT / "mutants", env=env, capture_output=True, check=True)
+        _BASELINE_S[module] = time.monotonic() - start
     try:
         done = subprocess.run(
-            command, cwd=ROOT / "mutants", env=env, capture_output=True, timeout=RECHECK_S
+            command,
+            cwd=ROOT / "mutants",
+            env={**env, "MUTANT_UNDER_TEST": name},
+            capture_output=True,
+            timeout=max(30.0, 10 * _BASELINE_S[module]),
         )
     except subprocess.TimeoutExpired:
         return "timeout"
