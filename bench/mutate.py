@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,8 +100,7 @@ COPIED = ["bench"]
 # big enough to go parallel then hangs in the child (OpenMP's pool does not survive fork), and
 # the hang is scored as a timeout, i.e. caught. One OpenMP thread has no pool to lose.
 MUTMUT_ENV = {"OMP_NUM_THREADS": "1"}
-# how long each module's tests take unmutated in a fresh process: a rechecked mutant gets ten times
-_BASELINE_S: dict[str, float] = {}
+RECHECKS = 3  # timed-out mutants rechecked at once (most of them hang until their time is up)
 
 
 def _key(module: str) -> str:
@@ -129,34 +130,50 @@ def run_module(module: str, names: list[str]) -> dict:
         if e.code not in (0, None):
             raise
     result = collect(module)
+    timeouts = [m["name"] for m in result["mutants"] if m["status"] == "timeout"]
+    verdicts = recheck_all(module, timeouts) if timeouts else {}
     for mutant in result["mutants"]:
-        if mutant["status"] == "timeout":
-            mutant["status"] = recheck(module, mutant["name"])
+        mutant["status"] = verdicts.get(mutant["name"], mutant["status"])
     return result
 
 
-def recheck(module: str, name: str) -> str:
+def test_command(module: str) -> list[str]:
+    """The module's test row, as one pytest run in a fresh process."""
+    tests = TESTS.get(module, ["tests"])
+    return [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"]
+
+
+def baseline_s(module: str) -> float:
+    """How long the module's tests take unmutated in a fresh process in mutants/."""
+    start = time.monotonic()
+    env = {**os.environ, **MUTMUT_ENV}
+    subprocess.run(test_command(module), cwd=ROOT / "mutants", env=env, capture_output=True)
+    return time.monotonic() - start
+
+
+def recheck(module: str, time_limit_s: float, name: str) -> str:
     """A timed-out mutant's tests run again in a fresh process (not a fork of one that already
     ran them, where a lock another thread held can hang it): killed if they fail, survived if
-    they pass, timeout only if they take ten times as long as on the unmutated module."""
-    tests = TESTS.get(module, ["tests"])
-    command = [sys.executable, "-m", "pytest", *tests, "-x", "-q", "-p", "no:cacheprovider"]
-    env = {**os.environ, **MUTMUT_ENV}
-    if module not in _BASELINE_S:
-        start = time.monotonic()
-        subprocess.run(command, cwd=ROOT / "mutants", env=env, capture_output=True, check=True)
-        _BASELINE_S[module] = time.monotonic() - start
+    they pass, timeout only if they outlast ``time_limit_s``."""
     try:
         done = subprocess.run(
-            command,
+            test_command(module),
             cwd=ROOT / "mutants",
-            env={**env, "MUTANT_UNDER_TEST": name},
+            env={**os.environ, **MUTMUT_ENV, "MUTANT_UNDER_TEST": name},
             capture_output=True,
-            timeout=max(30.0, 10 * _BASELINE_S[module]),
+            timeout=time_limit_s,
         )
     except subprocess.TimeoutExpired:
         return "timeout"
     return "survived" if done.returncode == 0 else "killed"
+
+
+def recheck_all(module: str, names: list[str]) -> dict[str, str]:
+    """Each named mutant's recheck, a few at once, each given five times the module's unmutated
+    test time (20 s at least): most timed-out mutants hang until their time is up."""
+    check = partial(recheck, module, max(20.0, 5 * baseline_s(module)))
+    with ThreadPoolExecutor(RECHECKS) as pool:
+        return dict(zip(names, pool.map(check, names), strict=True))
 
 
 def every_test_for_every_function(module: str) -> None:
@@ -347,8 +364,15 @@ def main() -> None:
         ]
         if kept and not names:
             return
-        result = run_module(args.one, names)
-        if kept:
+        if args.timeouts:  # mutmut writes mutants/ running one of them; each is rechecked afresh
+            run_module(args.one, names[:1])
+            result = {**kept, "mutants": [dict(m) for m in kept["mutants"]]}
+            verdicts = recheck_all(args.one, names)
+            for mutant in result["mutants"]:
+                mutant["status"] = verdicts.get(mutant["name"], mutant["status"])
+        else:
+            result = run_module(args.one, names)
+        if kept and not args.timeouts:
             fresh = {m["name"]: m for m in result["mutants"]}
             result["mutants"] = [
                 fresh.get(m["name"], m) if m["name"] in names else m for m in kept["mutants"]
