@@ -282,7 +282,10 @@ def report(out: Path) -> None:
         "in its row, with `-x`; 'no tests' means none of them calls that function, and a "
         "survivor may still be killed by a test file outside the row (the judgement says so "
         "where known). Judgements come from bench/mutation_judgements.json; 'score without "
-        "them' leaves out the survivors judged equivalent (the issue's 85% goal). 'Score before "
+        "them' leaves out the survivors judged equivalent (the issue's 85% goal). A timeout is "
+        "rechecked in a fresh process (mutmut's forked runs can hang on a lock another thread "
+        "held; OMP_NUM_THREADS=1 keeps torch's pool out of it): killed if the tests fail, "
+        "survived if they pass, a timeout only if it hangs again. 'Score before "
         "new tests' is the module's first full run; `--survivors` then reruns only the mutants it "
         "left alive.",
         "",
