@@ -71,7 +71,7 @@ def test_the_generic_layout_lays_a_clip_out_frame_by_frame() -> None:
 @pytest.mark.parametrize("model", ["image-fsq-256", "audio-rvq-24k"])
 def test_ids_to_tokens_to_ids_is_exact_for_the_generic_layout(model: str) -> None:
     shape = (32, 32) if model == "image-fsq-256" else (8, 37)
-    tokens = RNG.integers(0, SHIPPED[model].vocab_size, shape)
+    tokens = RNG.integers(0, SHIPPED[model]["vocab_size"], shape)
     layout = generic()
     ids = layout.to_ids(model, tokens)
     assert np.array_equal(layout.from_ids(model, ids), tokens)
