@@ -107,8 +107,9 @@ def _key(module: str) -> str:
     return module.replace("/", "__").removesuffix(".py")
 
 
-def run_module(module: str, names: list[str]) -> dict:
-    """Run mutmut over one module (only the named mutants when given) in this process."""
+def run_module(module: str, names: list[str], recheck_timeouts: bool = True) -> dict:
+    """Run mutmut over one module (only the named mutants when given) in this process; its
+    timeouts are rechecked afresh unless ``recheck_timeouts`` is off."""
     import mutmut.configuration as mc
 
     cfg = mc._load_config()
@@ -131,7 +132,7 @@ def run_module(module: str, names: list[str]) -> dict:
             raise
     result = collect(module)
     timeouts = [m["name"] for m in result["mutants"] if m["status"] == "timeout"]
-    verdicts = recheck_all(module, timeouts) if timeouts else {}
+    verdicts = recheck_all(module, timeouts) if timeouts and recheck_timeouts else {}
     for mutant in result["mutants"]:
         mutant["status"] = verdicts.get(mutant["name"], mutant["status"])
     return result
@@ -368,7 +369,7 @@ def main() -> None:
         if kept and not names:
             return
         if args.timeouts:  # mutmut writes mutants/ running one of them; each is rechecked afresh
-            run_module(args.one, names[:1])
+            run_module(args.one, names[:1], recheck_timeouts=False)
             result = {**kept, "mutants": [dict(m) for m in kept["mutants"]]}
             verdicts = recheck_all(args.one, names)
             for mutant in result["mutants"]:
