@@ -35,13 +35,7 @@ from app.pipeline import ItemResult, Job, Pipeline, unchanged
 from app.registry import LoadedModel
 from app.runner import AudioRunner, ImageRunner, is_out_of_memory
 from app.tokenizers.base import AudioInfo, ImageInfo
-from app.tokens import (
-    file_fits,
-    key_bytes,
-    raw_bytes,
-    token_array,
-    token_fits,
-)
+from app.tokens import file_fits, key_bytes, raw_bytes, token_array, token_fits
 
 T = TypeVar("T")
 IMAGE_MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -413,7 +407,7 @@ class AudioEndpoint(Endpoint):
         if array.ndim != 2 or array.shape[0] not in allowed or array.shape[1] < 1:
             raise Unprocessable(
                 f"{where} of shape {list(array.shape)} does not fit model {self.model.name}: "
-                f"{self._decode_shapes(fewest, most)} and at least one frame."
+                f"{self._decode_shapes(fewest, most, allowed)} and at least one frame."
             )
         max_seconds = self.settings.max_audio_seconds
         if array.shape[1] * self.hop > max_seconds * self.sample_rate:
@@ -425,12 +419,13 @@ class AudioEndpoint(Endpoint):
             )
         return array
 
-    def _decode_shapes(self, fewest: int, most: int) -> str:
-        """What a decode item may be, in words."""
+    def _decode_shapes(self, fewest: int, most: int, rows_allowed: list[int]) -> str:
+        """What a decode item may be, in words: ``rows_allowed`` rows for ``fewest`` to ``most``
+        codebooks."""
         codebooks = f"{fewest} to {most}" if fewest < most else f"{fewest}"
         if not self.info.tokens_per_frame:
             return f"send [k][F] with {codebooks} codebooks (rows)"
-        rows = ", ".join(str(self.info.rows(k)) for k in range(fewest, most + 1))
+        rows = ", ".join(map(str, rows_allowed))
         return (
             f"send the token array [rows][F] with {rows} rows ({codebooks} codebooks of "
             f"{list(self.info.tokens_per_frame)} tokens per frame), or the codebooks' streams "

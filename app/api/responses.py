@@ -107,12 +107,12 @@ def tokens_response(
         if isinstance(item, ProblemError):
             items.append({"error": problem_of(item)})
         else:
-            ids = in_layout(item.tokens) if in_layout else {}
+            laid_out = in_layout(item.tokens) if in_layout else {}
             if fmt == "msgpack":
                 tokens = {"tokens": item.tokens.tobytes(), "dtype": item.tokens.dtype.name}
             else:
                 tokens = {"tokens": item.tokens.tolist()}
-            items.append({**tokens, **item.figures, **ids, "cached": item.cached})
+            items.append({**tokens, **item.figures, **laid_out, "cached": item.cached})
     return _items_response(answer, items, fmt == "msgpack", status, headers)
 
 
