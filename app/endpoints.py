@@ -180,6 +180,9 @@ class Endpoint(ABC):
         def convert() -> list[np.ndarray | ProblemError]:
             arrays: list[np.ndarray | ProblemError] = []
             for index, item in enumerate(items):
+                if isinstance(item, ProblemError):  # refused already (a span of bad ids)
+                    arrays.append(item)
+                    continue
                 try:
                     arrays.append(check(item, "tokens" if single else f"tokens[{index}]"))
                 except ProblemError as exc:
@@ -232,6 +235,7 @@ class ImageEndpoint(Endpoint):
         self.info = info
         self.size = info.image_size
         self.grid = list(info.grid)
+        self.item_shape = (2, "[[int]] (h rows of w ids)")
 
     async def encode(
         self, images: Sequence[bytes | ProblemError], resize: ResizeMode, deadline: float | None
@@ -326,6 +330,7 @@ class AudioEndpoint(Endpoint):
         self.frame_rate = info.frame_rate
         self.hop = info.hop_length
         self.codebooks = info.codebooks
+        self.item_shape = (2, "[[int]] (k codebooks of F frames)")
         # a decoder that needs every codebook declares it (exported programs do)
         self.fewest_codebooks = int(info.extra.get("decode_codebooks", 1))
 

@@ -37,7 +37,9 @@ CODEBOOKS = TINY_AUDIO["arch"]["codebooks"]
 # 504 are answers, not crashes (a tiny X-Request-Timeout gets 504); 413 is how a list over
 # max_items is refused; and no schema tells audio from other bytes, so a raw body the schema
 # allows (schemathesis sends a PNG) may be refused as not audio (415). A route ignores the
-# headers and query parameters it does not read, as HTTP expects. Any warning fails the run.
+# headers and query parameters it does not read, as HTTP expects. A span of a layout's ids has
+# a structure (its markers, whole rows) no JSON Schema states, so a decode body of ids the
+# schema allows may not map back to tokens (422). Any warning fails the run.
 SCHEMATHESIS_CONFIG = """
 [warnings]
 fail-on = true
@@ -57,6 +59,10 @@ allow-extra-parameters = false
 [[operations]]
 include-path = "/v1/audio/encode"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "415", "5xx"]
+
+[[operations]]
+include-path-regex = "^/v1/(images|audio)/decode$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "422", "5xx"]
 """
 
 
@@ -270,6 +276,24 @@ def test_generated_client_decodes_a_generated_sequence_to_typed_spans(
     assert (text.kind, text.start, text.end, tail.start) == ("text", 0, 1, len(ids) - 1)
     assert isinstance(image, models.SequenceSpan) and image.media_type == "image/png"
     assert base64.b64decode(image.data)[:4] == b"\x89PNG"
+
+
+def test_generated_client_decodes_an_images_span_of_layout_ids_to_the_image_file(
+    generated: SimpleNamespace, server: str
+) -> None:
+    models = generated.models
+    place = httpx.get(f"{server}/v1/layouts/tiny").json()["models"]["tiny-image"]
+    ids = [place["begin"], *[place["offset"] + 3] * (GRID[0] * GRID[1]), place["end"]]
+    answer = call(
+        server,
+        "images.decode_images",
+        body=models.ImageDecodeIds(layout=models.LayoutName.TINY, ids=ids),
+    )
+    grid = [[3] * GRID[1]] * GRID[0]
+    assert answer.status_code == 200
+    assert answer.parsed.payload.read() == (
+        httpx.post(f"{server}/v1/images/decode", json={"tokens": grid}).content
+    )
 
 
 def test_generated_client_reads_health_readiness_and_metrics(

@@ -29,7 +29,8 @@ MSGPACK = {"Content-Type": "application/msgpack"}
 JSON = {"Content-Type": "application/json"}
 ENCODE = "/v1/images/encode"
 NOT_AN_OBJECT = (
-    'The body must be an object {"model": ..., "tokens": [[int]] (k codebooks of F frames)}.'
+    'The body must be an object {"model": ..., "tokens": [[int]] (k codebooks of F frames)}, '
+    'or {"layout": ..., "ids": [int]} for spans of a layout\'s ids.'
 )
 TOO_MANY = (
     "3 token items in one request; at most 2 (TOKSERVE_MAX_ITEMS) are accepted: "

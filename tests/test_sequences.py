@@ -202,3 +202,101 @@ async def test_encode_with_a_layout_it_cannot_use_is_refused_before_any_work(
     media = png_bytes(seed=4) if "images" in url else wav_bytes(seconds=0.3)
     answer = await client.post(url, content=media, headers=headers)
     assert (answer.status_code, answer.json()["detail"]) == (status, detail)
+
+
+async def test_decode_takes_an_items_span_of_ids_in_place_of_its_tokens(
+    client: httpx.AsyncClient,
+) -> None:
+    grid, codes = await tokens_of(client)
+    image = await client.post("/v1/images/encode?layout=tiny", content=png_bytes(seed=4))
+    clip = await client.post("/v1/audio/encode?layout=tiny", content=wav_bytes(seconds=0.3))
+    image_ids, clip_ids = image.json()["items"][0]["ids"], clip.json()["items"][0]["ids"]
+    png = await client.post("/v1/images/decode", json={"layout": "tiny", "ids": image_ids})
+    wav = await client.post(
+        "/v1/audio/decode",
+        content=msgpack.packb({"layout": "tiny", "ids": clip_ids}),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert png.content == (await client.post("/v1/images/decode", json={"tokens": grid})).content
+    assert wav.content == (await client.post("/v1/audio/decode", json={"tokens": codes})).content
+
+
+async def test_a_list_of_spans_answers_each_and_names_the_one_that_does_not_map_back(
+    client: httpx.AsyncClient,
+) -> None:
+    clip = await client.post("/v1/audio/encode?layout=tiny", content=wav_bytes(seconds=0.3))
+    ids = clip.json()["items"][0]["ids"]
+    answer = await client.post(
+        "/v1/audio/decode", json={"layout": "tiny", "ids": [ids, [*ids[:2], 7, *ids[3:]]]}
+    )
+    assert answer.status_code == 207
+    good, bad = answer.json()["items"]
+    assert good["media_type"] == "audio/wav"
+    assert bad["error"]["status"] == 422
+    assert bad["error"]["detail"].startswith("ids[1]: ")
+    assert "position 2" in bad["error"]["detail"]
+
+
+async def test_a_span_opening_another_modalitys_marker_is_refused_naming_where_it_decodes(
+    client: httpx.AsyncClient,
+) -> None:
+    clip = await client.post("/v1/audio/encode?layout=tiny", content=wav_bytes(seconds=0.3))
+    answer = await client.post(
+        "/v1/images/decode", json={"layout": "tiny", "ids": clip.json()["items"][0]["ids"]}
+    )
+    assert (answer.status_code, answer.json()["detail"]) == (
+        422,
+        "The first span opens a span of tiny-audio, an audio model: decode it at "
+        "/v1/audio/decode or /v1/sequences/decode.",
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (
+            {"ids": [1, 2]},
+            "'ids' are read through a layout: add \"layout\": NAME, one of GET /v1/layouts.",
+        ),
+        (
+            {"layout": "tiny", "ids": [[[1]]]},
+            "'ids' must be [int] (one span of the layout's ids, markers included) for one "
+            "item, or a list of those for several (got 3 levels of nesting).",
+        ),
+        (
+            {"layout": "tiny", "model": "tiny-image", "ids": [[1.5]]},
+            "Every item failed; item 0: ids[0]: every id must be an integer.",
+        ),
+    ],
+    ids=["no-layout", "too-deep", "not-integers"],
+)
+async def test_a_body_of_ids_that_cannot_be_read_answers_422_saying_why(
+    client: httpx.AsyncClient, body: dict[str, Any], detail: str
+) -> None:
+    answer = await client.post("/v1/images/decode", json=body)
+    assert (answer.status_code, answer.json()["detail"]) == (422, detail)
+
+
+async def test_more_spans_of_ids_than_the_item_limit_are_refused_from_msgpack_headers(
+    client: httpx.AsyncClient,
+) -> None:
+    limit = client.app.state.engine.settings.max_items  # type: ignore[attr-defined]
+    body = msgpack.packb({"layout": "tiny", "ids": [[TEXT]] * (limit + 1)})
+    answer = await client.post(
+        "/v1/images/decode", content=body, headers={"Content-Type": "application/msgpack"}
+    )
+    assert answer.status_code == 413
+    assert answer.json()["detail"].startswith(f"{limit + 1} token items in one request")
+
+
+async def test_a_body_with_tokens_is_read_as_tokens_whatever_else_it_holds(
+    client: httpx.AsyncClient,
+) -> None:
+    grid, _ = await tokens_of(client)
+    body = {"tokens": grid, "layout": "tiny", "ids": [TEXT]}
+    answer = await client.post(
+        "/v1/images/decode",
+        content=msgpack.packb(body),
+        headers={"Content-Type": "application/msgpack"},
+    )
+    assert answer.content == (await client.post("/v1/images/decode", json={"tokens": grid})).content

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
-from app.api.layouts import layout_fields
+from app.api.layouts import layout_fields, span_model, span_tokens
 from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
@@ -74,9 +74,12 @@ async def decode_images(
     fmt: Annotated[ImageFormat, Query(alias="format", description="Output format")] = "png",
 ) -> Response:
     """One grid answers the image itself; a list of grids answers JSON (or msgpack) items."""
-    body = await read_token_request(request, engine, 2, "[[int]] (h rows of w ids)")
-    endpoint = engine.image(body.model or model)
+    body = await read_token_request(
+        request, engine, lambda name: engine.image(name or model).item_shape
+    )
+    endpoint = engine.image(span_model(engine, body, model, "image"))
+    items = span_tokens(engine, body, endpoint.model.name)
     label_model(request, endpoint.model.name)
     deadline = deadline_of(request, engine)
-    work = endpoint.decode(body.items, fmt, deadline, body.single)
+    work = endpoint.decode(items, fmt, deadline, body.single)
     return media_response(request, await cancel_on_disconnect(request, work), body.single)

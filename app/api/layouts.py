@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from tokserve_client.layouts import Layout
+from tokserve_client.layouts import Layout, MediaLayout
 
 from app.api.deps import EngineDep, require_api_key
+from app.api.requests import TokenRequest
 from app.api.responses import LayoutFields, response_format
 from app.api.schemas import LayoutEntry, LayoutsResponse, problems
 from app.engine import Engine
-from app.errors import NotFound, Unprocessable
+from app.errors import NotFound, ProblemError, Unprocessable
 
 router = APIRouter(prefix="/v1/layouts", tags=["layouts"], dependencies=[Depends(require_api_key)])
 
@@ -120,3 +121,68 @@ def layout_fields(
             start += step
 
     return windows
+
+
+def span_model(engine: Engine, body: TokenRequest, model: str | None, modality: str) -> str | None:
+    """The model a decode is for: the one named (body or query) or, for spans of a layout's ids,
+    the model whose opening marker starts the first span (or the layout's only ``modality``
+    model). None leaves the choice to the route's default."""
+    named = body.model or model
+    if body.layout is None:
+        return named
+    layout = layout_named(engine, body.layout)
+    if named is not None:
+        if named not in layout.media:
+            raise Unprocessable(
+                f"Layout {layout.name!r} does not cover model {named}; it covers "
+                f"{sorted(layout.media)}."
+            )
+        return named
+    opens = {media.begin: media for media in layout.media.values()}
+    first = body.items[0][0] if body.items and body.items[0] else None
+    media = opens.get(first) if isinstance(first, int) else None
+    if media is not None:
+        if media.modality != modality:
+            raise Unprocessable(
+                f"The first span opens a span of {media.model}, an {media.modality} model: "
+                f"decode it at /v1/{media.modality}/decode or /v1/sequences/decode."
+            )
+        return media.model
+    ours = [name for name, m in layout.media.items() if m.modality == modality]
+    if len(ours) == 1:
+        return ours[0]
+    raise Unprocessable(
+        f"The first span does not open with the marker of a {modality} model of layout "
+        f'{layout.name!r} (its {modality} models: {ours}); name the model with "model".'
+    )
+
+
+def span_tokens(engine: Engine, body: TokenRequest, model: str) -> list[Any]:
+    """The items to decode: the body's token arrays, or each span of ids mapped back through
+    the layout (a span that does not map back holds its problem, naming it and where)."""
+    if body.layout is None:
+        return body.items
+    layout = layout_named(engine, body.layout)
+    media = layout.media[model]
+    opens = {m.begin: m.model for m in layout.media.values() if m.model != model}
+    items: list[np.ndarray | ProblemError] = []
+    for index, ids in enumerate(body.items):
+        where = "ids" if body.single else f"ids[{index}]"
+        items.append(_span_tokens(media, opens, ids, where))
+    return items
+
+
+def _span_tokens(
+    media: MediaLayout, opens: dict[int, str], ids: list[Any], where: str
+) -> np.ndarray | ProblemError:
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return Unprocessable(f"{where}: every id must be an integer.")
+    if ids and ids[0] in opens:
+        return Unprocessable(
+            f"{where} opens a span of {opens[ids[0]]}, not of {media.model}: decode each model's "
+            "spans in their own request, or a whole sequence at /v1/sequences/decode."
+        )
+    try:
+        return media.from_ids(ids)
+    except (ValueError, OverflowError) as exc:
+        return Unprocessable(f"{where}: {exc}.")

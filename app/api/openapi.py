@@ -94,7 +94,7 @@ def openapi_document(app: FastAPI, engine: Engine | None) -> dict[str, Any]:
     _add_referenced_models(document)
     _add_media_examples(components["schemas"])
     if engine is not None:
-        _describe_layouts(components["schemas"], engine.registry.layouts)
+        _describe_layouts(document, engine.registry.layouts, settings.max_items)
     _bound_encode_lists(components["schemas"], settings.max_items)
     if settings.api_keys:
         _require_keys(document, settings.public_metrics)
@@ -274,9 +274,13 @@ def _references(node: Any) -> set[str]:
     return found.union(*map(_references, node.values()))
 
 
-def _describe_layouts(known: dict[str, dict[str, Any]], layouts: Mapping[str, Layout]) -> None:
-    """The loaded layouts' names as an enum, and a generated sequence of the first layout (text,
-    one media span of its first model, text) as the example of a sequence decode body."""
+def _describe_layouts(
+    document: dict[str, Any], layouts: Mapping[str, Layout], max_items: int
+) -> None:
+    """The loaded layouts' names as an enum, a generated sequence of the first layout (text,
+    one media span of its first model, text) as the example of a sequence decode body, and
+    spans of its ids as what a decode route takes in place of tokens."""
+    known = document["components"]["schemas"]
     names = sorted(layouts)
     known["LayoutName"] = {"type": "string", **({"enum": names} if names else {})}
     known["SequenceRequest"]["properties"]["layout"] = ref("LayoutName")
@@ -287,6 +291,33 @@ def _describe_layouts(known: dict[str, dict[str, Any]], layouts: Mapping[str, La
     shape = place.shape if place.modality == "image" else (place.rows, 2)
     span = layout.to_ids(place.model, np.zeros(shape, dtype=np.int64)).tolist()
     known["SequenceRequest"]["examples"] = [{"layout": names[0], "ids": [1, 2, *span, 3]}]
+    for modality in ("Image", "Audio"):
+        known[f"{modality}DecodeIds"] = _span_body(modality, layout.vocab_size, max_items)
+        route = document["paths"][f"/v1/{'images' if modality == 'Image' else 'audio'}/decode"]
+        for content in route["post"]["requestBody"]["content"].values():
+            tokens_body = content["schema"]
+            content["schema"] = {"oneOf": [tokens_body, ref(f"{modality}DecodeIds")]}
+
+
+def _span_body(modality: str, vocab_size: int, max_items: int) -> dict[str, Any]:
+    """A decode body of spans of a layout's ids (each as ``?layout=`` encode answers it)."""
+    span = _array(_token_id([vocab_size]), 1, None, "One span of the layout's ids")
+    return {
+        "type": "object",
+        "required": ["layout", "ids"],
+        "properties": {
+            "layout": ref("LayoutName"),
+            "model": {
+                "anyOf": [ref(f"{modality}ModelName"), {"type": "null"}],
+                "description": "The model; default the one whose marker opens the first span",
+            },
+            "ids": {
+                "anyOf": [span, _array(span, 1, max_items, "A list of spans")],
+                "description": "One span (answered as the file) or a list (as items)",
+            },
+        },
+        "additionalProperties": False,  # with tokens, it is a body of tokens
+    }
 
 
 def _add_media_examples(known: dict[str, dict[str, Any]]) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -140,11 +140,18 @@ def token_body_limit(settings: Settings) -> int:
 
 @dataclass(frozen=True)
 class TokenRequest:
-    """A decode request: token arrays, and whether the client sent one item or a list."""
+    """A decode request: token arrays (or, with ``layout``, spans of that layout's ids), and
+    whether the client sent one item or a list."""
 
     model: str | None
     items: list[Any]
     single: bool
+    layout: str | None = None
+
+
+# a model's name (None: the route's default) -> how many levels one item nests, and what it reads
+ItemShape = Callable[[str | None], tuple[int, str]]
+SPAN_SHAPE = (1, "[int] (one span of the layout's ids, markers included)")
 
 
 def _depth(value: Any) -> int:
@@ -157,12 +164,10 @@ def _depth(value: Any) -> int:
     return depth
 
 
-async def read_token_request(
-    request: Request, engine: Engine, item_ndim: int, layout: str
-) -> TokenRequest:
-    """Parse ``{model, tokens}`` from JSON or msgpack, off the event loop, after checking the
-    body's size against what MAX_DECODE_TOKENS allows; tokens is one item or a list of at
-    most MAX_ITEMS items."""
+async def read_token_request(request: Request, engine: Engine, shape: ItemShape) -> TokenRequest:
+    """Parse ``{model, tokens}`` (or ``{layout, ids}``) from JSON or msgpack, off the event
+    loop, after checking the body's size against what MAX_DECODE_TOKENS allows; tokens is one
+    item (nested as ``shape`` says for the model) or a list of at most MAX_ITEMS items."""
     settings = engine.settings
     limit = token_body_limit(settings)
     body = await _read_at_most(
@@ -172,9 +177,9 @@ async def read_token_request(
         f"(TOKSERVE_MAX_DECODE_TOKENS), so at most {limit} bytes",
     )
     if not body:
-        raise BadRequest(f'The body is empty; send {{"model": ..., "tokens": {layout}}}.')
+        raise BadRequest(f'The body is empty; send {{"model": ..., "tokens": {shape(None)[1]}}}.')
     binary = _content_type(request) in MSGPACK_TYPES
-    parse = (body, binary, item_ndim, layout, settings.max_items, limit)
+    parse = (body, binary, shape, settings.max_items, limit)
     if len(body) <= INLINE_PARSE_BYTES:  # a thread hop would cost more than the parsing
         return _parse_tokens(*parse)
     return await engine.off_loop(_parse_tokens, *parse)
@@ -200,10 +205,10 @@ async def _read_at_most(request: Request, limit: int, why: str) -> bytes:
 
 
 def _parse_tokens(
-    body: bytes, binary: bool, item_ndim: int, layout: str, max_items: int, limit: int
+    body: bytes, binary: bool, shape: ItemShape, max_items: int, limit: int
 ) -> TokenRequest:
     if binary:
-        count = _msgpack_item_count(body, item_ndim)
+        count = _msgpack_item_count(body, shape)
         if count is not None:  # headers only: unpacking 100,000 tiny items holds the GIL ~80 ms
             _check_count(count, max_items, "token items")
         try:
@@ -221,48 +226,89 @@ def _parse_tokens(
             raise BadRequest(f"The body is not valid msgpack ({reason}).") from exc
     else:
         payload = _parse_json(body)
-    if not isinstance(payload, dict) or "tokens" not in payload:
-        raise Unprocessable(f'The body must be an object {{"model": ..., "tokens": {layout}}}.')
+    if not isinstance(payload, dict) or ("tokens" not in payload and "ids" not in payload):
+        raise Unprocessable(
+            f'The body must be an object {{"model": ..., "tokens": {shape(None)[1]}}}, or '
+            '{"layout": ..., "ids": [int]} for spans of a layout\'s ids.'
+        )
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise Unprocessable("'model' must be a string naming a loaded model.")
-    tokens = payload["tokens"]
-    if isinstance(tokens, dict):
+    layout = _layout_of(payload)
+    key = "tokens" if layout is None else "ids"
+    item_ndim, text = shape(model) if layout is None else SPAN_SHAPE
+    tokens = payload[key]
+    if isinstance(tokens, dict) and layout is None:
         return TokenRequest(model, [tokens], True)
     depth = _depth(tokens)
     if depth == item_ndim:
-        return TokenRequest(model, [tokens], True)
-    if depth == item_ndim + 1 or (isinstance(tokens, list) and tokens and _is_binary(tokens[0])):
+        return TokenRequest(model, [tokens], True, layout)
+    binary_items = layout is None and isinstance(tokens, list) and tokens and _is_binary(tokens[0])
+    if depth == item_ndim + 1 or binary_items:
         _check_count(len(tokens), max_items, "token items")
-        return TokenRequest(model, list(tokens), False)
+        return TokenRequest(model, list(tokens), False, layout)
     raise Unprocessable(
-        f"'tokens' must be {layout} for one item, or a list of those for several "
+        f"'{key}' must be {text} for one item, or a list of those for several "
         f"(got {depth} levels of nesting)."
     )
 
 
-def _msgpack_item_count(body: bytes, item_ndim: int) -> int | None:
-    """How many items a msgpack decode body's ``tokens`` list holds, read from its headers
-    alone; None when it holds one item, or is not such a list (the full parse says why)."""
+def _layout_of(payload: dict[str, Any]) -> str | None:
+    """The layout whose ids the body holds in place of tokens; None for a body of tokens
+    (whose other keys, ids among them, are not read)."""
+    if "tokens" in payload:
+        return None
+    layout = payload.get("layout")
+    if not isinstance(layout, str):
+        raise Unprocessable(
+            "'ids' are read through a layout: add \"layout\": NAME, one of GET /v1/layouts."
+        )
+    return layout
+
+
+def _msgpack_item_count(body: bytes, shape: ItemShape) -> int | None:
+    """How many items a msgpack decode body's ``tokens`` (or ``ids``) list holds, read from its
+    headers alone; None when it holds one item, or is not such a list (the full parse says why)."""
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(body))
     unpacker.feed(body)
+    fields: dict[str, Any] = {}  # the model's name; where tokens and ids start
     try:
         for _ in range(unpacker.read_map_header()):
-            if unpacker.unpack() != "tokens":
-                unpacker.skip()
+            key = unpacker.unpack()
+            if key == "model":
+                fields[key] = unpacker.unpack()
                 continue
-            count: int = unpacker.read_array_header()
-            # a list of items nests one list more than an item does, or holds binary items (maps)
-            for depth in range(item_ndim):
-                kind = _msgpack_kind(body[unpacker.tell()])
-                if kind == "map":
-                    return count if depth == 0 else None
-                if kind != "array" or unpacker.read_array_header() == 0:
-                    return None
-            return count
+            if key in ("tokens", "ids"):
+                fields[key] = unpacker.tell()
+            unpacker.skip()
     except (ValueError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         return None
+    if "tokens" in fields:
+        model = fields.get("model")
+        rank = shape(model if isinstance(model, str) else None)[0]
+        return _msgpack_list_length(body, fields["tokens"], rank)
+    if "ids" in fields:
+        return _msgpack_list_length(body, fields["ids"], SPAN_SHAPE[0])
     return None
+
+
+def _msgpack_list_length(body: bytes, offset: int, item_ndim: int) -> int | None:
+    """The length of the msgpack array at ``offset`` when it is a list of items nested
+    ``item_ndim`` deep; None when it is one item or not such a list."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(body))
+    unpacker.feed(body[offset:])
+    try:
+        count: int = unpacker.read_array_header()
+        # a list of items nests one list more than an item does, or holds binary items (maps)
+        for depth in range(item_ndim):
+            kind = _msgpack_kind(body[offset + unpacker.tell()])
+            if kind == "map":
+                return count if depth == 0 else None
+            if kind != "array" or unpacker.read_array_header() == 0:
+                return None
+        return count
+    except (ValueError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
 
 
 def _msgpack_kind(first_byte: int) -> str:
