@@ -235,7 +235,9 @@ class ImageEndpoint(Endpoint):
         self.info = info
         self.size = info.image_size
         self.grid = list(info.grid)
-        self.item_shape = (2, "[[int]] (h rows of w ids)")
+        self.item_shape = (
+            (2, "[[int]] (h rows of w ids)") if len(self.grid) == 2 else (1, "[int] (L ids)")
+        )
 
     async def encode(
         self, images: Sequence[bytes | ProblemError], resize: ResizeMode, deadline: float | None
@@ -255,7 +257,7 @@ class ImageEndpoint(Endpoint):
             finish=unchanged,
             params=canonical_params(resize=resize),
         )
-        fits = token_fits(self.info.vocab_size, self.grid[0], self.grid[1])
+        fits = token_fits(self.info.vocab_size, tuple(self.grid))
         geometry = await self.engine.off_loop(self._geometry, images, resize)
         results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
         return self.answer(
@@ -281,9 +283,11 @@ class ImageEndpoint(Endpoint):
         """One item to decode as an int64 grid of this model's shape."""
         array = token_array(item, where, self.info.vocab_size)
         if list(array.shape) != self.grid:
+            what = "grid" if len(self.grid) == 2 else "sequence"
+            axes = "rows x columns" if len(self.grid) == 2 else "ids"
             raise Unprocessable(
-                f"{where}: grid {list(array.shape)} does not match model {self.model.name}'s "
-                f"grid {self.grid} (rows x columns)."
+                f"{where}: {what} {list(array.shape)} does not match model {self.model.name}'s "
+                f"{what} {self.grid} ({axes})."
             )
         return array
 
@@ -374,7 +378,7 @@ class AudioEndpoint(Endpoint):
             # the clip's declared length, to the frame (resampling may round by one either way)
             expected = math.ceil((declared[index] or 0.0) * self.frame_rate)
             frames = (max(1, expected - 1), expected + 1)
-            return token_fits(self.info.vocab_size, self.info.rows(), frames=frames)
+            return token_fits(self.info.vocab_size, (self.info.rows(), None), frames=frames)
 
         results = await self._run(job, clips, raw_bytes, fits, deadline)
         items: list[Tokens | ProblemError] = []

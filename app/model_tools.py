@@ -181,8 +181,7 @@ def bit_rate(info: TokenizerInfo) -> str:
     if isinstance(info, AudioInfo):
         return f"{bits * info.rows() * info.frame_rate / 1000:g} kbit/s"
     height, width = info.image_size
-    rows, cols = info.grid
-    return f"{bits * info.codebooks * rows * cols / (height * width):.3g} bits per pixel"
+    return f"{bits * info.codebooks * math.prod(info.grid) / (height * width):.3g} bits per pixel"
 
 
 def guess_backend(source: Path) -> str:

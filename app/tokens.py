@@ -88,17 +88,18 @@ def raw_bytes(blob: bytes) -> bytes:
 
 
 def token_fits(
-    vocab_size: int, rows: int, columns: int | None = None, frames: tuple[int, int] | None = None
+    vocab_size: int, shape: tuple[int | None, ...], frames: tuple[int, int] | None = None
 ) -> Fits:
-    """What cached tokens must be: integers below ``vocab_size`` in ``rows`` rows (grid rows or
-    codebooks) of ``columns`` columns, or, for audio, a frame count within ``frames``."""
+    """What cached tokens must be: integers below ``vocab_size`` in an array of ``shape`` (a
+    grid, a sequence, or codebook rows by None frames) whose last axis, for audio, holds a
+    frame count within ``frames``."""
 
     def fits(array: np.ndarray) -> bool:
-        if array.dtype.kind not in "iu" or array.ndim != 2 or array.shape[0] != rows:
+        if array.dtype.kind not in "iu" or array.ndim != len(shape):
             return False
-        if columns is not None and array.shape[1] != columns:
+        if any(w is not None and h != w for h, w in zip(array.shape, shape, strict=True)):
             return False
-        if frames is not None and not frames[0] <= array.shape[1] <= frames[1]:
+        if frames is not None and not frames[0] <= array.shape[-1] <= frames[1]:
             return False
         return bool(array.size) and int(array.min()) >= 0 and int(array.max()) < vocab_size
 

@@ -76,6 +76,7 @@ TESTS: dict[str, list[str]] = {
     "app/api/requests.py": [
         "tests/test_request_bodies.py",
         "tests/test_hostile.py",
+        "tests/test_sequences.py",  # bodies of a layout's ids
         *(f"tests/test_api.py::{name}" for name in API_BODIES),
     ],
     "app/media.py": ["tests/test_media.py"],

@@ -68,6 +68,23 @@ def test_the_generic_layout_lays_a_clip_out_frame_by_frame() -> None:
     assert len(ids) == 2 + 40
 
 
+SEQUENCE = ImageInfo(vocab_size=4096, image_size=(256, 256), grid=(32,), downsample=0)
+
+
+def test_a_sequence_of_image_ids_round_trips_and_a_wrong_length_is_named(tmp_path: Path) -> None:
+    layout = load(tmp_path, small({"titok": {"begin": "boi", "end": "eoi", "offset": 1000}}), {
+        "titok": SEQUENCE
+    })  # fmt: skip
+    tokens = RNG.integers(0, 4096, 32)
+    ids = layout.to_ids("titok", tokens)
+    assert ids.tolist() == [100, *(tokens + 1000).tolist(), 101]
+    assert np.array_equal(layout.from_ids("titok", ids), tokens)
+    with pytest.raises(ValueError, match=r"^a sequence of 32 ids is 32 ids, not 31$"):
+        layout.from_ids("titok", ids[:-2])
+    with pytest.raises(ValueError, match="position 3"):
+        layout.from_ids("titok", [*ids[:3], 7, *ids[4:]])
+
+
 @pytest.mark.parametrize("model", ["image-fsq-256", "audio-rvq-24k"])
 def test_ids_to_tokens_to_ids_is_exact_for_the_generic_layout(model: str) -> None:
     shape = (32, 32) if model == "image-fsq-256" else (8, 37)

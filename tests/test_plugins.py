@@ -158,7 +158,7 @@ def pixels_of(image: bytes) -> np.ndarray:
 
 
 def test_an_installed_plugin_is_listed_beside_tokservés_own_backends(site: Path) -> None:
-    assert backend_names() == ["exported", "native", "palette", "snac", "transformers"]
+    assert backend_names() == ["exported", "native", "palette", "snac", "titok", "transformers"]
     assert find_backend("palette").summary == "patch colours quantised to a palette"
 
 
@@ -244,7 +244,7 @@ def test_a_model_naming_no_installed_backend_is_refused_with_the_installed_ones(
     with pytest.raises(ModelLoadError) as refused:
         ModelRegistry.load(settings_for(tmp_path / "m"))
     assert str(refused.value) == (
-        "lost: unknown backend 'xcodec2'; installed: exported, native, palette, snac, "
+        "lost: unknown backend 'xcodec2'; installed: exported, native, palette, snac, titok, "
         "transformers. "
         "A backend is a package declaring it in the entry-point group 'tokserve.backends'."
     )

@@ -135,10 +135,7 @@ def _loaded_schemas(
     """The schemas that name what is loaded: model names, token grids and decode bodies."""
     images = [e for e in endpoints if isinstance(e, ImageEndpoint)]
     clips = [e for e in endpoints if isinstance(e, AudioEndpoint)]
-    grid = _shared(tuple(e.grid) for e in images)
-    rows, columns = grid or (None, None)
     image_id = _token_id(e.info.vocab_size for e in images)
-    image_row = _array(image_id, columns, columns, "w token ids")
     most = _shared(e.codebooks for e in clips)
     audio_id = _token_id(e.info.vocab_size for e in clips)
     audio_row = _array(audio_id, 1, None, "F token ids, one per frame")
@@ -147,7 +144,7 @@ def _loaded_schemas(
         "ImageModelName": _names(images),
         "AudioModelName": _names(clips),
         "Codebooks": {"type": "integer", "minimum": 1, **({"maximum": most} if most else {})},
-        "ImageTokenGrid": _array(image_row, rows, rows, "[[int]]: the model's h rows of w ids"),
+        "ImageTokenGrid": _image_tokens(images, image_id),
         "AudioTokenCodes": _array(
             audio_row,
             _shared(e.info.rows(e.fewest_codebooks) for e in clips),
@@ -158,6 +155,20 @@ def _loaded_schemas(
         **_decode_bodies("Image", "ImageTokenGrid", max_items, _grid_example(images)),
         **_decode_bodies("Audio", "AudioTokenCodes", max_items, _codes_example(clips)),
     }
+
+
+def _image_tokens(images: list[ImageEndpoint], image_id: dict[str, Any]) -> dict[str, Any]:
+    """An image item: a grid of the models' h rows of w ids, or a sequence of L ids (a model
+    whose tokens are one-dimensional); the sides when every loaded model of the kind shares them."""
+    grids = [e.grid for e in images if len(e.grid) == 2]
+    rows, columns = _shared(tuple(grid) for grid in grids) or (None, None)
+    row = _array(image_id, columns, columns, "w token ids")
+    grid = _array(row, rows, rows, "[[int]]: the model's h rows of w ids")
+    if len(grids) == len(images):
+        return grid
+    length = _shared(e.grid[0] for e in images if len(e.grid) == 1)
+    sequence = _array(image_id, length, length, "[int]: the model's sequence of L ids")
+    return sequence if not grids else {"anyOf": [grid, sequence]}
 
 
 def _names(endpoints: Iterable[ImageEndpoint | AudioEndpoint]) -> dict[str, Any]:
@@ -214,6 +225,8 @@ def _grid_example(images: list[ImageEndpoint]) -> tuple[str, Any] | None:
     first = _first_decodable(images)
     if first is None:
         return None
+    if len(first.grid) == 1:  # a sequence
+        return first.model.name, _pattern((1, first.grid[0]), first.info.vocab_size)[0]
     return first.model.name, _pattern((first.grid[0], first.grid[1]), first.info.vocab_size)
 
 

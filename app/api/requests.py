@@ -240,10 +240,11 @@ def _parse_tokens(
     tokens = payload[key]
     if isinstance(tokens, dict) and layout is None:
         return TokenRequest(model, [tokens], True)
-    depth = _depth(tokens)
-    if depth == item_ndim:
-        return TokenRequest(model, [tokens], True, layout)
+    # a list of binary items nests as deep as a sequence of ids does: its maps tell them apart
     binary_items = layout is None and isinstance(tokens, list) and tokens and _is_binary(tokens[0])
+    depth = _depth(tokens)
+    if depth == item_ndim and not binary_items:
+        return TokenRequest(model, [tokens], True, layout)
     if depth == item_ndim + 1 or binary_items:
         _check_count(len(tokens), max_items, "token items")
         return TokenRequest(model, list(tokens), False, layout)

@@ -126,7 +126,8 @@ async function show(model, encoded, item, reconstruction, encodeMs, decodeMs) {
   const bits = Math.log2(model.vocab_size);
   if (model.modality === "image") {
     const [height, width] = model.image_size;
-    const bpp = (bits * item.shape[0] * item.shape[1]) / (height * width);
+    const tokens = item.shape.reduce((a, b) => a * b, 1);
+    const bpp = (bits * tokens) / (height * width);
     figures.push(["bits per pixel", bpp.toFixed(4)]);
     figures.push(["crop box", item.crop_box.join(", ")]);
     if (reconstruction) {
@@ -204,7 +205,8 @@ function colour(fraction) {
 }
 
 function drawTokens(item, model) {
-  const rows = item.tokens;
+  const sequence = !Array.isArray(item.tokens[0]); // a one-dimensional image tokenizer's ids
+  const rows = sequence ? [item.tokens] : item.tokens;
   const canvas = $("tokens");
   canvas.height = rows.length;
   canvas.width = rows[0].length;
@@ -216,11 +218,14 @@ function drawTokens(item, model) {
   }));
   context.putImageData(image, 0, 0);
   const audio = model.modality === "audio";
-  canvas.style.height = audio ? `${Math.max(rows.length * 14, 56)}px` : "";
-  canvas.style.maxWidth = audio ? "" : "512px";
+  const strip = audio || sequence;
+  canvas.style.height = strip ? `${Math.max(rows.length * 14, 56)}px` : "";
+  canvas.style.maxWidth = strip ? "" : "512px";
   $("tokens-caption").textContent = audio
     ? `tokens: ${rows.length} codebooks × ${rows[0].length} frames (colour: id)`
-    : `tokens: ${rows.length} × ${rows[0].length} grid (colour: id)`;
+    : sequence
+      ? `tokens: a sequence of ${rows[0].length} ids (colour: id)`
+      : `tokens: ${rows.length} × ${rows[0].length} grid (colour: id)`;
 }
 
 // ---- .npy of the tokens, as the API's Accept: application/x-npy would answer -----------------

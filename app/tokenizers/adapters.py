@@ -7,15 +7,50 @@ tokenizer only has to accept the pixel range it was trained on; this module maps
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from app.model_folder import ModelLoadError
 from app.tokenizers.base import AudioInfo
+
+# the weights a package's model class is saved with, beside its config.json of constructor arguments
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_package_model(name: str, source: Path, model_class: Callable[..., Any]) -> Any:
+    """A package's model class built from a local checkpoint: config.json (the constructor's
+    arguments) and its weights (safetensors, or a state dict loaded with ``weights_only``:
+    tensors, no code). ModelLoadError names the model and what is wrong."""
+    kind = getattr(model_class, "__name__", "the model")
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"{name}: {source} has no readable {kind} config.json ({exc})"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{name}: {source}/config.json must hold {kind}'s arguments")
+    weights = next((source / f for f in WEIGHT_FILES if (source / f).is_file()), None)
+    if weights is None:
+        raise ModelLoadError(f"{name}: {source} holds none of {list(WEIGHT_FILES)}")
+    try:
+        if weights.suffix == ".safetensors":
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        model = model_class(**config)
+        model.load_state_dict(state)
+    except (OSError, TypeError, RuntimeError, ValueError, AssertionError) as exc:
+        raise ModelLoadError(f"{name}: cannot load {kind} from {source}: {exc}") from exc
+    return model
 
 
 class BadOption(ValueError):

@@ -26,14 +26,17 @@ class ImageInfo:
     vocab_size: int
     codebooks: int = 1  # one grid of tokens per image
     image_size: tuple[int, int]  # (H, W) the model expects
-    grid: tuple[int, int]  # (h, w) tokens per image
-    downsample: int
+    # tokens per image: (h, w) for a grid; (L,) for a one-dimensional sequence (TiTok's
+    # learned latent tokens), whose tokens are no place in the image
+    grid: tuple[int, ...]
+    downsample: int  # image pixels per grid cell's side; 0 for a sequence
     encode_only: bool = False  # no decoder: tokens cannot be turned back into images
     extra: dict[str, Any] = field(default_factory=dict)
 
     def streams(self) -> list[dict[str, Any]]:
-        """The one token stream of an image: its grid."""
-        return [{"name": "grid", "shape": list(self.grid), "vocab_size": self.vocab_size}]
+        """The one token stream of an image: its grid, or its sequence."""
+        name = "grid" if len(self.grid) == 2 else "sequence"
+        return [{"name": name, "shape": list(self.grid), "vocab_size": self.vocab_size}]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metadata, the modality first; ``extra`` only when it holds something."""
@@ -98,11 +101,11 @@ class ImageTokenizer(Protocol):
     device: torch.device
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels: [B, 3, H, W] float in [-1, 1] -> tokens: [B, h, w] int64."""
+        """pixels: [B, 3, H, W] float in [-1, 1] -> tokens: [B, *grid] int64."""
         ...
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [B, h, w] int64 -> pixels: [B, 3, H, W] float in [-1, 1]."""
+        """tokens: [B, *grid] int64 -> pixels: [B, 3, H, W] float in [-1, 1]."""
         ...
 
 

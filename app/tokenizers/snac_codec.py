@@ -14,21 +14,18 @@ code). The encoder looks both ways, so only items of one length share a forward 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from app.model_folder import ModelLoadError, source_of
-from app.tokenizers.adapters import BadOption, FramedAudioCodec, check_options
+from app.tokenizers.adapters import BadOption, FramedAudioCodec, check_options, load_package_model
 from app.tokenizers.base import AudioInfo, Tokenizer
 from app.tokenizers.plugins import Backend
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SNAC_HINT = "pip install 'tokserve[snac]'"
 
 
@@ -111,24 +108,7 @@ def import_snac(name: str) -> Any:
 
 def load_snac(name: str, source: Path) -> Any:
     """``snac.SNAC`` from the folder's config.json and weights, never a hub."""
-    snac = import_snac(name)
-    try:
-        config = json.loads((source / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{name}: {source} has no readable SNAC config.json ({exc})") from exc
-    weights = next((source / f for f in WEIGHT_FILES if (source / f).is_file()), None)
-    if weights is None:
-        raise ModelLoadError(f"{name}: {source} holds none of {list(WEIGHT_FILES)}")
-    try:
-        model = snac.SNAC(**config)
-        if weights.suffix == ".safetensors":
-            state = load_file(str(weights))
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (TypeError, RuntimeError, ValueError) as exc:
-        raise ModelLoadError(f"{name}: cannot load SNAC from {source}: {exc}") from exc
-    return model
+    return load_package_model(name, source, import_snac(name).SNAC)
 
 
 def build(

@@ -53,7 +53,7 @@ class MediaLayout:
     offset: int
     stride: int
     rows: int  # rows of the token array (image: 1 range for the whole grid)
-    shape: tuple[int, ...] = ()  # image: (h, w)
+    shape: tuple[int, ...] = ()  # image: (h, w), or (L,) for a sequence
     end_of_row: int | None = None
     order: Order = "frame"
     row_order: tuple[int, ...] = ()
@@ -108,6 +108,12 @@ class MediaLayout:
         return self._audio_tokens(codes, first)
 
     def _image_tokens(self, codes: np.ndarray, first: int) -> np.ndarray:
+        if len(self.shape) == 1:  # a sequence of ids, no rows
+            (length,) = self.shape
+            if codes.size != length:
+                raise ValueError(f"a sequence of {length} ids is {length} ids, not {codes.size}")
+            self._check(codes, np.full(codes.size, self.offset), first + np.arange(codes.size))
+            return codes - self.offset
         height, width = self.shape
         columns = width + (self.end_of_row is not None)
         if codes.size != height * columns:
@@ -341,9 +347,12 @@ def _media(
             model, "audio", begin, end, int(entry["offset"]), stride, rows,
             order=order, row_order=row_order, pad=pad, delay_lead=int(entry.get("delay_lead", 0)),
         )  # fmt: skip
+    shape, end_of_row = tuple(int(n) for n in info["grid"]), marker("end_of_row")
+    if end_of_row is not None and len(shape) != 2:
+        raise LayoutError(f"layout {layout}: {model}'s tokens are a sequence, with no row to end")
     return MediaLayout(
         model, "image", begin, end, int(entry["offset"]), stride, 1,
-        shape=tuple(info["grid"]), end_of_row=marker("end_of_row"),
+        shape=shape, end_of_row=end_of_row,
     )  # fmt: skip
 
 
