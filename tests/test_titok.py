@@ -16,12 +16,15 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokserve_client.layouts import LayoutError
 
+from app.bulk import BulkOptions, run
+from app.bulk.progress import Progress
 from app.cli import main
 from app.media import decode_image
 from app.model_folder import ModelLoadError
@@ -247,3 +250,31 @@ def test_a_titok_folder_without_weights_is_refused_naming_the_files_it_reads(
     assert str(refused.value) == (
         f"lost-titok: {source} holds none of ['model.safetensors', 'pytorch_model.bin']"
     )
+
+
+def test_bulk_shards_hold_each_images_sequence_as_the_api_answers_it(
+    repo: Path, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    for index in range(2):
+        (inputs / f"{index}.png").write_bytes(photo(index))
+    options = BulkOptions(
+        inputs=[str(inputs)], out=tmp_path / "out", model="tiny-titok", model_dir=[str(repo)]
+    )
+    result = run(options, Progress(0, io.StringIO()))
+    table = pq.read_table(result.out / result.manifest["shards"][0]["name"]).to_pylist()
+
+    async def api_tokens() -> list[list[int]]:
+        async with served(settings_for(repo)) as client:
+            answers = [
+                await client.post("/v1/images/encode", content=(inputs / row["id"]).read_bytes())
+                for row in table
+            ]
+        return [answer.json()["items"][0]["tokens"] for answer in answers]
+
+    assert [row["tokens"] for row in table] == asyncio.run(api_tokens())
+    assert [row["shape"] for row in table] == [[LATENTS], [LATENTS]]
+    manifest = json.loads((result.out / "manifest.json").read_text())
+    assert manifest["grid"] == [LATENTS]
+    assert manifest["streams"] == [{"name": "sequence", "shape": [LATENTS], "vocab_size": VOCAB}]

@@ -50,6 +50,8 @@ MODEL_FIGURES = (
     "sample_rate",
     "channels",
     "frame_rate",
+    "tokens_per_frame",
+    "streams",
     "reproducibility",
 )
 READ_THREADS = 4
