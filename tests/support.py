@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from PIL import Image
@@ -27,6 +29,7 @@ from app.main import create_app
 from app.registry import ModelRegistry
 from app.tokenizers.base import AudioInfo
 from app.tokenizers.native import NATIVE_ARCHITECTURES
+from app.tokenizers.plugins import ENTRY_POINT_GROUP, find_backend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # ../shared/data beside the checkout; found from bench.mutate's copy of the tree (mutants/) too
@@ -204,3 +207,25 @@ def problem_detail(response: httpx.Response, status: int) -> str:
     assert problem["status"] == status, problem
     detail: str = problem["detail"]
     return detail
+
+
+def install(site: Path, module: str, source: str, entry_points: str) -> None:
+    """Lay a package out in ``site`` as pip installs one: its module and its .dist-info."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{entry_points}\n")
+
+
+def on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str, entry_point: str
+) -> Path:
+    """A site folder holding one installed package, on this process's sys.path."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    install(folder, module, source, entry_point)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    find_backend.cache_clear()
+    return folder

@@ -23,9 +23,9 @@ from PIL import Image
 
 from app.model_folder import ModelLoadError
 from app.registry import ModelRegistry
-from app.tokenizers.plugins import ENTRY_POINT_GROUP, backend_names, find_backend
+from app.tokenizers.plugins import backend_names, find_backend
 from bench.server import server_process
-from tests.support import REPO_ROOT, settings_for
+from tests.support import REPO_ROOT, on_path, settings_for
 
 PLUGIN = '''
 """palette: a patch-colour image tokenizer, packaged for tokserve as a plugin backend."""
@@ -92,28 +92,6 @@ BACKEND = Backend(
     summary="patch colours quantised to a palette",
 )
 '''
-
-
-def install(site: Path, module: str, source: str, entry_points: str) -> None:
-    """Lay a package out in ``site`` as pip installs one: its module and its .dist-info."""
-    (site / f"{module}.py").write_text(source)
-    info = site / f"{module}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{entry_points}\n")
-
-
-def on_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str, entry_point: str
-) -> Path:
-    """A site folder holding one installed package, on this process's sys.path."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    install(folder, module, source, entry_point)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, module, raising=False)
-    find_backend.cache_clear()
-    return folder
 
 
 @pytest.fixture

@@ -205,8 +205,11 @@ class ModelEntry(BaseModel):
 
 
 class ImageStream(BaseModel):
-    name: str
-    shape: list[int] = Field(description="[h, w] of the grid")
+    name: str = Field(description="grid, sequence, or scale k of multi-scale maps")
+    shape: list[int] = Field(description="[h, w] of the grid or map; [L] of a sequence")
+    positions: list[int] | None = Field(
+        None, description="A map's [start, stop) in the item's sequence of tokens"
+    )
     vocab_size: int
 
 
@@ -221,8 +224,11 @@ class AudioStream(BaseModel):
 class ImageModel(ModelEntry):
     modality: Literal["image"]
     image_size: list[int] = Field(description="[H, W] pixels the model takes")
-    grid: list[int] = Field(description="[h, w] tokens per image")
-    downsample: int = Field(description="Pixels per token side")
+    grid: list[int] = Field(description="[h, w] tokens per image, or [L] for a sequence")
+    downsample: int = Field(description="Pixels per token side (of the finest map); 0 for none")
+    scales: list[list[int]] = Field(
+        description="Multi-scale maps' [h, w], coarse to fine, their tokens one sequence; or empty"
+    )
     streams: list[ImageStream]
 
 

@@ -27,16 +27,41 @@ class ImageInfo:
     codebooks: int = 1  # one grid of tokens per image
     image_size: tuple[int, int]  # (H, W) the model expects
     # tokens per image: (h, w) for a grid; (L,) for a one-dimensional sequence (TiTok's
-    # learned latent tokens), whose tokens are no place in the image
+    # learned latent tokens, or the maps of ``scales`` one after another)
     grid: tuple[int, ...]
-    downsample: int  # image pixels per grid cell's side; 0 for a sequence
+    downsample: int  # image pixels per side of a grid cell (of the finest map); 0 for none
     encode_only: bool = False  # no decoder: tokens cannot be turned back into images
+    # multi-scale token maps (VAR): each map's (h, w), coarse to fine, their tokens one
+    # sequence, map after map, in row-major order; grid is then (the sum of h * w,)
+    scales: tuple[tuple[int, int], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.scales and self.grid != (sum(h * w for h, w in self.scales),):
+            raise ValueError(
+                f"the token maps {list(self.scales)} are one sequence of "
+                f"{sum(h * w for h, w in self.scales)} tokens, not a grid of {list(self.grid)}"
+            )
+
     def streams(self) -> list[dict[str, Any]]:
-        """The one token stream of an image: its grid, or its sequence."""
-        name = "grid" if len(self.grid) == 2 else "sequence"
-        return [{"name": name, "shape": list(self.grid), "vocab_size": self.vocab_size}]
+        """The image's token streams: its grid, its sequence, or each map of its scales with
+        the positions of the sequence it fills."""
+        if not self.scales:
+            name = "grid" if len(self.grid) == 2 else "sequence"
+            return [{"name": name, "shape": list(self.grid), "vocab_size": self.vocab_size}]
+        streams, start = [], 0
+        for index, (height, width) in enumerate(self.scales):
+            stop = start + height * width
+            streams.append(
+                {
+                    "name": f"scale {index}",
+                    "shape": [height, width],
+                    "positions": [start, stop],
+                    "vocab_size": self.vocab_size,
+                }
+            )
+            start = stop
+        return streams
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready metadata, the modality first; ``extra`` only when it holds something."""
