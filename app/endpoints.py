@@ -396,9 +396,7 @@ class AudioEndpoint(Endpoint):
                 "frame_rate": self.frame_rate,
                 "sample_rate": self.sample_rate,
                 "duration_s": round(frames / self.frame_rate, 6),
-                "source_sample_rate": header.sample_rate if header else None,
-                "source_channels": header.channels if header else None,
-                "samples": header.frames if header else None,
+                **(header.preprocessing(self.sample_rate, self.info.channels) if header else {}),
             }
             if self.info.tokens_per_frame:
                 figures["tokens_per_frame"] = list(self.info.tokens_per_frame[:kept])

@@ -16,8 +16,10 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal, get_args
 
+import av
 import numpy as np
 import soundfile as sf
 import soxr
@@ -25,7 +27,13 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
-from app.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMedia
+from app.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ProblemError,
+    Unprocessable,
+    UnsupportedMedia,
+)
 
 ResizeMode = Literal["crop", "pad", "stretch"]
 RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
@@ -39,8 +47,12 @@ AUDIO_FORMATS_OUT: tuple[str, ...] = ("wav", "flac", "ogg")
 BACKGROUND_RGB = (255, 255, 255)
 
 _ACCEPTED_IMAGES = "PNG, JPEG, WebP, GIF (first frame), BMP or TIFF"
-_ACCEPTED_AUDIO = "WAV, FLAC, OGG (Vorbis or Opus), MP3, AIFF or another format libsndfile reads"
+_ACCEPTED_AUDIO = (
+    "WAV, FLAC, MP3, OGG (Vorbis or Opus), M4A or MP4 (AAC or ALAC; an MP4's audio track), "
+    "WebM or Matroska (Opus or Vorbis), AIFF or another format libsndfile reads"
+)
 _RESAMPLE_FILTER = Image.Resampling.BICUBIC
+RESIZE_FILTER = _RESAMPLE_FILTER.name.lower()
 # Shrink by whole factors (box filter; JPEG DCT scaling) down to this multiple of the target
 # before the bicubic pass: much faster on large photos, visually the same.
 _REDUCING_GAP = 3.0
@@ -70,13 +82,16 @@ _CHUNKED_AUDIO = {
 
 @dataclass(frozen=True)
 class DecodedAudio:
-    """What an upload was and what it became: rates in Hz, duration in seconds of the source."""
+    """What an upload was and what it became: rates in Hz, duration in seconds of the source;
+    resampled and downmixed (several channels averaged to mono) say what was done to it."""
 
     source_sample_rate: int
     source_channels: int
     duration_s: float
     sample_rate: int
     samples: int
+    resampled: bool
+    downmixed: bool
 
 
 def decode_image(
@@ -202,9 +217,10 @@ def fit_boxes(
 
 def image_geometry(
     data: bytes, size: tuple[int, int], resize: ResizeMode
-) -> dict[str, list[int] | list[float]] | None:
-    """From the header alone: the image's upright size and its ``fit_boxes`` (crop_box rounded
-    to 1/1000 pixel), for a client to align its original with the tokens; None if unreadable."""
+) -> dict[str, list[int] | list[float] | str] | None:
+    """From the header alone: the image's upright size, its ``fit_boxes`` (crop_box rounded to
+    1/1000 pixel) and the resize filter, for a client to align its original with the tokens;
+    None if unreadable."""
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS_IN) as img:
             width, height = img.size
@@ -217,6 +233,7 @@ def image_geometry(
         "source_size": [width, height],
         "crop_box": [round(edge, 3) for edge in crop_box],
         "content_box": list(content_box),
+        "resize_filter": RESIZE_FILTER,
     }
 
 
@@ -287,6 +304,16 @@ def _png(rgb: np.ndarray) -> bytes:
 
 _BUDGET_RATE = 48_000
 _BUDGET_CHANNELS = 2
+# An ISO base media file (MP4, M4A, MOV, 3GP) opens with one of these boxes, a Matroska or WebM
+# file with the EBML magic: libsndfile reads neither, FFmpeg's demuxer for each does.
+_ISO_MEDIA_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide")
+_EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+# A compressed track may end short of its container's declared length by its codec's last
+# frames (encoder padding, Matroska's millisecond timestamps): up to this many codec frames, or
+# 50 ms, is filled with silence; a track ending earlier is truncated.
+_CODEC_FRAMES_SLACK = 2
+_SLACK_S = 0.05
+_CODEC_FRAME_UNKNOWN = 1024
 
 
 @dataclass(frozen=True)
@@ -297,10 +324,52 @@ class AudioHeader:
     frames: int
     channels: int
 
+    def preprocessing(self, sample_rate: int, channels: int) -> dict[str, int | bool]:
+        """What decode_audio does to this file for a model of sample_rate Hz and channels, as
+        an encode answer reports it: the source's rate, channels and samples per channel, and
+        whether it is resampled and downmixed."""
+        return {
+            "source_sample_rate": self.sample_rate,
+            "source_channels": self.channels,
+            "samples": self.frames,
+            "resampled": self.sample_rate != sample_rate,
+            "downmixed": _downmixes(self.channels, channels),
+        }
+
+
+def _downmixes(source_channels: int, channels: int) -> bool:
+    """Whether a model of ``channels`` averages this source's channels to mono."""
+    return channels == 1 and source_channels > 1
+
+
+def _ffmpeg_demuxer(data: bytes) -> str | None:
+    """FFmpeg's demuxer for a container libsndfile cannot read ("mov": MP4, M4A; "matroska":
+    WebM, MKV), None for the rest. Naming it keeps every other FFmpeg demuxer, playlists that
+    open further files among them, away from uploads."""
+    if data[4:8] in _ISO_MEDIA_BOXES:
+        return "mov"
+    if data.startswith(_EBML_MAGIC):
+        return "matroska"
+    return None
+
 
 def audio_header(data: bytes) -> AudioHeader | None:
     """The header's rate, length and channels; None when it cannot be read or does not state
     the length (decode_audio then says why)."""
+    demuxer = _ffmpeg_demuxer(data)
+    if demuxer is not None:
+        try:
+            with av.open(
+                io.BytesIO(data), "r", format=demuxer, metadata_errors="ignore"
+            ) as container:
+                stream = _audio_track(container)
+                frames = _declared_frames(container, stream)
+                context = stream.codec_context
+                if frames is None:
+                    return None
+                return AudioHeader(context.sample_rate, frames, context.channels)
+        except (av.FFmpegError, ProblemError):
+            return None
     try:
         with sf.SoundFile(io.BytesIO(data)) as sound:
             if sound.frames == _UNKNOWN_FRAMES:
@@ -320,53 +389,17 @@ def decode_audio(
     """Decode audio bytes to wave [channels, T] float32 at sample_rate Hz (soxr HQ resampling).
 
     Rate, duration and channels are checked from the header before samples are read; stereo
-    becomes mono by averaging, mono becomes N channels by repetition.
+    becomes mono by averaging, mono becomes N channels by repetition. MP4 and Matroska files
+    are read by FFmpeg (their first audio track), the others by libsndfile.
     """
     if not data:
         raise BadRequest(f"The audio is empty (0 bytes); send the bytes of a {_ACCEPTED_AUDIO}.")
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as sound:
-            source_rate, source_channels = sound.samplerate, sound.channels
-            declared_frames = sound.frames
-            if source_rate < min_sample_rate:
-                raise Unprocessable(
-                    f"The audio's header declares {source_rate} Hz; at least {min_sample_rate} Hz "
-                    "is accepted (TOKSERVE_MIN_AUDIO_SAMPLE_RATE). Send audio at its real rate."
-                )
-            if declared_frames == _UNKNOWN_FRAMES:
-                raise Unprocessable(
-                    "The audio does not declare its length (a FLAC written to a pipe, say), "
-                    "which cannot be read safely; send a file whose header states its length, "
-                    f"such as a {_ACCEPTED_AUDIO}."
-                )
-            if declared_frames > max_seconds * source_rate:
-                raise PayloadTooLarge(
-                    f"The audio is {declared_frames / source_rate:.1f} s long; at most "
-                    f"{max_seconds:g} s is accepted. Send a shorter clip."
-                )
-            _check_channels(source_channels, channels)
-            # bounds decoded memory: a short file of many channels at a huge rate is refused
-            budget = int(max_seconds * _BUDGET_RATE * _BUDGET_CHANNELS)
-            if declared_frames * source_channels > budget:
-                raise PayloadTooLarge(
-                    f"The audio holds {declared_frames * source_channels} samples "
-                    f"({source_channels} channels at {source_rate} Hz); at most {budget} are "
-                    f"accepted ({max_seconds:g} s of {_BUDGET_CHANNELS}-channel "
-                    f"{_BUDGET_RATE // 1000} kHz audio)."
-                )
-            # libsndfile cannot seek in GSM 6.10 or G.721 audio: read() then needs the length
-            frames = -1 if sound.seekable() else declared_frames
-            samples = sound.read(frames, dtype="float32", always_2d=True)  # [T, C]
-    except sf.LibsndfileError as exc:
-        raise UnsupportedMedia(
-            f"The audio could not be decoded ({exc.error_string}); send a complete "
-            f"{_ACCEPTED_AUDIO}."
-        ) from None
-    if len(samples) < declared_frames or _data_chunk_is_truncated(data):
-        raise UnsupportedMedia(
-            "The audio is truncated: it ends before the length its header declares; send a "
-            f"complete {_ACCEPTED_AUDIO}."
-        )
+    limits = _AudioLimits(channels, max_seconds, min_sample_rate)
+    demuxer = _ffmpeg_demuxer(data)
+    if demuxer is None:
+        samples, source_rate, source_channels = _read_libsndfile(data, limits)
+    else:
+        samples, source_rate, source_channels = _read_ffmpeg(data, demuxer, limits)
     if len(samples) == 0:
         raise Unprocessable("The audio contains no samples; send at least one sample of audio.")
     duration_s = len(samples) / source_rate
@@ -393,8 +426,154 @@ def decode_audio(
         duration_s=duration_s,
         sample_rate=sample_rate,
         samples=wave.shape[1],
+        resampled=source_rate != sample_rate,
+        downmixed=_downmixes(source_channels, channels),
     )
     return wave, decoded
+
+
+@dataclass(frozen=True)
+class _AudioLimits:
+    """What a header must declare to be read: the model's channels, the longest clip in
+    seconds and the lowest rate in Hz."""
+
+    channels: int
+    max_seconds: float
+    min_sample_rate: int
+
+    def check(self, source_rate: int, declared_frames: int | None, source_channels: int) -> int:
+        """Refuse a header below the minimum rate, of unknown length, too long, of channels the
+        model cannot take, or of more samples than the memory budget; its frames otherwise."""
+        if source_rate < self.min_sample_rate:
+            raise Unprocessable(
+                f"The audio's header declares {source_rate} Hz; at least {self.min_sample_rate} "
+                "Hz is accepted (TOKSERVE_MIN_AUDIO_SAMPLE_RATE). Send audio at its real rate."
+            )
+        if declared_frames is None:
+            raise Unprocessable(
+                "The audio does not declare its length (a FLAC written to a pipe or a WebM "
+                "recorded live, say), which cannot be read safely; send a file whose header "
+                f"states its length, such as a {_ACCEPTED_AUDIO}."
+            )
+        max_seconds = self.max_seconds
+        if declared_frames > max_seconds * source_rate:
+            raise PayloadTooLarge(
+                f"The audio is {declared_frames / source_rate:.1f} s long; at most "
+                f"{max_seconds:g} s is accepted. Send a shorter clip."
+            )
+        _check_channels(source_channels, self.channels)
+        # bounds decoded memory: a short file of many channels at a huge rate is refused
+        budget = int(max_seconds * _BUDGET_RATE * _BUDGET_CHANNELS)
+        if declared_frames * source_channels > budget:
+            raise PayloadTooLarge(
+                f"The audio holds {declared_frames * source_channels} samples "
+                f"({source_channels} channels at {source_rate} Hz); at most {budget} are "
+                f"accepted ({max_seconds:g} s of {_BUDGET_CHANNELS}-channel "
+                f"{_BUDGET_RATE // 1000} kHz audio)."
+            )
+        return declared_frames
+
+
+_TRUNCATED_AUDIO = (
+    "The audio is truncated: it ends before the length its header declares; send a complete "
+    f"{_ACCEPTED_AUDIO}."
+)
+
+
+def _read_libsndfile(data: bytes, limits: _AudioLimits) -> tuple[np.ndarray, int, int]:
+    """Samples [T, C] float32, the rate and the channels of a file libsndfile reads."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as sound:
+            source_rate, source_channels = sound.samplerate, sound.channels
+            unknown = sound.frames == _UNKNOWN_FRAMES
+            declared_frames = limits.check(
+                source_rate, None if unknown else sound.frames, source_channels
+            )
+            # libsndfile cannot seek in GSM 6.10 or G.721 audio: read() then needs the length
+            frames = -1 if sound.seekable() else declared_frames
+            samples = sound.read(frames, dtype="float32", always_2d=True)  # [T, C]
+    except sf.LibsndfileError as exc:
+        raise UnsupportedMedia(
+            f"The audio could not be decoded ({exc.error_string}); send a complete "
+            f"{_ACCEPTED_AUDIO}."
+        ) from None
+    if len(samples) < declared_frames or _data_chunk_is_truncated(data):
+        raise UnsupportedMedia(_TRUNCATED_AUDIO)
+    return samples, source_rate, source_channels
+
+
+def _read_ffmpeg(data: bytes, demuxer: str, limits: _AudioLimits) -> tuple[np.ndarray, int, int]:
+    """Samples [T, C] float32, the rate and the channels of the first audio track of an MP4 or
+    Matroska file: as long as its container declares (the codec's last frames filled with
+    silence where the track ends just short of that)."""
+    try:
+        with av.open(io.BytesIO(data), "r", format=demuxer, metadata_errors="ignore") as container:
+            stream = _audio_track(container)
+            context = stream.codec_context
+            source_rate, source_channels = context.sample_rate, context.channels
+            declared_frames = limits.check(
+                source_rate, _declared_frames(container, stream), source_channels
+            )
+            samples = _decode_track(container, stream, declared_frames)
+            codec_frame = context.frame_size or _CODEC_FRAME_UNKNOWN
+    except av.FFmpegError as exc:
+        raise UnsupportedMedia(
+            f"The audio could not be decoded ({exc.strerror}); send a complete {_ACCEPTED_AUDIO}."
+        ) from None
+    slack = max(_CODEC_FRAMES_SLACK * codec_frame, round(_SLACK_S * source_rate))
+    if len(samples) < declared_frames - slack:
+        raise UnsupportedMedia(_TRUNCATED_AUDIO)
+    silence = np.zeros((declared_frames - len(samples), source_channels), np.float32)
+    return np.concatenate([samples, silence]), source_rate, source_channels
+
+
+def _audio_track(container: av.container.InputContainer) -> av.AudioStream:
+    """The container's first audio track; 422 when it holds none (a video alone), 415 when its
+    codec is unknown or it declares no rate or channels."""
+    if not container.streams.audio:
+        raise Unprocessable(
+            "The file holds no audio track (a video without sound?); send a file with one, "
+            f"such as a {_ACCEPTED_AUDIO}."
+        )
+    stream = container.streams.audio[0]
+    context = stream.codec_context
+    if context is None or context.sample_rate < 1 or context.channels < 1:
+        raise UnsupportedMedia(
+            "The file's audio track is in a codec that cannot be decoded, or declares no rate "
+            f"or channels; send a complete {_ACCEPTED_AUDIO}."
+        )
+    return stream
+
+
+def _declared_frames(container: av.container.InputContainer, stream: av.AudioStream) -> int | None:
+    """Samples per channel that the container declares: its track's duration, else its own
+    (Matroska); None when it declares neither (a WebM recorded live)."""
+    rate = stream.codec_context.sample_rate
+    if stream.duration is not None and stream.time_base is not None:
+        return round(stream.duration * stream.time_base * rate)
+    if container.duration is not None:
+        return round(Fraction(container.duration, av.time_base) * rate)
+    return None
+
+
+def _decode_track(
+    container: av.container.InputContainer, stream: av.AudioStream, frames: int
+) -> np.ndarray:
+    """The track's first ``frames`` samples per channel (fewer where it ends sooner), [T, C]
+    float32; the decoder's frames converted to packed float32 at the track's rate and layout."""
+    context = stream.codec_context
+    to_float = av.AudioResampler(format="flt", layout=context.layout, rate=context.sample_rate)
+    chunks: list[np.ndarray] = []
+    decoded = 0
+    for frame in container.decode(stream):
+        for converted in to_float.resample(frame):
+            chunks.append(converted.to_ndarray().reshape(-1, context.channels))
+            decoded += len(chunks[-1])
+        if decoded >= frames:
+            break
+    if not chunks:
+        return np.zeros((0, context.channels), np.float32)
+    return np.concatenate(chunks)[:frames]
 
 
 def _check_channels(source_channels: int, channels: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -134,6 +136,39 @@ def noisy_wav(samples: int, seed: int, sample_rate: int) -> bytes:
     wave = rng.normal(0, 0.2, samples) * np.linspace(0.2, 1.0, samples)
     buffer = io.BytesIO()
     sf.write(buffer, wave.astype(np.float32), sample_rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def ffmpeg_audio(
+    samples: np.ndarray,
+    sample_rate: int,
+    container: str,
+    codec: str,
+    video: bool = False,
+    options: dict[str, str] | None = None,
+) -> bytes:
+    """Samples [C, T] float32 encoded by FFmpeg (PyAV) into ``container`` ("ipod": M4A, "mp4",
+    "webm", "matroska", ...) with ``codec``; ``video`` adds a 64x48 moving grey video track
+    before it, as a phone's recording has; ``options`` go to the muxer ("live": no duration)."""
+    layout = {1: "mono", 2: "stereo"}[samples.shape[0]]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container, options=options or {}) as out:
+        picture = out.add_stream("mpeg4", rate=25) if video else None
+        track = out.add_stream(codec, rate=sample_rate, layout=layout)
+        if picture is not None:
+            picture.width, picture.height, picture.pix_fmt = 64, 48, "yuv420p"
+            for index in range(math.ceil(samples.shape[1] / sample_rate * 25)):
+                grey = np.full((48, 64, 3), index * 7 % 256, np.uint8)
+                image = av.VideoFrame.from_ndarray(grey, format="rgb24")
+                image.pts = index
+                out.mux(picture.encode(image))
+            out.mux(picture.encode(None))
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples, np.float32), format="fltp", layout=layout
+        )
+        frame.sample_rate, frame.pts = sample_rate, 0
+        out.mux(track.encode(frame))
+        out.mux(track.encode(None))
     return buffer.getvalue()
 
 

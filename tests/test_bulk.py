@@ -24,12 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 
 from app.bulk import BulkOptions, run
 from app.bulk.progress import Progress
 from app.bulk.shards import JobMismatch
 from bench.server import free_port, server_process
-from tests.support import REPO_ROOT, SHARED_DATA, TINY_IMAGE, write_model
+from tests.support import REPO_ROOT, SHARED_DATA, TINY_IMAGE, ffmpeg_audio, write_model
 
 MODELS = REPO_ROOT / "models"
 IMAGE_MODEL, AUDIO_MODEL = "image-fsq-256", "audio-rvq-24k"
@@ -54,10 +55,14 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four real speech clips and one that is not audio at all."""
+    """Four real speech clips, the first again as a 48 kHz stereo M4A (a phone's recording),
+    and one that is not audio at all."""
     root = tmp_path_factory.mktemp("clips")
     for source in first_files(SHARED_DATA / "audio" / "speech", 4):
         shutil.copy(source, root / source.name)
+    speech, rate = sf.read(first_files(SHARED_DATA / "audio" / "speech", 1)[0], dtype="float32")
+    stereo = np.stack([speech, 0.5 * speech]).repeat(2, axis=1)
+    (root / "phone.m4a").write_bytes(ffmpeg_audio(stereo, 2 * rate, "ipod", "aac"))
     (root / "noise.ogg").write_bytes(b"OggS" + bytes(200))
     return root
 
@@ -119,25 +124,34 @@ def test_image_rows_hold_the_http_apis_tokens_and_figures(
         item = api_encode(server, photos / r["id"], "images").json()["items"][0]
         assert r["tokens"] == np.ravel(item["tokens"]).tolist()
         assert r["shape"] == item["shape"] == [32, 32]
-        assert [r["source_size"], r["crop_box"], r["content_box"]] == [
-            item["source_size"],
-            item["crop_box"],
-            item["content_box"],
-        ]
+        figures = ("source_size", "crop_box", "content_box", "resize_filter")
+        assert {k: r[k] for k in figures} == {k: item[k] for k in figures}
+        assert r["resize_filter"] == "bicubic"
 
 
 def test_audio_rows_hold_the_http_apis_tokens_and_figures(
     clip_job: Path, clips: Path, server: str
 ) -> None:
     good = [r for r in rows(clip_job) if r["error"] is None]
-    assert len(good) == 4
+    assert len(good) == 5
     for r in good:
         item = api_encode(server, clips / r["id"], "audio", codebooks=4).json()["items"][0]
         assert r["tokens"] == np.ravel(item["tokens"]).tolist()
         assert r["shape"] == item["shape"] == [4, item["frames"]]
-        figures = ("source_sample_rate", "source_channels", "samples", "frames", "duration_s")
+        figures = (
+            "source_sample_rate",
+            "source_channels",
+            "samples",
+            "resampled",
+            "downmixed",
+            "frames",
+            "duration_s",
+        )
         assert {k: r[k] for k in figures} == {k: item[k] for k in figures}
-        assert r["source_sample_rate"] == 24_000 and r["codebooks"] == 4
+        assert r["codebooks"] == 4
+        phone = r["id"] == "phone.m4a"
+        assert r["source_sample_rate"] == (48_000 if phone else 24_000)
+        assert (r["resampled"], r["downmixed"]) == (phone, phone)
 
 
 def test_a_truncated_image_is_a_row_with_the_apis_problem(

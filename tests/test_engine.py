@@ -44,6 +44,7 @@ async def test_engine_encodes_images_to_grids_of_the_models_version(engine: Engi
         "source_size": [96, 80],
         "crop_box": [8.0, 0.0, 88.0, 80.0],
         "content_box": [0, 0, 64, 64],
+        "resize_filter": "bicubic",
     }
     assert second.tokens.shape == (GRID, GRID)
 

@@ -9,6 +9,7 @@ import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -30,7 +31,7 @@ from app.media import (
     parse_base64,
 )
 from app.runner import to_rgb8
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, ffmpeg_audio
 
 PHOTO = sorted((SHARED_DATA / "images").glob("*.jpg"))[0]
 SPEECH = sorted((SHARED_DATA / "audio" / "speech").glob("*.ogg"))[0]
@@ -42,8 +43,11 @@ YELLOW = (255, 255, 0)
 WHITE = (255, 255, 255)
 IMAGE_FORMAT_NAMES = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
 ACCEPTED_IMAGES = "PNG, JPEG, WebP, GIF (first frame), BMP or TIFF"
-AUDIO_FORMAT_NAMES = ("WAV", "FLAC", "OGG", "MP3")
-ACCEPTED_AUDIO = "WAV, FLAC, OGG (Vorbis or Opus), MP3, AIFF or another format libsndfile reads"
+AUDIO_FORMAT_NAMES = ("WAV", "FLAC", "OGG", "MP3", "M4A", "MP4", "AAC", "WebM", "Opus")
+ACCEPTED_AUDIO = (
+    "WAV, FLAC, MP3, OGG (Vorbis or Opus), M4A or MP4 (AAC or ALAC; an MP4's audio track), "
+    "WebM or Matroska (Opus or Vorbis), AIFF or another format libsndfile reads"
+)
 
 
 def image_bytes(img: Image.Image, fmt: str, **options: object) -> bytes:
@@ -347,6 +351,7 @@ def test_geometry_names_the_source_box_kept_and_the_model_box_it_fills(
         "source_size": list(source),
         "crop_box": crop_box,
         "content_box": content_box,
+        "resize_filter": "bicubic",
     }
 
 
@@ -372,6 +377,7 @@ def test_geometry_gives_the_upright_size_of_an_exif_rotated_photo() -> None:
         "source_size": [100, 200],
         "crop_box": [0.0, 50.0, 100.0, 150.0],
         "content_box": [0, 0, 64, 64],
+        "resize_filter": "bicubic",
     }
 
 
@@ -634,7 +640,44 @@ def test_decoded_audio_reports_the_source_and_the_result() -> None:
         duration_s=0.5,
         sample_rate=22050,
         samples=11025,
+        resampled=True,
+        downmixed=True,
     )
+
+
+@pytest.mark.parametrize(
+    ("source_rate", "source_channels", "channels", "resampled", "downmixed"),
+    [
+        (16000, 1, 1, False, False),
+        (16000, 2, 2, False, False),
+        (16000, 1, 2, False, False),  # repeated, not mixed
+        (8000, 3, 1, True, True),
+    ],
+)
+def test_decoded_audio_says_whether_it_was_resampled_and_downmixed(
+    source_rate: int, source_channels: int, channels: int, resampled: bool, downmixed: bool
+) -> None:
+    clip = np.zeros((source_rate // 10, source_channels), np.float32)
+    _, info = decode_audio(audio_bytes(clip, source_rate), 16000, channels=channels)
+    assert (info.resampled, info.downmixed) == (resampled, downmixed)
+
+
+def test_header_preprocessing_reports_what_decoding_does_to_the_file() -> None:
+    header = AudioHeader(sample_rate=44100, frames=22050, channels=2)
+    assert header.preprocessing(24000, 1) == {
+        "source_sample_rate": 44100,
+        "source_channels": 2,
+        "samples": 22050,
+        "resampled": True,
+        "downmixed": True,
+    }
+    assert header.preprocessing(44100, 2) == {
+        "source_sample_rate": 44100,
+        "source_channels": 2,
+        "samples": 22050,
+        "resampled": False,
+        "downmixed": False,
+    }
 
 
 def test_stereo_is_averaged_to_mono() -> None:
@@ -774,9 +817,9 @@ def test_flac_of_unknown_length_answers_422_asking_for_a_complete_header() -> No
     with pytest.raises(Unprocessable) as caught:
         decode_audio(data, 16000)
     assert caught.value.detail == (
-        "The audio does not declare its length (a FLAC written to a pipe, say), which cannot be "
-        "read safely; send a file whose header states its length, such as a "
-        f"{ACCEPTED_AUDIO}."
+        "The audio does not declare its length (a FLAC written to a pipe or a WebM recorded "
+        "live, say), which cannot be read safely; send a file whose header states its length, "
+        f"such as a {ACCEPTED_AUDIO}."
     )
 
 
@@ -885,6 +928,231 @@ def test_mutated_audio_never_raises_anything_but_problems() -> None:
                 mutated[position] = int(rng.integers(0, 256))
             with contextlib.suppress(BadRequest, PayloadTooLarge, UnsupportedMedia, Unprocessable):
                 decode_audio(bytes(mutated), 8000)
+
+
+# Audio through FFmpeg: MP4 and M4A, WebM and Matroska
+
+
+def tone(freq_hz: float, sample_rate: int, seconds: float, channels: int = 1) -> np.ndarray:
+    """A sine [C, T] float32, each channel at its own level."""
+    wave = sine(freq_hz, sample_rate, seconds)
+    return np.stack([wave * (1.0 - 0.3 * c) for c in range(channels)])
+
+
+def m4a(seconds: float = 1.0, sample_rate: int = 24000, channels: int = 1) -> bytes:
+    """AAC in M4A: the track's length in its moov box, written after the samples."""
+    return ffmpeg_audio(tone(440.0, sample_rate, seconds, channels), sample_rate, "ipod", "aac")
+
+
+def webm(seconds: float = 1.0, sample_rate: int = 48000, **options: str) -> bytes:
+    """Opus in WebM: the length in its Segment Info, written before the samples."""
+    source = tone(440.0, sample_rate, seconds)
+    return ffmpeg_audio(source, sample_rate, "webm", "libopus", options=options)
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "sample_rate", "video"),
+    [
+        ("ipod", "aac", 24000, False),  # M4A
+        ("ipod", "alac", 44100, False),  # Apple Lossless in M4A
+        ("mp4", "aac", 48000, True),  # a phone's video: the audio track is read
+        ("mov", "aac", 44100, True),
+        ("webm", "libopus", 48000, False),
+        ("matroska", "libopus", 48000, True),
+        ("matroska", "flac", 16000, False),
+    ],
+)
+def test_each_ffmpeg_container_decodes_its_audio_track_with_its_pitch_and_duration(
+    container: str, codec: str, sample_rate: int, video: bool
+) -> None:
+    data = ffmpeg_audio(tone(440.0, sample_rate, 1.0), sample_rate, container, codec, video)
+    wave, info = decode_audio(data, 16000)
+    assert wave.shape[0] == 1 and wave.dtype == torch.float32
+    assert info.source_sample_rate == sample_rate and info.resampled == (sample_rate != 16000)
+    assert abs(info.duration_s - 1.0) < 0.05 and abs(wave.shape[1] - 16000) < 800
+    assert abs(peak_hz(wave[0], 16000) - 440.0) < 3.0
+
+
+@pytest.mark.parametrize("data", [m4a(1.0), webm(1.0)], ids=["m4a", "webm"])
+def test_an_ffmpeg_track_decodes_to_exactly_the_length_its_container_declares(
+    data: bytes,
+) -> None:
+    # AAC decodes 248 samples past the moov's length (encoder padding), Opus 342 short of the
+    # WebM's millisecond duration: the first is cut, the second filled with silence
+    header = audio_header(data)
+    assert header is not None
+    wave, info = decode_audio(data, header.sample_rate)
+    assert wave.shape[1] == info.samples == header.frames
+    assert info.duration_s == header.frames / header.sample_rate
+
+
+def test_ffmpeg_decoding_matches_the_source_within_the_codec_loss() -> None:
+    source = tone(440.0, 48000, 1.0)
+    wave, _ = decode_audio(ffmpeg_audio(source, 48000, "matroska", "flac"), 48000)
+    # FLAC is lossless: 16-bit steps apart from the float source
+    assert np.abs(wave.numpy() - source).max() < 2.0 / 32768
+    wave, _ = decode_audio(webm(1.0), 48000)
+    error = wave.numpy()[0, 4800:43200] - source[0, 4800:43200]
+    assert np.sqrt(np.mean(error**2)) < 0.05  # Opus, well below the tone's 0.35 RMS
+
+
+def test_stereo_m4a_is_averaged_to_mono_and_says_so() -> None:
+    wave, info = decode_audio(m4a(1.0, 24000, channels=2), 24000)
+    assert (info.source_channels, info.downmixed, info.resampled) == (2, True, False)
+    mono, _ = decode_audio(m4a(1.0, 24000, channels=1), 24000)
+    # the channels are 1.0 and 0.7 of the tone: their mean is 0.85 of it
+    level = float(wave[0].abs().max() / mono[0].abs().max())
+    assert abs(level - 0.85) < 0.03
+
+
+def test_ffmpeg_decoding_is_the_same_on_every_call_and_thread() -> None:
+    data = m4a(1.0, 24000, channels=2)
+    first, _ = decode_audio(data, 16000)
+    with ThreadPoolExecutor(4) as pool:
+        waves = list(pool.map(lambda _: decode_audio(data, 16000)[0], range(8)))
+    assert all(torch.equal(wave, first) for wave in waves)
+
+
+@pytest.mark.parametrize("box", [b"free", b"skip", b"wide"])
+def test_an_iso_media_file_opening_with_another_box_than_ftyp_is_read_by_ffmpeg(
+    box: bytes,
+) -> None:
+    # the ftyp box renamed in place: the samples' offsets stay right, as in old QuickTime files
+    data = m4a(0.5)
+    data = data[:4] + box + data[8:]
+    header = audio_header(data)
+    assert header is not None and header.sample_rate == 24000
+    _, info = decode_audio(data, 24000)
+    assert info.samples == header.frames
+
+
+def test_audio_header_of_an_m4a_and_a_webm_states_the_rate_frames_and_channels() -> None:
+    assert audio_header(m4a(1.0, 24000, channels=2)) == AudioHeader(24000, 24000, 2)
+    # Matroska's duration: the last block's start and length, in milliseconds
+    assert audio_header(webm(1.0)) == AudioHeader(48000, 48384, 1)
+
+
+def test_audio_header_of_a_webm_without_a_duration_is_none() -> None:
+    assert audio_header(webm(1.0, live="1")) is None
+
+
+def test_audio_header_of_an_m4a_cut_before_its_moov_is_none() -> None:
+    data = m4a(1.0)
+    assert audio_header(data[: len(data) // 2]) is None
+
+
+def test_webm_longer_than_the_limit_answers_413_before_decoding() -> None:
+    data = webm(2.0)
+    # cut after the header: the limit is checked before a sample is decoded
+    with pytest.raises(PayloadTooLarge) as caught:
+        decode_audio(data[:500], 16000, max_seconds=1.5)
+    assert caught.value.detail == (
+        "The audio is 2.0 s long; at most 1.5 s is accepted. Send a shorter clip."
+    )
+
+
+def test_m4a_longer_than_the_limit_answers_413() -> None:
+    with pytest.raises(PayloadTooLarge, match=r"1\.0 s long; at most 0\.5 s"):
+        decode_audio(m4a(1.0), 16000, max_seconds=0.5)
+
+
+def test_m4a_of_more_samples_than_the_memory_budget_answers_413() -> None:
+    # 96 kHz stereo: 1 s is 192,000 samples, over the 2 x 48 kHz budget of 1 s
+    data = ffmpeg_audio(tone(440.0, 96000, 0.5, channels=2), 96000, "ipod", "aac")
+    with pytest.raises(PayloadTooLarge, match=r"\(2 channels at 96000 Hz\); at most 48000"):
+        decode_audio(data, 16000, max_seconds=0.5)
+
+
+def test_m4a_below_the_minimum_rate_answers_422_naming_the_setting() -> None:
+    with pytest.raises(Unprocessable, match=r"declares 8000 Hz.*TOKSERVE_MIN_AUDIO_SAMPLE_RATE"):
+        decode_audio(m4a(0.5, 8000), 16000, min_sample_rate=16000)
+
+
+def test_stereo_m4a_for_a_model_of_three_channels_answers_422() -> None:
+    with pytest.raises(Unprocessable, match="2 channels and the model takes 3"):
+        decode_audio(m4a(0.5, 24000, channels=2), 24000, channels=3)
+
+
+def test_webm_without_a_duration_answers_422_asking_for_one() -> None:
+    with pytest.raises(Unprocessable) as caught:
+        decode_audio(webm(1.0, live="1"), 16000)
+    assert caught.value.detail.startswith("The audio does not declare its length")
+
+
+def test_video_without_an_audio_track_answers_422() -> None:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        picture = out.add_stream("mpeg4", rate=25)
+        picture.width, picture.height, picture.pix_fmt = 64, 48, "yuv420p"
+        for index in range(5):
+            image = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            image.pts = index
+            out.mux(picture.encode(image))
+        out.mux(picture.encode(None))
+    with pytest.raises(Unprocessable) as caught:
+        decode_audio(buffer.getvalue(), 16000)
+    assert caught.value.detail == (
+        "The file holds no audio track (a video without sound?); send a file with one, such as "
+        f"a {ACCEPTED_AUDIO}."
+    )
+    assert audio_header(buffer.getvalue()) is None
+
+
+def test_webm_cut_short_answers_415_truncated() -> None:
+    data = webm(1.0)
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_audio(data[: len(data) * 6 // 10], 16000)
+    assert caught.value.detail == (
+        "The audio is truncated: it ends before the length its header declares; send a "
+        f"complete {ACCEPTED_AUDIO}."
+    )
+
+
+def test_webm_missing_more_than_its_last_codec_frames_is_truncated() -> None:
+    # 2 s: cut 0.2 s before its end, more than the 50 ms a track may end early
+    data = webm(2.0)
+    header = audio_header(data)
+    assert header is not None
+    cut = next(
+        size
+        for size in range(len(data), 0, -50)
+        if audio_header(data[:size]) is not None and _decoded_frames(data[:size]) < 0.9 * 96000
+    )
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(data[:cut], 48000)
+
+
+def _decoded_frames(data: bytes) -> int:
+    """Samples per channel FFmpeg decodes from a file, however long it says it is."""
+    with av.open(io.BytesIO(data)) as container:
+        return sum(frame.samples for frame in container.decode(audio=0))
+
+
+def test_m4a_cut_before_its_moov_answers_415_naming_formats() -> None:
+    data = m4a(1.0)
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_audio(data[: len(data) // 2], 16000)
+    assert caught.value.detail.startswith("The audio could not be decoded (")
+    assert names_all(caught.value.detail, AUDIO_FORMAT_NAMES)
+
+
+def test_bytes_that_only_look_like_mp4_answer_415() -> None:
+    with pytest.raises(UnsupportedMedia, match="could not be decoded"):
+        decode_audio(b"\x00\x00\x00\x18ftypM4A " + bytes(200), 16000)
+    with pytest.raises(UnsupportedMedia, match="could not be decoded"):
+        decode_audio(b"\x1a\x45\xdf\xa3" + bytes(200), 16000)
+
+
+@pytest.mark.parametrize("data", [m4a(0.3), webm(0.3)], ids=["m4a", "webm"])
+def test_mutated_ffmpeg_audio_never_raises_anything_but_problems(data: bytes) -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        mutated = bytearray(data)
+        for position in rng.integers(0, len(mutated), 4):
+            mutated[position] = int(rng.integers(0, 256))
+        with contextlib.suppress(BadRequest, PayloadTooLarge, UnsupportedMedia, Unprocessable):
+            decode_audio(bytes(mutated), 16000)
+        audio_header(bytes(mutated))
 
 
 # Audio: encoding

@@ -73,6 +73,9 @@ class ImageFigures(InLayout):
     content_box: list[int] | None = Field(
         None, description="[left, top, right, bottom] the source fills in the model's image"
     )
+    resize_filter: str | None = Field(
+        None, description="The filter that resized the source: bicubic (after box reductions)"
+    )
     cached: bool = Field(description="Answered from the token cache")
 
 
@@ -103,6 +106,8 @@ class AudioFigures(InLayout):
     source_sample_rate: int | None = Field(None, description="The file's rate, Hz, as declared")
     source_channels: int | None = Field(None, description="The file's channels (mixed as needed)")
     samples: int | None = Field(None, description="The file's samples per channel, as declared")
+    resampled: bool | None = Field(None, description="Resampled to the model's rate (soxr HQ)")
+    downmixed: bool | None = Field(None, description="Its channels averaged to mono")
     tokens_per_frame: list[int] | None = Field(
         None, description="Codebooks at several rates (SNAC): each one's rows of the array"
     )

@@ -26,7 +26,10 @@ from app.errors import BadRequest, ProblemError
 Modality = Literal["image", "audio"]
 EXTENSIONS: dict[str, frozenset[str]] = {
     "image": frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}),
-    "audio": frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif"}),
+    "audio": frozenset(
+        {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".m4a", ".mp4", ".mov"}
+        | {".webm", ".mka", ".mkv"}
+    ),
 }
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 TABLE_SUFFIXES = frozenset({".parquet", ".jsonl", ".ndjson"})

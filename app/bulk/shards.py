@@ -34,11 +34,13 @@ ERROR_TYPE = pa.struct([("status", pa.int32()), ("title", pa.string()), ("detail
 MANIFEST_FILE = "manifest.json"
 # the item's figures each modality's rows carry, beside id, model, version, tokens and shape
 FIGURES: dict[str, tuple[str, ...]] = {
-    "image": ("source_size", "crop_box", "content_box"),
+    "image": ("source_size", "crop_box", "content_box", "resize_filter"),
     "audio": (
         "source_sample_rate",
         "source_channels",
         "samples",
+        "resampled",
+        "downmixed",
         "frames",
         "frame_rate",
         "codebooks",
@@ -82,11 +84,14 @@ def arrow_schema(modality: str, token_type: str) -> Any:
             ("source_size", pa.list_(pa.int32())),
             ("crop_box", pa.list_(pa.float64())),
             ("content_box", pa.list_(pa.int32())),
+            ("resize_filter", pa.string()),
         ],
         "audio": [
             ("source_sample_rate", pa.int32()),
             ("source_channels", pa.int32()),
             ("samples", pa.int64()),
+            ("resampled", pa.bool_()),
+            ("downmixed", pa.bool_()),
             ("frames", pa.int32()),
             ("frame_rate", pa.float64()),
             ("codebooks", pa.int32()),
