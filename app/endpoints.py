@@ -32,6 +32,7 @@ from app.media import (
     image_geometry,
 )
 from app.pipeline import ItemResult, Job, Pipeline, unchanged
+from app.quality import audio_quality, image_quality
 from app.registry import LoadedModel
 from app.runner import AudioRunner, ImageRunner, is_out_of_memory
 from app.tokenizers.base import AudioInfo, ImageInfo
@@ -133,6 +134,49 @@ class Endpoint(ABC):
 
     def answer(self, items: list[T | ProblemError]) -> Answer[T]:
         return Answer(self.model.name, self.model.version, items)
+
+    def check_report(self, report: bool) -> None:
+        """Refuse report=true for a model without a decoder: it has no reconstruction."""
+        if report and self.model.info.encode_only:
+            raise Unprocessable(
+                f"Model {self.model.name} is encode-only: it has no decoder, so report=true (the "
+                "quality of the tokens' reconstruction) cannot be computed. Encode without "
+                "report, or with a model that has a decoder (GET /v1/models: encode_only false)."
+            )
+
+    async def _report(
+        self,
+        sources: Sequence[bytes | ProblemError],
+        tokens: Sequence[np.ndarray | ProblemError],
+        measure: Callable[[bytes, np.ndarray], dict[str, float]],
+        deadline: float | None,
+    ) -> list[dict[str, float] | ProblemError]:
+        """Each item's tokens decoded by the model (uncached) and ``measure``d against its
+        source as the model was given it (in the media pool); an item's problem where its
+        tokens or its reconstruction failed."""
+        job = Job(
+            model=self.model,
+            op="decode",
+            batcher=self.decoder,
+            prepare=unchanged,
+            group=self.runner.decode_group,
+            finish=_as_array,
+            params=canonical_params(report="true"),
+            use_cache=False,
+        )
+        reconstructions = await self._run(job, tokens, key_bytes, lambda _: _never, deadline)
+
+        def measure_all() -> list[dict[str, float] | ProblemError]:
+            figures: list[dict[str, float] | ProblemError] = []
+            for source, result in zip(sources, reconstructions, strict=True):
+                if result.array is None or isinstance(source, ProblemError):
+                    figures.append(_problem(result))
+                    continue
+                quality = measure(source, result.array)
+                figures.append({name: round(value, 6) for name, value in quality.items()})
+            return figures
+
+        return await self.engine.off_loop(measure_all)
 
     async def _run(
         self,
@@ -240,9 +284,15 @@ class ImageEndpoint(Endpoint):
         )
 
     async def encode(
-        self, images: Sequence[bytes | ProblemError], resize: ResizeMode, deadline: float | None
+        self,
+        images: Sequence[bytes | ProblemError],
+        resize: ResizeMode,
+        deadline: float | None,
+        report: bool = False,
     ) -> Answer[Tokens]:
-        """Image files (or their problems from reading them) -> one token grid each."""
+        """Image files (or their problems from reading them) -> one token grid each; with
+        ``report``, each also with its reconstruction's PSNR and SSIM (``quality``)."""
+        self.check_report(report)
         job = Job(
             model=self.model,
             op="encode",
@@ -260,14 +310,24 @@ class ImageEndpoint(Endpoint):
         fits = token_fits(self.info.vocab_size, tuple(self.grid))
         geometry = await self.engine.off_loop(self._geometry, images, resize)
         results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
-        return self.answer(
-            [
-                Tokens(r.array, r.cached, {"shape": list(r.array.shape), **(where or {})})
-                if r.array is not None
-                else _problem(r)
-                for r, where in zip(results, geometry, strict=True)
-            ]
-        )
+        items: list[Tokens | ProblemError] = [
+            Tokens(r.array, r.cached, {"shape": list(r.array.shape), **(where or {})})
+            if r.array is not None
+            else _problem(r)
+            for r, where in zip(results, geometry, strict=True)
+        ]
+        if report:
+            measure = partial(self._image_quality, resize=resize)
+            items = _with_quality(
+                items, await self._report(images, _tokens(items), measure, deadline)
+            )
+        return self.answer(items)
+
+    def _image_quality(self, image: bytes, rgb: np.ndarray, resize: ResizeMode) -> dict[str, float]:
+        """PSNR and SSIM of a reconstruction [H, W, 3] against the image as the model saw it."""
+        pixels = decode_image(image, self.size, resize, self.settings.max_image_pixels)
+        levels = np.rint((pixels.numpy() + 1.0) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+        return image_quality(levels, rgb)
 
     def _geometry(
         self, images: Sequence[bytes | ProblemError], resize: ResizeMode
@@ -351,10 +411,13 @@ class AudioEndpoint(Endpoint):
         clips: Sequence[bytes | ProblemError],
         codebooks: int | None,
         deadline: float | None,
+        report: bool = False,
     ) -> Answer[Tokens]:
         """Audio files (or their problems from reading them) -> tokens [k, F] each, the first
-        ``codebooks`` of the model's (all when None)."""
+        ``codebooks`` of the model's (all when None); with ``report``, each also with its
+        reconstruction's SNR and mel distance (``quality``)."""
         self.check_codebooks(codebooks)
+        self.check_report(report)
         settings = self.settings
         headers = await self.engine.off_loop(_headers, clips, settings.min_audio_sample_rate)
         declared = [h.frames / h.sample_rate if h is not None else None for h in headers]
@@ -401,7 +464,23 @@ class AudioEndpoint(Endpoint):
             if self.info.tokens_per_frame:
                 figures["tokens_per_frame"] = list(self.info.tokens_per_frame[:kept])
             items.append(Tokens(tokens, result.cached, figures))
+        if report:
+            reported = await self._report(clips, _tokens(items), self._audio_quality, deadline)
+            items = _with_quality(items, reported)
         return self.answer(items)
+
+    def _audio_quality(self, clip: bytes, wave: np.ndarray) -> dict[str, float]:
+        """SNR and mel distance of a reconstruction [C, T] against the clip as the model heard
+        it."""
+        settings = self.settings
+        heard, _ = decode_audio(
+            clip,
+            self.sample_rate,
+            self.info.channels,
+            settings.max_audio_seconds,
+            settings.min_audio_sample_rate,
+        )
+        return audio_quality(heard.numpy(), wave, self.sample_rate)
 
     def codes_of(self, item: Any, where: str) -> np.ndarray:
         """One item to decode as int64 codes [rows, F] this model can decode; for codebooks at
@@ -513,6 +592,34 @@ def _is_ragged(item: Any) -> bool:
         and all(isinstance(row, list) for row in item)
         and len({len(row) for row in item}) > 1
     )
+
+
+def _as_array(output: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A decoder's output (RGB levels, or a wave tensor) as a NumPy array."""
+    return output.numpy() if isinstance(output, torch.Tensor) else output
+
+
+def _never(_: np.ndarray) -> bool:
+    """No stored array answers a report's decode."""
+    return False
+
+
+def _tokens(items: Sequence[Tokens | ProblemError]) -> list[np.ndarray | ProblemError]:
+    return [item.tokens if isinstance(item, Tokens) else item for item in items]
+
+
+def _with_quality(
+    items: Sequence[Tokens | ProblemError], reported: Sequence[dict[str, float] | ProblemError]
+) -> list[Tokens | ProblemError]:
+    """Each encoded item with its ``quality`` figures, or the problem that kept them."""
+    return [
+        quality
+        if isinstance(quality, ProblemError)
+        else Tokens(item.tokens, item.cached, {**item.figures, "quality": quality})
+        if isinstance(item, Tokens)
+        else item
+        for item, quality in zip(items, reported, strict=True)
+    ]
 
 
 def _problem(result: ItemResult) -> ProblemError:

@@ -171,9 +171,11 @@ class Engine:
         model: str | None = None,
         resize: ResizeMode = "crop",
         deadline: float | None = None,
+        report: bool = False,
     ) -> Answer[Tokens]:
-        """Image files -> token grids [h, w]; ``deadline`` in time.monotonic() seconds."""
-        return await self.image(model).encode(images, resize, deadline)
+        """Image files -> token grids [h, w]; ``deadline`` in time.monotonic() seconds;
+        ``report``: each with its reconstruction's ``quality`` figures."""
+        return await self.image(model).encode(images, resize, deadline, report)
 
     async def decode_images(
         self,
@@ -191,9 +193,11 @@ class Engine:
         model: str | None = None,
         codebooks: int | None = None,
         deadline: float | None = None,
+        report: bool = False,
     ) -> Answer[Tokens]:
-        """Audio files -> tokens [k, F] (the first ``codebooks``; all when None)."""
-        return await self.audio(model).encode(clips, codebooks, deadline)
+        """Audio files -> tokens [k, F] (the first ``codebooks``; all when None); ``report``:
+        each with its reconstruction's ``quality`` figures."""
+        return await self.audio(model).encode(clips, codebooks, deadline, report)
 
     async def decode_audio(
         self,

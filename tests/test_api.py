@@ -24,12 +24,15 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from app.config import Settings
+from app.media import decode_audio, decode_image
+from app.quality import audio_quality, image_quality
 from app.train.data import IMAGE_SUFFIXES, split_files
 from app.train.evaluate import VAL_FRACTION, spread
 from tests.support import (
     REPO_ROOT,
     SHARED_DATA,
     TINY_AUDIO,
+    ffmpeg_audio,
     png_bytes,
     served,
     settings_for,
@@ -318,7 +321,28 @@ async def test_bytes_that_are_no_audio_answer_415_naming_formats(
     client: httpx.AsyncClient,
 ) -> None:
     response = await client.post("/v1/audio/encode", content=b"\x00\x01" * 400)
-    assert_problem(response, 415, "wav", "flac")
+    assert_problem(response, 415, "wav", "flac", "mp3", "m4a", "mp4", "webm", "opus", "aac")
+
+
+async def test_audio_encode_reads_an_m4a_and_the_audio_track_of_an_mp4_and_says_what_it_did(
+    client: httpx.AsyncClient,
+) -> None:
+    t = np.arange(48000) / 48000
+    stereo = np.stack([np.sin(2 * np.pi * 330 * t), 0.5 * np.sin(2 * np.pi * 330 * t)]) * 0.3
+    for container, video in (("ipod", False), ("mp4", True)):
+        clip = ffmpeg_audio(stereo.astype(np.float32), 48000, container, "aac", video)
+        response = await client.post("/v1/audio/encode", content=clip)
+        assert response.status_code == 200, response.text
+        (item,) = response.json()["items"]
+        assert item["frames"] == math.ceil(16000 / HOP)
+        assert (item["source_sample_rate"], item["source_channels"]) == (48000, 2)
+        assert (item["resampled"], item["downmixed"]) == (True, True)
+        assert item["samples"] == 48000
+
+
+async def test_image_encode_reports_the_resize_filter(client: httpx.AsyncClient) -> None:
+    (item,) = (await client.post("/v1/images/encode", content=png_bytes())).json()["items"]
+    assert item["resize_filter"] == "bicubic" and "quality" not in item
 
 
 async def test_truncated_png_and_jpeg_answer_415_saying_so(client: httpx.AsyncClient) -> None:
@@ -649,3 +673,54 @@ async def test_an_empty_body_names_the_file_it_expects(
 ) -> None:
     response = await client.post(f"/v1/{route}/encode", content=b"")
     assert_problem(response, 400, f"send the {what} file's bytes")
+
+
+# ?report=true: the reconstruction's quality, measured by the server
+
+
+async def test_image_report_gives_psnr_and_ssim_of_the_reconstruction_of_what_the_model_saw(
+    client: httpx.AsyncClient,
+) -> None:
+    image = png_bytes(96, 80, seed=5)
+    response = await client.post("/v1/images/encode?resize=pad&report=true", content=image)
+    (item,) = response.json()["items"]
+    png = await client.post("/v1/images/decode", json={"tokens": item["tokens"]})
+    decoded = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+    seen = ((decode_image(image, (64, 64), "pad") + 1) * 127.5).round().byte()
+    expected = image_quality(seen.permute(1, 2, 0).numpy(), decoded)
+    assert item["quality"] == pytest.approx(expected, abs=1e-6)
+    assert set(item["quality"]) == {"psnr_db", "ssim"}
+
+
+async def test_audio_report_gives_snr_and_mel_distance_of_the_reconstruction_of_what_it_heard(
+    client: httpx.AsyncClient,
+) -> None:
+    clip = wav_bytes(seconds=0.6, sample_rate=22050, freq=300.0)
+    url = "/v1/audio/encode?codebooks=2&report=true"
+    (item,) = (await client.post(url, content=clip)).json()["items"]
+    wav = await client.post("/v1/audio/decode", json={"tokens": item["tokens"]})
+    decoded, _ = sf.read(io.BytesIO(wav.content), dtype="float32", always_2d=True)
+    heard, _ = decode_audio(clip, 16000)
+    expected = audio_quality(heard.numpy(), decoded.T, 16000)
+    # the decode answer is a 16-bit WAV, the report measures the float reconstruction
+    assert item["quality"]["snr_db"] == pytest.approx(expected["snr_db"], abs=0.05)
+    assert item["quality"]["mel_distance"] == pytest.approx(expected["mel_distance"], rel=0.02)
+
+
+async def test_a_cached_encode_is_reported_as_the_computed_one(client: httpx.AsyncClient) -> None:
+    image = png_bytes(seed=6)
+    first = (await client.post("/v1/images/encode?report=true", content=image)).json()
+    again = (await client.post("/v1/images/encode?report=true", content=image)).json()
+    assert again["items"][0]["cached"] is True
+    assert again["items"][0]["quality"] == first["items"][0]["quality"]
+
+
+async def test_report_in_msgpack_and_beside_a_failed_item(client: httpx.AsyncClient) -> None:
+    body = {"audio": [base64.b64encode(wav_bytes()).decode(), base64.b64encode(b"no").decode()]}
+    response = await client.post(
+        "/v1/audio/encode?report=true", json=body, headers={"Accept": "application/msgpack"}
+    )
+    assert response.status_code == 207
+    good, bad = msgpack.unpackb(response.content)["items"]
+    assert set(good["quality"]) == {"snr_db", "mel_distance"}
+    assert bad["error"]["status"] == 415

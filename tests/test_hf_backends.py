@@ -354,6 +354,7 @@ async def test_an_encode_only_model_gives_transformers_own_tokens_and_refuses_de
         refused = await client.post(
             "/v1/images/decode", json={"model": "chameleonvqvae", "tokens": [[0] * GRID] * GRID}
         )
+        unreported = await client.post(f"{url}&report=true", content=images[0])
     assert (model["encode_only"], model["grid"], model["vocab_size"]) == (True, [GRID, GRID], VOCAB)
     reference = transformers.ChameleonVQVAE.from_pretrained(str(source)).eval()
     pixels = torch.stack([decode_image(image, (IMAGE_SIDE, IMAGE_SIDE)) for image in images])
@@ -365,6 +366,12 @@ async def test_an_encode_only_model_gives_transformers_own_tokens_and_refuses_de
     assert refused.json()["detail"] == (
         "Model chameleonvqvae is encode-only: it has no decoder, so its tokens cannot be turned "
         "back into images. Decode with a model that has one (GET /v1/models: encode_only false)."
+    )
+    assert unreported.status_code == 422
+    assert unreported.json()["detail"] == (
+        "Model chameleonvqvae is encode-only: it has no decoder, so report=true (the quality of "
+        "the tokens' reconstruction) cannot be computed. Encode without report, or with a model "
+        "that has a decoder (GET /v1/models: encode_only false)."
     )
 
 

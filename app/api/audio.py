@@ -52,15 +52,25 @@ async def encode_audio(
     overlap_s: Annotated[
         float, Query(ge=0, le=3600, description="With window_s: how much windows overlap")
     ] = 0.0,
+    report: Annotated[
+        bool,
+        Query(
+            description="Each item also gets `quality`: its reconstruction's SNR and mel distance"
+        ),
+    ] = False,
 ) -> Response:
-    """WAV/FLAC/OGG bytes, multipart files or JSON base64 -> tokens [K][F] per clip."""
+    """WAV, FLAC, MP3, OGG, M4A/MP4 or WebM bytes, multipart files or JSON base64 -> tokens
+    [K][F] per clip."""
     endpoint = engine.audio(model)
     label_model(request, endpoint.model.name)
     endpoint.check_codebooks(codebooks)
+    endpoint.check_report(report)
     in_layout = layout_fields(request, engine, layout, endpoint.model.name, window_s, overlap_s)
     clips = await read_media_items(request, engine, "audio")
     deadline = deadline_of(request, engine)
-    answer = await cancel_on_disconnect(request, endpoint.encode(clips, codebooks, deadline))
+    answer = await cancel_on_disconnect(
+        request, endpoint.encode(clips, codebooks, deadline, report)
+    )
     return tokens_response(request, answer, single=len(clips) == 1, in_layout=in_layout)
 
 

@@ -46,14 +46,19 @@ async def encode_images(
         str | None,
         Query(description="A loaded layout (GET /v1/layouts): each item also gets its `ids` there"),
     ] = None,
+    report: Annotated[
+        bool,
+        Query(description="Each item also gets `quality`: its reconstruction's PSNR and SSIM"),
+    ] = False,
 ) -> Response:
     """Raw image bytes, multipart files or JSON base64 -> one token grid [h][w] per image."""
     endpoint = engine.image(model)
     label_model(request, endpoint.model.name)
+    endpoint.check_report(report)
     in_layout = layout_fields(request, engine, layout, endpoint.model.name)
     images = await read_media_items(request, engine, "images")
     deadline = deadline_of(request, engine)
-    answer = await cancel_on_disconnect(request, endpoint.encode(images, resize, deadline))
+    answer = await cancel_on_disconnect(request, endpoint.encode(images, resize, deadline, report))
     return tokens_response(request, answer, single=len(images) == 1, in_layout=in_layout)
 
 

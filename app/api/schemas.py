@@ -62,6 +62,22 @@ class InLayout(BaseModel):
     )
 
 
+class ImageQuality(BaseModel):
+    """With ?report=true: the reconstruction against the image as the model saw it."""
+
+    psnr_db: float = Field(description="PSNR over the 0..255 levels of R, G and B, dB")
+    ssim: float = Field(description="Mean SSIM of the luma over every 7 x 7 window")
+
+
+class AudioQuality(BaseModel):
+    """With ?report=true: the reconstruction against the clip as the model heard it."""
+
+    snr_db: float = Field(description="Signal to noise ratio of the mono waves, dB")
+    mel_distance: float = Field(
+        description="Mean |log10 mel| difference: 80 bands, 1024-point frames every 256 samples"
+    )
+
+
 class ImageFigures(InLayout):
     shape: list[int] = Field(description="[h, w]: rows and columns of tokens")
     source_size: list[int] | None = Field(
@@ -76,6 +92,7 @@ class ImageFigures(InLayout):
     resize_filter: str | None = Field(
         None, description="The filter that resized the source: bicubic (after box reductions)"
     )
+    quality: ImageQuality | None = Field(None, description="With ?report=true")
     cached: bool = Field(description="Answered from the token cache")
 
 
@@ -111,6 +128,7 @@ class AudioFigures(InLayout):
     tokens_per_frame: list[int] | None = Field(
         None, description="Codebooks at several rates (SNAC): each one's rows of the array"
     )
+    quality: AudioQuality | None = Field(None, description="With ?report=true")
     cached: bool = Field(description="Answered from the token cache")
 
 

@@ -77,6 +77,8 @@ async function run() {
   const query = new URLSearchParams({ model: model.name });
   if (kind === "image") query.set("resize", $("resize").value);
   else query.set("codebooks", $("codebooks").value);
+  // the server measures the reconstruction against what the model was given
+  if (!model.encode_only) query.set("report", "true");
   $("run").disabled = true;
   setStatus("encoding…");
   try {
@@ -98,7 +100,7 @@ async function run() {
       })).blob();
       decodeMs = performance.now() - started;
     }
-    await show(model, encoded, item, reconstruction, encodeMs, decodeMs);
+    show(model, encoded, item, reconstruction, encodeMs, decodeMs);
     setStatus(model.encode_only ? "done (encode-only model: no reconstruction)" : "done");
     document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1);
   } catch (error) {
@@ -108,7 +110,7 @@ async function run() {
   }
 }
 
-async function show(model, encoded, item, reconstruction, encodeMs, decodeMs) {
+function show(model, encoded, item, reconstruction, encodeMs, decodeMs) {
   state.urls.forEach((url) => URL.revokeObjectURL(url));
   state.urls = [];
   $("original").replaceChildren(mediaElement(model.modality, state.file));
@@ -130,9 +132,9 @@ async function show(model, encoded, item, reconstruction, encodeMs, decodeMs) {
     const bpp = (bits * tokens) / (height * width);
     figures.push(["bits per pixel", bpp.toFixed(4)]);
     figures.push(["crop box", item.crop_box.join(", ")]);
-    if (reconstruction) {
-      const quality = await imageQuality(state.file, reconstruction, item, model);
-      figures.push(["PSNR dB", quality.psnr.toFixed(2)], ["SSIM", quality.ssim.toFixed(4)]);
+    figures.push(["resize filter", item.resize_filter]);
+    if (item.quality) {
+      figures.push(["PSNR dB", item.quality.psnr_db.toFixed(2)], ["SSIM", item.quality.ssim.toFixed(4)]);
     }
   } else {
     // one token per row of the token array and frame (codebooks at several rates fill more rows)
@@ -140,9 +142,13 @@ async function show(model, encoded, item, reconstruction, encodeMs, decodeMs) {
     figures.push(["kbit/s", kbps.toFixed(3)]);
     figures.push(["duration s", String(item.duration_s)]);
     figures.push(["source", `${item.source_sample_rate} Hz × ${item.source_channels} ch`]);
-    if (reconstruction) {
-      const quality = await audioQuality(state.file, reconstruction, model.sample_rate);
-      figures.push(["SNR dB", quality.snr.toFixed(2)], ["mel distance", quality.mel.toFixed(4)]);
+    const done = [item.resampled && "resampled", item.downmixed && "downmixed to mono"];
+    figures.push(["preprocessing", done.filter(Boolean).join(", ") || "none"]);
+    if (item.quality) {
+      figures.push(
+        ["SNR dB", item.quality.snr_db.toFixed(2)],
+        ["mel distance", item.quality.mel_distance.toFixed(4)],
+      );
     }
   }
   figures.push(["encode ms", encodeMs.toFixed(1)]);
@@ -240,165 +246,6 @@ function npy(rows, shape, vocab) {
   preamble.set([0x93, 78, 85, 77, 80, 89, 1, 0, header.length & 255, header.length >> 8]);
   preamble.set(new TextEncoder().encode(header), 10);
   return new Blob([preamble, data.buffer], { type: "application/octet-stream" });
-}
-
-// ---- image quality: the original as the model saw it, against the reconstruction -------------
-
-async function rgbaOf(source, draw, width, height) {
-  const canvas = new OffscreenCanvas(width, height);
-  const context = canvas.getContext("2d");
-  context.fillStyle = "#fff";
-  context.fillRect(0, 0, width, height);
-  context.imageSmoothingQuality = "high";
-  draw(context, await createImageBitmap(source, { imageOrientation: "from-image" }));
-  return context.getImageData(0, 0, width, height).data;
-}
-
-async function imageQuality(file, reconstruction, item, model) {
-  const [height, width] = model.image_size;
-  const [left, top, right, bottom] = item.crop_box;
-  const [x0, y0, x1, y1] = item.content_box;
-  const original = await rgbaOf(file, (c, bitmap) => c.drawImage(
-    bitmap, left, top, right - left, bottom - top, x0, y0, x1 - x0, y1 - y0,
-  ), width, height);
-  const decoded = await rgbaOf(reconstruction, (c, bitmap) => c.drawImage(bitmap, 0, 0), width, height);
-  let squared = 0;
-  for (let i = 0; i < original.length; i += 4) {
-    for (let c = 0; c < 3; c++) squared += (original[i + c] - decoded[i + c]) ** 2;
-  }
-  const mse = squared / (width * height * 3);
-  return { psnr: 10 * Math.log10((255 * 255) / Math.max(mse, 1e-12)), ssim: ssim(original, decoded, width, height) };
-}
-
-function luma(rgba, count) {
-  const y = new Float64Array(count);
-  for (let i = 0; i < count; i++) y[i] = 0.299 * rgba[4 * i] + 0.587 * rgba[4 * i + 1] + 0.114 * rgba[4 * i + 2];
-  return y;
-}
-
-// mean SSIM of the luma over 7 x 7 windows (the window of scikit-image's default)
-function ssim(a, b, width, height, win = 7) {
-  const x = luma(a, width * height);
-  const y = luma(b, width * height);
-  const c1 = (0.01 * 255) ** 2;
-  const c2 = (0.03 * 255) ** 2;
-  const n = win * win;
-  let total = 0;
-  let windows = 0;
-  for (let top = 0; top + win <= height; top++) {
-    for (let left = 0; left + win <= width; left++) {
-      let sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
-      for (let r = top; r < top + win; r++) {
-        for (let c = left; c < left + win; c++) {
-          const u = x[r * width + c];
-          const v = y[r * width + c];
-          sx += u; sy += v; sxx += u * u; syy += v * v; sxy += u * v;
-        }
-      }
-      const mx = sx / n, my = sy / n;
-      const vx = (sxx - n * mx * mx) / (n - 1), vy = (syy - n * my * my) / (n - 1);
-      const cov = (sxy - n * mx * my) / (n - 1);
-      total += ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2));
-      windows++;
-    }
-  }
-  return total / windows;
-}
-
-// ---- audio quality: both decoded at the model's rate, mixed to mono --------------------------
-
-async function monoAt(blob, rate) {
-  const context = new OfflineAudioContext(1, 1, rate);
-  const buffer = await context.decodeAudioData(await blob.arrayBuffer());
-  const mono = new Float32Array(buffer.length);
-  for (let c = 0; c < buffer.numberOfChannels; c++) {
-    const channel = buffer.getChannelData(c);
-    for (let i = 0; i < mono.length; i++) mono[i] += channel[i] / buffer.numberOfChannels;
-  }
-  return mono;
-}
-
-async function audioQuality(file, reconstruction, rate) {
-  const original = await monoAt(file, rate);
-  const decoded = await monoAt(reconstruction, rate);
-  const length = Math.min(original.length, decoded.length);
-  let signal = 0, noise = 0;
-  for (let i = 0; i < length; i++) {
-    signal += original[i] ** 2;
-    noise += (original[i] - decoded[i]) ** 2;
-  }
-  return {
-    snr: 10 * Math.log10(Math.max(signal, 1e-12) / Math.max(noise, 1e-12)),
-    mel: melDistance(original.subarray(0, length), decoded.subarray(0, length), rate),
-  };
-}
-
-// mean |log10 mel(a) - log10 mel(b)| over 80 bands, 1024-point frames every 256 samples
-function melDistance(a, b, rate, size = 1024, hop = 256, bands = 80) {
-  const filters = melFilters(size, rate, bands);
-  const window = Float64Array.from({ length: size }, (_, i) => 0.5 - 0.5 * Math.cos((2 * Math.PI * i) / size));
-  let total = 0, count = 0;
-  for (let start = 0; start + size <= a.length; start += hop) {
-    const ma = melFrame(a, start, window, filters);
-    const mb = melFrame(b, start, window, filters);
-    for (let k = 0; k < bands; k++) total += Math.abs(ma[k] - mb[k]);
-    count += bands;
-  }
-  return count ? total / count : 0;
-}
-
-function melFrame(signal, start, window, filters) {
-  const size = window.length;
-  const re = new Float64Array(size);
-  const im = new Float64Array(size);
-  for (let i = 0; i < size; i++) re[i] = signal[start + i] * window[i];
-  fft(re, im);
-  return filters.map((filter) => {
-    let energy = 0;
-    filter.forEach(([bin, weight]) => { energy += weight * (re[bin] ** 2 + im[bin] ** 2); });
-    return Math.log10(Math.max(energy, 1e-10));
-  });
-}
-
-function melFilters(size, rate, bands) {
-  const mel = (hz) => 2595 * Math.log10(1 + hz / 700);
-  const hz = (m) => 700 * (10 ** (m / 2595) - 1);
-  const top = mel(rate / 2);
-  const edges = Array.from({ length: bands + 2 }, (_, i) => hz((top * i) / (bands + 1)));
-  const bins = edges.map((f) => (f * size) / rate);
-  return Array.from({ length: bands }, (_, k) => {
-    const filter = [];
-    for (let bin = Math.floor(bins[k]); bin <= Math.ceil(bins[k + 2]) && bin <= size / 2; bin++) {
-      const rise = (bin - bins[k]) / (bins[k + 1] - bins[k]);
-      const fall = (bins[k + 2] - bin) / (bins[k + 2] - bins[k + 1]);
-      const weight = Math.max(0, Math.min(rise, fall));
-      if (weight > 0) filter.push([bin, weight]);
-    }
-    return filter;
-  });
-}
-
-// in-place radix-2 FFT
-function fft(re, im) {
-  const n = re.length;
-  for (let i = 1, j = 0; i < n; i++) {
-    let bit = n >> 1;
-    for (; j & bit; bit >>= 1) j ^= bit;
-    j ^= bit;
-    if (i < j) { [re[i], re[j]] = [re[j], re[i]]; [im[i], im[j]] = [im[j], im[i]]; }
-  }
-  for (let len = 2; len <= n; len <<= 1) {
-    const angle = (-2 * Math.PI) / len;
-    for (let i = 0; i < n; i += len) {
-      for (let k = 0; k < len / 2; k++) {
-        const wr = Math.cos(angle * k), wi = Math.sin(angle * k);
-        const a = i + k, b = a + len / 2;
-        const tr = re[b] * wr - im[b] * wi, ti = re[b] * wi + im[b] * wr;
-        re[b] = re[a] - tr; im[b] = im[a] - ti;
-        re[a] += tr; im[a] += ti;
-      }
-    }
-  }
 }
 
 // ---- the microphone: PCM from an AudioWorklet, written as a 16-bit WAV -----------------------
