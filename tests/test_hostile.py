@@ -29,6 +29,7 @@ from app.runner import is_out_of_memory
 from app.tokens import key_bytes
 from tests.support import (
     TINY_AUDIO,
+    ffmpeg_audio,
     held_body,
     in_chunks,
     png_bytes,
@@ -129,6 +130,21 @@ async def test_encode_items_adding_up_to_more_audio_than_a_request_may_hold_are_
         response = await client.post("/v1/audio/encode", files=files)
         assert_problem(response, 413, "1.2 s", "TOKSERVE_MAX_REQUEST_AUDIO_SECONDS")
         alone = await client.post("/v1/audio/encode", files=files[:1])
+        assert alone.status_code == 200
+
+
+async def test_m4a_and_webm_items_count_towards_a_requests_audio_by_their_headers(
+    repo: Path,
+) -> None:
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(28800) / 48000)).astype(np.float32)[None]
+    m4a = ffmpeg_audio(tone, 48000, "ipod", "aac")  # 0.6 s
+    webm = ffmpeg_audio(tone, 48000, "webm", "libopus")  # 0.6 s, and 8 ms of Matroska rounding
+    async with served(settings_for(repo, max_request_audio_seconds=1.0)) as client:
+        files = [("files", ("a.m4a", m4a)), ("files", ("b.webm", webm[:500]))]
+        # the WebM is cut after its header: its length is read, not decoded
+        response = await client.post("/v1/audio/encode", files=files)
+        assert_problem(response, 413, "1.2 s", "TOKSERVE_MAX_REQUEST_AUDIO_SECONDS")
+        alone = await client.post("/v1/audio/encode", files=[("files", ("b.webm", webm))])
         assert alone.status_code == 200
 
 

@@ -1041,6 +1041,63 @@ def test_audio_header_of_an_m4a_cut_before_its_moov_is_none() -> None:
     assert audio_header(data[: len(data) // 2]) is None
 
 
+def matroska_declaring(data: bytes, milliseconds: float) -> bytes:
+    """A Matroska file whose Segment Info states another duration (FFmpeg writes it as an
+    8-byte float of milliseconds)."""
+    at = data.index(b"\x44\x89\x88") + 3
+    return data[:at] + struct.pack(">d", milliseconds) + data[at + 8 :]
+
+
+def flac_mkv(seconds: float) -> bytes:
+    """FLAC in Matroska at 16 kHz: lossless, in 72 ms packets of 1152 samples."""
+    return ffmpeg_audio(tone(440.0, 16000, seconds), 16000, "matroska", "flac")
+
+
+def test_a_track_ending_up_to_two_codec_frames_short_is_filled_with_silence() -> None:
+    # 16,000 samples; FFmpeg states no frame size for FLAC, so two frames of 1024 are allowed
+    wave, info = decode_audio(matroska_declaring(flac_mkv(1.0), (16000 + 2048) / 16), 16000)
+    assert info.samples == 16000 + 2048
+    assert torch.count_nonzero(wave[0, 16000:]) == 0 and wave[0, :16000].abs().max() > 0.3
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(matroska_declaring(flac_mkv(1.0), (16000 + 2049) / 16), 16000)
+
+
+def test_an_opus_track_ending_up_to_50_ms_short_is_filled_with_silence() -> None:
+    # 48,000 samples at 48 kHz: 50 ms (2,400 samples) is more than two frames of 1024
+    _, info = decode_audio(matroska_declaring(webm(1.0), (48000 + 2400) / 48), 48000)
+    assert info.samples == 48000 + 2400
+    with pytest.raises(UnsupportedMedia, match="truncated"):
+        decode_audio(matroska_declaring(webm(1.0), (48000 + 2401) / 48), 48000)
+
+
+def test_decoding_stops_at_the_declared_length_before_what_follows_it() -> None:
+    data = flac_mkv(2.0)
+    with av.open(io.BytesIO(data)) as container:
+        packets = [bytes(packet) for packet in container.demux(audio=0) if packet.size]
+    fifth = data.index(packets[4][:32])
+    broken = data[:fifth] + b"\x00\x00" + data[fifth + 2 :]  # no FLAC frame sync
+    # four packets are 4,608 samples, 288 ms: the broken fifth is never decoded
+    wave, _ = decode_audio(matroska_declaring(broken, 288.0), 16000)
+    assert wave.shape == (1, 4608)
+    with pytest.raises(UnsupportedMedia, match=r"could not be decoded \(Invalid data"):
+        decode_audio(matroska_declaring(broken, 288.0 + 1 / 16), 16000)
+
+
+def test_an_m4a_whose_track_cannot_be_told_apart_answers_415_naming_formats() -> None:
+    # the track's handler box claims 16 MiB more than the file holds: FFmpeg gives its track
+    # no codec
+    data = m4a(0.5)
+    handler = data.index(b"hdlr") - 4
+    data = data[:handler] + b"\x01" + data[handler + 1 :]
+    with pytest.raises(UnsupportedMedia) as caught:
+        decode_audio(data, 16000)
+    assert caught.value.detail == (
+        "The file's audio track is in a codec that cannot be decoded, or declares no rate or "
+        f"channels; send a complete {ACCEPTED_AUDIO}."
+    )
+    assert audio_header(data) is None
+
+
 def test_webm_longer_than_the_limit_answers_413_before_decoding() -> None:
     data = webm(2.0)
     # cut after the header: the limit is checked before a sample is decoded
