@@ -278,10 +278,14 @@ async def test_a_body_of_ids_that_cannot_be_read_answers_422_saying_why(
 
 
 async def test_more_spans_of_ids_than_the_item_limit_are_refused_from_msgpack_headers(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def unpack_all(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the body was unpacked to count its items")
+
     limit = client.app.state.engine.settings.max_items  # type: ignore[attr-defined]
     body = msgpack.packb({"layout": "tiny", "ids": [[TEXT]] * (limit + 1)})
+    monkeypatch.setattr(msgpack, "unpackb", unpack_all)
     answer = await client.post(
         "/v1/images/decode", content=body, headers={"Content-Type": "application/msgpack"}
     )

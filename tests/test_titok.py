@@ -30,7 +30,7 @@ from app.media import decode_image
 from app.model_folder import ModelLoadError
 from app.registry import ModelRegistry
 from app.tokenizers.adapters import PixelRange
-from tests.support import SHARED_DATA, served, settings_for
+from tests.support import SHARED_DATA, TINY_IMAGE, served, settings_for, write_model
 
 titok = pytest.importorskip("titok_pytorch")
 
@@ -278,3 +278,53 @@ def test_bulk_shards_hold_each_images_sequence_as_the_api_answers_it(
     manifest = json.loads((result.out / "manifest.json").read_text())
     assert manifest["grid"] == [LATENTS]
     assert manifest["streams"] == [{"name": "sequence", "shape": [LATENTS], "vocab_size": VOCAB}]
+
+
+@pytest.fixture
+def beside_a_grid(repo: Path) -> Path:
+    """tiny-titok beside a grid model that serves image requests naming no model."""
+    write_model(repo, TINY_IMAGE)
+    return repo
+
+
+async def test_a_body_naming_the_sequence_model_is_read_as_sequences_beside_a_grid_default(
+    beside_a_grid: Path,
+) -> None:
+    tokens = list(range(LATENTS))
+    async with served(settings_for(beside_a_grid)) as client:
+        assert (await client.get("/v1/models")).json()["models"][0]["name"] == "tiny-image"
+        one = await client.post("/v1/images/decode", json={"model": "tiny-titok", "tokens": tokens})
+        two = await client.post(
+            "/v1/images/decode", json={"model": "tiny-titok", "tokens": [tokens, tokens]}
+        )
+    assert (one.status_code, one.headers["content-type"]) == (200, "image/png")
+    assert [item["width"] for item in two.json()["items"]] == [SIDE, SIDE]
+
+
+async def test_too_many_sequences_in_msgpack_are_counted_from_headers_for_the_named_model(
+    beside_a_grid: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unpack_all(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the body was unpacked to count its items")
+
+    body = msgpack.packb({"model": "tiny-titok", "tokens": [list(range(LATENTS))] * 3})
+    async with served(settings_for(beside_a_grid, max_items=2)) as client:
+        monkeypatch.setattr(msgpack, "unpackb", unpack_all)
+        refused = await client.post(
+            "/v1/images/decode", content=body, headers={"Content-Type": "application/msgpack"}
+        )
+    assert refused.status_code == 413
+    assert refused.json()["detail"].startswith("3 token items in one request")
+
+
+async def test_one_binary_sequence_is_decoded_by_the_model_its_body_names(
+    beside_a_grid: Path,
+) -> None:
+    binary = {"dtype": "uint16", "shape": [LATENTS], "data": bytes(2 * LATENTS)}
+    async with served(settings_for(beside_a_grid)) as client:
+        answer = await client.post(
+            "/v1/images/decode",
+            content=msgpack.packb({"model": "tiny-titok", "tokens": binary}),
+            headers={"Content-Type": "application/msgpack"},
+        )
+    assert (answer.status_code, answer.headers["content-type"]) == (200, "image/png")
