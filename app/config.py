@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     public_docs: bool = False
     public_metrics: bool = False
 
+    # Live streams (WebSocket /v1/audio/stream/...): how many at once, in all and per API key;
+    # the input one may hold unstepped before the server stops reading it (backpressure), and
+    # the results it may leave unread before it is dropped; frames and streams per step.
+    stream_max_streams: int = Field(default=64, ge=1)
+    stream_max_streams_per_key: int = Field(default=16, ge=1)
+    stream_max_buffered_s: float = Field(default=2.0, gt=0)
+    stream_max_unsent_s: float = Field(default=10.0, gt=0)
+    stream_max_step_frames: int = Field(default=16, ge=1)
+    stream_max_batch: int = Field(default=32, ge=1)
+    stream_max_message_bytes: int = Field(default=1 << 20, ge=1024)
+
     max_batch_size: int | None = None
     max_wait_ms: float | None = None
     max_queue: int | None = None

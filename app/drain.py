@@ -8,6 +8,7 @@ TOKSERVE_DRAIN_TIMEOUT_S counted from the signal, then the process exits 0.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from types import FrameType
 
@@ -53,3 +54,12 @@ class GracefulServer(uvicorn.Server):
         # uvicorn re-raises captured signals after shutdown; a drained SIGTERM is a clean exit
         if sig == signal.SIGTERM and sig in self._captured_signals:
             self._captured_signals.remove(sig)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End live streams first (their last results, END, close 1001): uvicorn's own
+        shutdown would cut every WebSocket at once with 1012."""
+        engine = getattr(self.app.state, "engine", None)
+        if engine is not None:
+            engine.streams.end_all()
+            await engine.streams.wait_closed(engine.drain.left_s())
+        await super().shutdown(sockets)

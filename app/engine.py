@@ -37,6 +37,7 @@ from app.media import (
 )
 from app.pipeline import Pipeline, in_media_pool
 from app.registry import ModelRegistry
+from app.streaming import Streams
 from app.tokenizers.base import ImageInfo
 
 log = logging.getLogger("tokserve.engine")
@@ -93,6 +94,7 @@ class Engine:
                 if isinstance(info, ImageInfo)
                 else AudioEndpoint(model, info, self)
             )
+        self.streams = Streams(settings, list(registry.models.values()))
         self.ready = False
         self.drain = Drain(settings.drain_timeout_s)
 
@@ -126,6 +128,7 @@ class Engine:
         for endpoint in self.endpoints.values():
             await endpoint.encoder.start()
             await endpoint.decoder.start()
+        self.streams.start()
         if self.settings.warmup:
             await asyncio.to_thread(self.warm_up)
         self.ready = True
@@ -142,6 +145,7 @@ class Engine:
         """Let queued work finish within what is left of the drain time, then release all."""
         self.ready = False
         self.drain.begin()
+        await self.streams.stop(self.drain.left_s())
         drain_s = self.drain.left_s()
         queues = [b for e in self.endpoints.values() for b in (e.encoder, e.decoder)]
         await asyncio.gather(*(batcher.stop(drain_s) for batcher in queues))

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from fastapi import FastAPI
 
-from app.api import audio, health, images, layouts, models, sequences
+from app.api import audio, health, images, layouts, models, sequences, streams
 from app.api.openapi import install_openapi, operation_id
 from app.api.pages import install_pages
 from app.api.problems import install_error_handlers
@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
     install_pages(app, docs_need_key=bool(settings.api_keys) and not settings.public_docs)
-    routers = (images, audio, models, layouts, sequences, health)
+    routers = (images, audio, streams, models, layouts, sequences, health)
     for router in (module.router for module in routers):
         app.include_router(router)
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight)

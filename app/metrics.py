@@ -96,3 +96,25 @@ MODEL_INFO = Info(
     ["model"],
 )
 BUILD_INFO = Info("tokserve_build", "tokserve version and its runtime.")
+STREAMS_OPEN = Gauge(
+    "tokserve_streams_open",
+    "Live audio streams (WebSocket encode or decode) open now.",
+    ["model", "op"],
+)
+STREAM_CHUNK_LATENCY = Histogram(
+    "tokserve_stream_chunk_latency_seconds",
+    "From the arrival of the input that completed a stream's step to its result being sent.",
+    ["model", "op"],
+    buckets=LATENCY_BUCKETS,
+)
+STREAM_STEP_BATCH = Histogram(
+    "tokserve_stream_step_batch_size",
+    "Streams stepped together in one forward.",
+    ["model", "op"],
+    buckets=BATCH_BUCKETS,
+)
+STREAMS_DROPPED = Counter(
+    "tokserve_streams_dropped_total",
+    "Streams the server ended early, by close code (4408: the client read too slowly).",
+    ["model", "op", "code"],
+)

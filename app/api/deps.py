@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from app.engine import Engine
 from app.errors import BadRequest, Unauthorized
@@ -21,16 +22,26 @@ async def get_engine(request: Request) -> Engine:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
+def given_key(connection: HTTPConnection) -> str:
+    """The API key a request or WebSocket carries: 'Authorization: Bearer' or 'X-API-Key'."""
+    given = connection.headers.get("x-api-key", "")
+    auth = connection.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return given
+
+
+def is_valid_key(given: str, keys: list[str]) -> bool:
+    """Whether ``given`` is one of ``keys``, compared in constant time."""
+    return any(secrets.compare_digest(given.encode(), key.encode()) for key in keys)
+
+
 async def require_api_key(request: Request, engine: EngineDep) -> None:
     """When TOKSERVE_API_KEYS is set, every /v1 request carries one of them (async: no thread)."""
     keys = engine.settings.api_keys
     if not keys:
         return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    if not any(secrets.compare_digest(given.encode(), key.encode()) for key in keys):
+    if not is_valid_key(given_key(request), keys):
         raise Unauthorized(
             "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key'.",
             headers={"WWW-Authenticate": "Bearer"},

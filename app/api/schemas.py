@@ -264,6 +264,10 @@ class AudioModel(ModelEntry):
     tokens_per_frame: list[int] = Field(
         description="Codebooks at several rates (SNAC): each one's tokens per frame; else empty"
     )
+    causal: bool = Field(description="A frame's tokens never depend on later samples")
+    streaming: bool = Field(
+        description="Served live over the WebSockets /v1/audio/stream/encode and /decode"
+    )
     streams: list[AudioStream]
 
 

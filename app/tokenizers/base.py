@@ -80,6 +80,8 @@ class AudioInfo:
     hop_length: int  # samples per frame
     frame_rate: float  # frames per second: sample_rate / hop_length
     encode_only: bool = False  # no decoder: tokens cannot be turned back into audio
+    causal: bool = False  # a frame's tokens never depend on later samples
+    streaming: bool = False  # served live over /v1/audio/stream/* (a causal model with state)
     # tokens per frame of each codebook, for codebooks at several rates (SNAC: 1, 2, 4);
     # empty: one each. Codebook k's tokens fill rows(k) .. rows(k + 1) of the token array.
     tokens_per_frame: tuple[int, ...] = ()

@@ -127,6 +127,7 @@ class ExportedAudioCodec(FramedAudioCodec):
             channels=int(spec.get("channels", 1)),
             hop_length=hop,
             frame_rate=sample_rate / hop,
+            causal=bool(spec.get("causal", False)),
             extra={"decode_codebooks": codebooks},
         )
 

@@ -16,6 +16,7 @@ import torch
 
 from app.tokenizers.adapters import BadOption, FramedAudioCodec, check_options
 from app.tokenizers.base import AudioInfo
+from app.tokenizers.causal import CausalStepper, is_streamable
 
 
 def _bandwidth(model: Any, options: dict[str, Any], name: str) -> tuple[float, dict[str, int]]:
@@ -39,7 +40,14 @@ def _codebooks(options: dict[str, Any], low: int, high: int, model: str) -> int:
 
 
 def _audio_info(
-    config: Any, sample_rate: int, channels: int, hop: int, codebooks: int, **extra: Any
+    config: Any,
+    sample_rate: int,
+    channels: int,
+    hop: int,
+    codebooks: int,
+    causal: bool = False,
+    streaming: bool = False,
+    **extra: Any,
 ) -> AudioInfo:
     return AudioInfo(
         vocab_size=int(config.codebook_size),
@@ -48,6 +56,8 @@ def _audio_info(
         channels=channels,
         hop_length=hop,
         frame_rate=sample_rate / hop,
+        causal=causal,
+        streaming=streaming,
         extra=extra,
     )
 
@@ -76,9 +86,15 @@ class EncodecCodec(FramedAudioCodec):
             int(config.audio_channels),
             int(config.hop_length),
             per_bandwidth[str(self.bandwidth)],
+            causal=self.padding_safe,
+            streaming=is_streamable(model),
             bandwidth_kbps=self.bandwidth,
             codebooks_per_bandwidth_kbps=per_bandwidth,
         )
+
+    def stepper(self) -> CausalStepper:
+        """A new stepper of this model for live streams (app/streaming.py)."""
+        return CausalStepper(self.model, self.info.codebooks, self.hop, self.bandwidth)
 
     def encode_frames(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # audio_codes: [chunks = 1, B, K, F] for an unchunked model
@@ -135,8 +151,14 @@ class MimiCodec(FramedAudioCodec):
             int(config.audio_channels),
             math.prod(config.upsampling_ratios) * stride,
             self.codebooks,
+            causal=self.padding_safe,
+            streaming=is_streamable(model),
             semantic_codebooks=semantic,
         )
+
+    def stepper(self) -> CausalStepper:
+        """A new stepper of this model for live streams (app/streaming.py)."""
+        return CausalStepper(self.model, self.codebooks, self.hop)
 
     def encode_frames(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         output = self.model.encode(wave, num_quantizers=self.codebooks, return_dict=True)

@@ -1,0 +1,476 @@
+"""Live streams over WebSockets (app/api/streams.py, app/streaming.py, app/tokenizers/causal.py):
+a real uvicorn server, a real WebSocket client, tiny random EnCodec and Mimi checkpoints built
+here, and real speech from /work/shared/data."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import random
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from app.config import Settings
+from app.drain import GracefulServer
+from app.main import create_app
+from app.media import decode_audio
+from app.tokenizers.causal import CausalStepper, StreamState
+from bench.server import free_port
+from tests.support import sample, settings_for, tiny_repo
+
+SAMPLE_RATE, HOP, VOCAB = 8000, 320, 64
+SPEECH = Path("/work/shared/data/audio/speech")
+# 9 s: 452 positions of Mimi's transformer, past its sliding window of 250
+LONG_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-v-oko.ogg"
+SHORT_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-m-divna.ogg"
+AUDIO, TOKENS, END, ERROR = 0x01, 0x02, 0x03, 0x04
+
+
+def _encodec() -> Any:
+    import transformers
+
+    return transformers.EncodecModel(
+        transformers.EncodecConfig(
+            sampling_rate=SAMPLE_RATE,
+            hidden_size=16,
+            num_filters=4,
+            upsampling_ratios=[8, 5, 4, 2],
+            codebook_size=VOCAB,
+            target_bandwidths=[0.3, 0.6],
+            num_lstm_layers=1,
+        )
+    )
+
+
+def _mimi() -> Any:
+    import transformers
+
+    return transformers.MimiModel(
+        transformers.MimiConfig(
+            sampling_rate=SAMPLE_RATE,
+            hidden_size=16,
+            num_filters=4,
+            upsampling_ratios=[8, 5, 4],
+            codebook_size=VOCAB,
+            codebook_dim=16,
+            num_quantizers=4,
+            vector_quantization_hidden_dimension=16,
+            upsample_groups=16,
+            num_hidden_layers=2,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            layer_scale_initial_scale=1.0,  # the transformer's share of the latents is not 1%
+            sliding_window=24,  # 12 frames: a few seconds of speech go far past it
+        )
+    )
+
+
+# codebooks spread over the latents, so that tokens vary from frame to frame
+BUILDERS = {"encodec": (_encodec, 0.08), "mimi": (_mimi, 3.0)}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with tiny EnCodec and Mimi checkpoints (transformers) and the tiny native
+    codec, which is not causal."""
+    root = tiny_repo(tmp_path_factory.mktemp("models"))
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    for name, (build, scale) in BUILDERS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        with torch.no_grad():
+            for buffer_name, buffer in model.named_buffers():
+                if buffer_name.endswith((".embed", ".embed_sum")):
+                    buffer.normal_(0, scale)
+        model.save_pretrained(checkpoints / name)
+        (root / name).mkdir()
+        config = {"backend": "transformers", "class": type(model).__name__}
+        config["source"] = str(checkpoints / name)
+        (root / name / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@dataclass
+class Live:
+    """A server listening on a real port, and its app (for its engine)."""
+
+    url: str
+    app: Any
+
+    @property
+    def ws(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[Live]:
+    """The app under uvicorn (GracefulServer) on a free port, in a thread."""
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
+    server = GracefulServer(config, app)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield Live(f"http://127.0.0.1:{port}", app)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def live(repo: Path) -> Iterator[Live]:
+    with live_server(settings_for(repo, cache_max_bytes=0)) as server:
+        yield server
+
+
+def speech(path: Path, seconds: float | None = None) -> np.ndarray:
+    """Real speech at the tiny models' rate as 16-bit PCM samples [T]."""
+    wave = decode_audio(path.read_bytes(), SAMPLE_RATE)[0][0].numpy()
+    if seconds is not None:
+        wave = wave[: int(seconds * SAMPLE_RATE)]
+    return np.clip(np.round(wave * 32767), -32768, 32767).astype(np.int16)
+
+
+def wav(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+async def whole_encode(live: Live, model: str, samples: np.ndarray, **params: Any) -> np.ndarray:
+    """The non-streaming encode of the same samples, POSTed as a WAV."""
+    async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
+        answer = await http.post(
+            "/v1/audio/encode", params={"model": model, **params}, content=wav(samples)
+        )
+    assert answer.status_code == 200, answer.text
+    return np.array(answer.json()["items"][0]["tokens"])
+
+
+def chunked(samples: np.ndarray, sizes: list[int]) -> Iterator[np.ndarray]:
+    """``samples`` cut in the sizes given, cycling through them."""
+    start, index = 0, 0
+    while start < len(samples):
+        size = sizes[index % len(sizes)]
+        yield samples[start : start + size]
+        start, index = start + size, index + 1
+
+
+@dataclass
+class Received:
+    """What a stream's client read: READY, the results in order, END, ERROR and the close."""
+
+    ready: dict[str, Any] = field(default_factory=dict)
+    tokens: list[np.ndarray] = field(default_factory=list)
+    first_frames: list[int] = field(default_factory=list)
+    audio: list[bytes] = field(default_factory=list)
+    end_frames: int | None = None
+    error: dict[str, Any] | None = None
+    close_code: int | None = None
+    close_reason: str = ""
+
+    def all_tokens(self) -> np.ndarray:
+        return np.concatenate(self.tokens, axis=1)
+
+
+async def read_all(ws: ClientConnection, received: Received) -> Received:
+    """Read messages until the server closes."""
+    try:
+        async for message in ws:
+            assert isinstance(message, bytes), message
+            kind, body = message[0], message[1:]
+            if kind == TOKENS:
+                first, rows, frames = struct.unpack_from("<IHH", body)
+                ids = np.frombuffer(body[8:], dtype="<u2").reshape(rows, frames)
+                received.first_frames.append(first)
+                received.tokens.append(ids)
+            elif kind == AUDIO:
+                received.audio.append(body)
+            elif kind == END:
+                (received.end_frames,) = struct.unpack("<I", body)
+            elif kind == ERROR:
+                received.error = json.loads(body)
+            else:
+                received.ready = json.loads(body)
+    except ConnectionClosed:
+        pass
+    received.close_code = ws.close_code
+    received.close_reason = ws.close_reason or ""
+    return received
+
+
+async def stream_encode(
+    live: Live,
+    model: str,
+    chunks: Iterator[bytes] | list[bytes],
+    end: bool = True,
+    **query: Any,
+) -> Received:
+    """Send AUDIO messages (and END) while reading, until the server closes."""
+    params = "&".join(f"{k}={v}" for k, v in {"model": model, **query}.items())
+    async with connect(f"{live.ws}/v1/audio/stream/encode?{params}") as ws:
+        received = Received()
+
+        async def send() -> None:
+            for chunk in chunks:
+                await ws.send(bytes([AUDIO]) + chunk)
+            if end:
+                await ws.send(bytes([END]))
+
+        _, received = await asyncio.gather(send(), read_all(ws, received))
+    return received
+
+
+@pytest.mark.parametrize("model", ["encodec", "mimi"])
+async def test_models_say_which_are_causal_and_stream(live: Live, model: str) -> None:
+    async with httpx.AsyncClient(base_url=live.url) as http:
+        described = (await http.get(f"/v1/models/{model}")).json()
+        native = (await http.get("/v1/models/tiny-audio")).json()
+    assert (described["causal"], described["streaming"]) == (True, True)
+    assert (native["causal"], native["streaming"]) == (False, False)
+
+
+@pytest.mark.parametrize("model", ["encodec", "mimi"])
+@pytest.mark.parametrize(
+    "sizes", [[317], [1001, 5, 2900], [HOP], [10**6]], ids=["317", "mixed", "hop", "whole"]
+)
+async def test_streamed_tokens_equal_the_whole_clip_encode_whatever_the_chunks(
+    live: Live, model: str, sizes: list[int]
+) -> None:
+    samples = speech(LONG_CLIP)
+    expected = await whole_encode(live, model, samples)
+    pcm = (chunk.tobytes() for chunk in chunked(samples, sizes))
+    received = await stream_encode(live, model, pcm)
+    assert received.close_code == 1000, received.error
+    assert received.all_tokens().tolist() == expected.tolist()
+    assert received.end_frames == expected.shape[1] == math.ceil(len(samples) / HOP)
+    assert (
+        received.first_frames == list(np.cumsum([0] + [t.shape[1] for t in received.tokens]))[:-1]
+    )
+
+
+@pytest.mark.parametrize("model", ["encodec", "mimi"])
+async def test_one_sample_chunks_give_the_whole_clip_tokens(live: Live, model: str) -> None:
+    samples = speech(SHORT_CLIP, seconds=0.5)
+    expected = await whole_encode(live, model, samples)
+    received = await stream_encode(live, model, (s.tobytes() for s in chunked(samples, [1])))
+    assert received.all_tokens().tolist() == expected.tolist()
+
+
+async def test_tokens_come_before_the_stream_ends(live: Live) -> None:
+    """A stream that has sent 2 s (and no END) already has most of its frames back."""
+    samples = speech(LONG_CLIP, seconds=2.0)
+    async with connect(f"{live.ws}/v1/audio/stream/encode?model=mimi") as ws:
+        ready = json.loads((await ws.recv())[1:])
+        await ws.send(bytes([AUDIO]) + samples.tobytes())
+        frames = 0
+        while frames < 2.0 * ready["frame_rate"] - 1:
+            message = await asyncio.wait_for(ws.recv(), 10)
+            frames += struct.unpack_from("<IHH", message, 1)[2]
+    assert ready["first_frames"] == 1 and frames == 50
+
+
+async def test_fewer_codebooks_are_the_first_rows_of_the_whole_encode(live: Live) -> None:
+    samples = speech(SHORT_CLIP)
+    expected = await whole_encode(live, "mimi", samples, codebooks=2)
+    pcm = (c.tobytes() for c in chunked(samples, [777]))
+    received = await stream_encode(live, "mimi", pcm, codebooks=2)
+    assert received.ready["codebooks"] == 2
+    assert received.all_tokens().tolist() == expected.tolist()
+
+
+async def test_stereo_float_pcm_is_mixed_as_a_whole_file_is(live: Live) -> None:
+    mono = speech(SHORT_CLIP).astype(np.float32) / 32768
+    stereo = np.stack([mono, mono * 0.5], axis=1).astype("<f4")
+    buffer = io.BytesIO()
+    sf.write(buffer, stereo, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    async with httpx.AsyncClient(base_url=live.url) as http:
+        answer = await http.post("/v1/audio/encode?model=encodec", content=buffer.getvalue())
+    expected = answer.json()["items"][0]["tokens"]
+    pcm = (c.tobytes() for c in chunked(stereo, [555]))
+    received = await stream_encode(live, "encodec", pcm, encoding="pcm_f32le", channels=2)
+    assert received.all_tokens().tolist() == expected
+
+
+async def test_streams_stepped_together_each_get_their_own_tokens(live: Live) -> None:
+    clips = [speech(LONG_CLIP, seconds=s) for s in (3.0, 2.0, 2.5, 1.0)]
+    expected = [await whole_encode(live, "encodec", clip) for clip in clips]
+    batches = sample("tokserve_stream_step_batch_size_count", model="encodec", op="encode")
+    results = await asyncio.gather(
+        *(
+            stream_encode(live, "encodec", (c.tobytes() for c in chunked(clip, [800])))
+            for clip in clips
+        )
+    )
+    assert [r.all_tokens().tolist() for r in results] == [e.tolist() for e in expected]
+    steps = sample("tokserve_stream_step_batch_size_count", model="encodec", op="encode")
+    assert steps > batches
+
+
+def test_a_batch_of_streams_at_different_points_steps_each_as_alone(repo: Path) -> None:
+    """Batch invariance of the stepper: three streams of different ages and lengths stepped
+    together give each the tokens it gets stepped alone."""
+    from app.registry import ModelRegistry
+
+    registry = ModelRegistry.load(settings_for(repo, models=["mimi"]))
+    stepper: CausalStepper = registry.models["mimi"].tokenizer.stepper()  # type: ignore[attr-defined]
+    clips = [
+        torch.from_numpy(speech(LONG_CLIP, seconds=s).astype(np.float32) / 32768) for s in (4, 3, 2)
+    ]
+    alone = []
+    with torch.inference_mode():
+        for clip in clips:
+            frames = len(clip) // HOP
+            alone.append(stepper.encode_step(clip[None, None, : frames * HOP], [StreamState()])[0])
+        states = [StreamState() for _ in clips]
+        outputs: list[list[torch.Tensor]] = [[] for _ in clips]
+        position = [0, 0, 0]
+        rng = random.Random(0)
+        for tick in range(400):
+            step = rng.randint(1, 4)
+            rows = [
+                i
+                for i, clip in enumerate(clips)
+                if tick >= 3 * i and (position[i] + step) * HOP <= len(clip)
+            ]
+            if not rows:
+                continue
+            wave = torch.stack(
+                [clips[i][position[i] * HOP : (position[i] + step) * HOP] for i in rows]
+            )
+            tokens = stepper.encode_step(wave[:, None], [states[i] for i in rows])
+            for row, i in enumerate(rows):
+                outputs[i].append(tokens[row])
+                position[i] += step
+    for i, clip in enumerate(clips):
+        got = torch.cat(outputs[i], dim=-1)
+        assert got.tolist() == alone[i][:, : got.shape[-1]].tolist()
+        assert got.shape[-1] > len(clip) // HOP - 4
+
+
+@pytest.mark.parametrize("model", ["encodec", "mimi"])
+async def test_streamed_decode_gives_the_whole_decode_audio(live: Live, model: str) -> None:
+    tokens = (await whole_encode(live, model, speech(LONG_CLIP, seconds=4.0))).astype("<u2")
+    runner = live.app.state.engine.endpoints[model].runner
+    expected = runner.decode_batch([tokens.astype(np.int32)])[0].numpy()[0]
+    async with connect(f"{live.ws}/v1/audio/stream/decode?model={model}&encoding=pcm_f32le") as ws:
+        received = Received()
+
+        async def send() -> None:
+            for start in range(0, tokens.shape[1], 3):
+                part = np.ascontiguousarray(tokens[:, start : start + 3])
+                header = struct.pack("<IHH", start, part.shape[0], part.shape[1])
+                await ws.send(bytes([TOKENS]) + header + part.tobytes())
+            await ws.send(bytes([END]))
+
+        await asyncio.gather(send(), read_all(ws, received))
+    audio = np.frombuffer(b"".join(received.audio), dtype="<f4")
+    assert received.close_code == 1000 and received.end_frames == tokens.shape[1]
+    assert audio.shape == expected.shape == (tokens.shape[1] * HOP,)
+    assert np.abs(audio - expected).max() < 1e-4
+    assert np.abs(expected).max() > 0.01
+
+
+async def refused(live: Live, path: str, messages: list[bytes | str] = ()) -> Received:  # type: ignore[assignment]
+    """Connect to ``path``, send ``messages``, read until the server closes."""
+    async with connect(f"{live.ws}{path}") as ws:
+        for message in messages:
+            await ws.send(message)
+        return await read_all(ws, Received())
+
+
+async def test_a_model_that_is_not_causal_is_refused_naming_the_streaming_models(
+    live: Live,
+) -> None:
+    received = await refused(live, "/v1/audio/stream/encode?model=tiny-audio")
+    assert received.close_code == 4422 and received.close_reason == "Model cannot stream"
+    assert received.error is not None and received.error["detail"] == (
+        "Model tiny-audio cannot encode a stream: it is not a causal model with streaming state "
+        "(its frames see later samples, so its tokens would depend on where the audio was cut). "
+        "The models loaded that stream are: encodec, mimi (GET /v1/models: streaming true)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "messages", "code", "says"),
+    [
+        ("encode?model=nope", [], 4404, "No audio model 'nope' is loaded"),
+        ("encode?model=mimi&encoding=mp3", [], 4415, "it takes pcm_s16le, pcm_f32le"),
+        ("encode?model=mimi&sample_rate=16000", [], 4422, "streams audio at 8000 Hz"),
+        ("encode?model=mimi&codebooks=9", [], 4422, "codebooks=9 must be 1 to 4"),
+        ("encode?model=mimi", [b"\x07abc"], 4400, "Message type 0x07 is not one of"),
+        ("encode?model=mimi", [b"\x01abc"], 4400, "not whole samples of 1 channel(s)"),
+        ("encode?model=mimi", ["hello"], 4400, "send binary messages"),
+        ("encode?model=mimi", [b"\x01" + bytes(2 << 20)], 4413, "at most 1048576 are accepted"),
+        (
+            "encode?model=mimi&encoding=pcm_f32le",
+            [b"\x01" + np.array([np.nan], "<f4").tobytes()],
+            4422,
+            "NaN or infinite",
+        ),
+        ("decode?model=mimi", [b"\x01\x00\x00"], 4400, "takes TOKENS and END messages"),
+        (
+            "decode?model=mimi",
+            [b"\x02" + struct.pack("<IHH", 0, 4, 1) + np.array([1, 2, 3, 64], "<u2").tobytes()],
+            4422,
+            "Token ids must be 0 to 63; got 1 to 64",
+        ),
+        (
+            "decode?model=mimi",
+            [b"\x02" + struct.pack("<IHH", 5, 4, 1) + bytes(8)],
+            4400,
+            "TOKENS starts at frame 5; the stream expects frame 0 next",
+        ),
+    ],
+)
+async def test_protocol_errors_close_the_stream_with_a_code_and_a_sentence(
+    live: Live, path: str, messages: list[bytes | str], code: int, says: str
+) -> None:
+    received = await refused(live, f"/v1/audio/stream/{path}", messages)
+    assert received.close_code == code
+    assert received.error is not None and received.error["code"] == code
+    assert says in received.error["detail"]
+
+
+async def test_the_json_protocol_gives_the_same_tokens(live: Live) -> None:
+    import base64
+
+    samples = speech(SHORT_CLIP)
+    expected = await whole_encode(live, "mimi", samples)
+    async with connect(f"{live.ws}/v1/audio/stream/encode?model=mimi&protocol=json") as ws:
+        for chunk in chunked(samples, [4000]):
+            await ws.send(
+                json.dumps({"type": "audio", "data": base64.b64encode(chunk.tobytes()).decode()})
+            )
+        await ws.send(json.dumps({"type": "end"}))
+        messages = [json.loads(m) async for m in ws]
+    assert messages[0]["type"] == "ready" and messages[-1] == {
+        "type": "end",
+        "frames": expected.shape[1],
+    }
+    tokens = np.concatenate([np.array(m["tokens"]) for m in messages if m["type"] == "tokens"], 1)
+    assert tokens.tolist() == expected.tolist()
