@@ -49,6 +49,16 @@ class StreamRefused(Exception):
         self.detail = detail
 
 
+def slow_reader(unsent_s: float, limit_s: float) -> StreamRefused:
+    """The refusal of a client that leaves more than ``limit_s`` of results unread."""
+    return StreamRefused(
+        4408,
+        "Client reads too slowly",
+        f"{unsent_s:.1f} s of results waited for the client to read them; at most {limit_s:g} s "
+        "may wait (TOKSERVE_STREAM_MAX_UNSENT_S). Read the stream as fast as it is produced.",
+    )
+
+
 @dataclass
 class Outgoing:
     """One result for the client: tokens [k, n] (encode) or wave [C, n * hop] (decode), its
@@ -95,6 +105,8 @@ class Stream:
 
     def push(self, data: np.ndarray) -> None:
         """Queue input: samples [C, T] float32 (encode) or tokens [k, n] int64 (decode)."""
+        if self.dropped is not None:
+            return
         if self.ended:
             raise StreamRefused(4400, "Input after end", "The stream has ended; send no more.")
         self.pending.append(data)
@@ -261,15 +273,7 @@ class StreamHub:
         stream.unsent_frames += frames
         unsent_s = stream.unsent_frames / self.info.frame_rate
         if unsent_s > self.settings.stream_max_unsent_s:
-            stream.drop(
-                StreamRefused(
-                    4408,
-                    "Client reads too slowly",
-                    f"{unsent_s:.1f} s of results waited for the client to read them; at most "
-                    f"{self.settings.stream_max_unsent_s:g} s may wait "
-                    "(TOKSERVE_STREAM_MAX_UNSENT_S). Read the stream as fast as it is produced.",
-                )
-            )
+            stream.drop(slow_reader(unsent_s, self.settings.stream_max_unsent_s))
             return
         stream.outbox.put_nowait(Outgoing(result, first, arrived))
 

@@ -9,6 +9,8 @@ import io
 import json
 import math
 import random
+import signal
+import socket
 import struct
 import threading
 import time
@@ -32,7 +34,7 @@ from app.drain import GracefulServer
 from app.main import create_app
 from app.media import decode_audio
 from app.tokenizers.causal import CausalStepper, StreamState
-from bench.server import free_port
+from bench.server import free_port, server_process
 from tests.support import sample, settings_for, tiny_repo
 
 SAMPLE_RATE, HOP, VOCAB = 8000, 320, 64
@@ -474,3 +476,140 @@ async def test_the_json_protocol_gives_the_same_tokens(live: Live) -> None:
     }
     tokens = np.concatenate([np.array(m["tokens"]) for m in messages if m["type"] == "tokens"], 1)
     assert tokens.tolist() == expected.tolist()
+
+
+async def test_streams_over_the_server_limit_are_refused_with_4429(repo: Path) -> None:
+    settings = settings_for(repo, models=["mimi"], stream_max_streams=2, warmup=False)
+    with live_server(settings) as server:
+        url = f"{server.ws}/v1/audio/stream/encode?model=mimi"
+        async with connect(url) as first, connect(url) as second:
+            await first.recv(), await second.recv()  # READY: both are open
+            third = await refused(server, "/v1/audio/stream/encode?model=mimi")
+        assert third.close_code == 4429 and third.error is not None
+        assert "already serves 2 streams (TOKSERVE_STREAM_MAX_STREAMS)" in third.error["detail"]
+        await asyncio.sleep(0.2)  # the first two closed: a new one opens
+        async with connect(url) as fourth:
+            assert json.loads((await fourth.recv())[1:])["model"] == "mimi"
+
+
+async def test_a_key_needs_a_valid_key_and_has_its_own_limit(repo: Path) -> None:
+    settings = settings_for(
+        repo,
+        models=["mimi"],
+        api_keys=["alpha", "beta"],
+        stream_max_streams_per_key=1,
+        warmup=False,
+    )
+    with live_server(settings) as server:
+        url = f"{server.ws}/v1/audio/stream/encode?model=mimi"
+        anonymous = await refused(server, "/v1/audio/stream/encode?model=mimi")
+        assert anonymous.close_code == 4401
+        async with connect(url, additional_headers={"X-API-Key": "alpha"}) as first:
+            assert (await first.recv())[0] == 0x00  # READY
+            # a browser's way: the key as a subprotocol beside tokserve's
+            async with connect(url, subprotocols=["tokserve.v1", "key.alpha"]) as second:  # type: ignore[list-item]
+                again = await read_all(second, Received())
+            async with connect(url, subprotocols=["tokserve.v1", "key.beta"]) as other:  # type: ignore[list-item]
+                assert other.subprotocol == "tokserve.v1"
+                assert (await other.recv())[0] == 0x00
+    assert again.close_code == 4429 and again.error is not None
+    assert "This API key already has 1 open streams" in again.error["detail"]
+
+
+async def test_a_client_that_does_not_read_is_dropped_with_4408(repo: Path) -> None:
+    """Decoding while never reading: the audio waits unsent until it passes
+    TOKSERVE_STREAM_MAX_UNSENT_S, then the stream is dropped and counted."""
+    settings = settings_for(repo, models=["encodec"], stream_max_unsent_s=1.0, warmup=False)
+    drops = ("tokserve_streams_dropped_total", {"model": "encodec", "op": "decode", "code": "4408"})
+    dropped = sample(drops[0], **drops[1])
+    with live_server(settings) as server:
+        tiny_window = socket.socket()
+        tiny_window.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tiny_window.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        url = f"{server.ws}/v1/audio/stream/decode?model=encodec&encoding=pcm_f32le"
+        async with connect(url, sock=tiny_window, max_queue=1, max_size=None) as ws:
+            await ws.recv()  # READY
+            frames = np.random.default_rng(0).integers(0, VOCAB, (4, 25), dtype="<u2")
+            # 10 MB of audio: more than the kernel's socket buffers hold
+            for second in range(320):
+                header = struct.pack("<IHH", 25 * second, 4, 25)
+                await ws.send(bytes([TOKENS]) + header + frames.tobytes())
+            deadline = time.monotonic() + 30
+            while sample(drops[0], **drops[1]) == dropped and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # unread until the server gives up on it
+            received = await asyncio.wait_for(read_all(ws, Received()), 30)
+    assert received.close_code == 4408 and received.error is not None
+    assert "(TOKSERVE_STREAM_MAX_UNSENT_S)" in received.error["detail"]
+    assert sample(drops[0], **drops[1]) == dropped + 1
+
+
+async def test_a_client_sending_faster_than_the_model_is_read_only_as_it_is_stepped(
+    repo: Path,
+) -> None:
+    """60 s of audio sent at once with room for 0.25 s: the server reads as it steps (the
+    send waits), and every frame still comes back."""
+    settings = settings_for(
+        repo,
+        models=["encodec"],
+        stream_max_buffered_s=0.25,
+        stream_max_unsent_s=100,
+        warmup=False,
+    )
+    samples = np.tile(speech(LONG_CLIP), 7)[: 60 * SAMPLE_RATE]
+    with live_server(settings) as server:
+        hub = server.app.state.engine.streams.hubs[("encodec", "encode")]
+        most_buffered = 0.0
+
+        async def watch() -> None:
+            nonlocal most_buffered
+            while True:
+                for stream in list(hub.streams):
+                    most_buffered = max(most_buffered, stream.buffered_s())
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        pcm = (c.tobytes() for c in chunked(samples, [4000]))
+        received = await stream_encode(server, "encodec", pcm)
+        watcher.cancel()
+        expected = await whole_encode(server, "encodec", samples)
+    assert received.all_tokens().tolist() == expected.tolist()
+    # one message past the limit is read before reading stops
+    assert 0.25 <= most_buffered < 0.25 + 4000 / SAMPLE_RATE + 1e-9
+
+
+async def test_open_streams_and_chunk_latency_are_measured(live: Live) -> None:
+    latencies = sample("tokserve_stream_chunk_latency_seconds_count", model="mimi", op="encode")
+    async with connect(f"{live.ws}/v1/audio/stream/encode?model=mimi") as ws:
+        await ws.recv()
+        assert sample("tokserve_streams_open", model="mimi", op="encode") == 1
+        await ws.send(bytes([AUDIO]) + speech(SHORT_CLIP, seconds=1.0).tobytes())
+        await ws.send(bytes([END]))
+        received = await read_all(ws, Received())
+    await asyncio.sleep(0.1)
+    assert sample("tokserve_streams_open", model="mimi", op="encode") == 0
+    after = sample("tokserve_stream_chunk_latency_seconds_count", model="mimi", op="encode")
+    assert after == latencies + len(received.tokens) > latencies
+
+
+def test_sigterm_ends_open_streams_with_their_last_tokens_end_and_1001(repo: Path) -> None:
+    """A stream is mid-way when the server gets SIGTERM: it gets the tokens of everything it
+    sent, END, then close 1001 with a reason; the server exits 0."""
+    samples = speech(LONG_CLIP, seconds=2.0)
+
+    async def during_drain(process: Any, url: str) -> Received:
+        ws_url = url.replace("http://", "ws://") + "/v1/audio/stream/encode?model=encodec"
+        async with connect(ws_url) as ws:
+            received = Received(ready=json.loads((await ws.recv())[1:]))
+            await ws.send(bytes([AUDIO]) + samples.tobytes())
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            await ws.send(bytes([AUDIO]) + samples[:100].tobytes())  # read or not: no matter
+            return await read_all(ws, received)
+
+    with server_process(repo, TOKSERVE_MODELS="encodec") as (process, url):
+        received = asyncio.run(during_drain(process, url))
+        assert process.wait(timeout=60) == 0
+    assert received.close_code == 1001
+    assert received.close_reason.startswith("server shutting down; stream ended at frame")
+    frames = sum(t.shape[1] for t in received.tokens)
+    assert received.end_frames == frames >= len(samples) // HOP

@@ -31,6 +31,7 @@ from app.streaming import (
     Outgoing,
     Stream,
     StreamRefused,
+    slow_reader,
 )
 from app.tokens import token_dtype
 
@@ -41,6 +42,7 @@ KEY_PREFIX = "key."  # a browser cannot set headers: it offers its key as a subp
 ENCODINGS: dict[str, np.dtype[Any]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 TOKENS_HEADER = struct.Struct("<IHH")  # first frame, rows, frames
 END_BODY = struct.Struct("<I")  # frames in all
+REFUSAL_TIMEOUT_S = 5.0
 
 
 class MessageType(enum.IntEnum):
@@ -229,7 +231,7 @@ async def read_input(websocket: WebSocket, stream: Stream, options: StreamOption
     malformed one ends the stream with its refusal."""
     limit = stream.hub.settings.stream_max_message_bytes
     try:
-        while not stream.ended:
+        while not stream.ended and stream.dropped is None:
             await stream.room.wait()
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -381,11 +383,19 @@ def token_frames(body: Any, options: StreamOptions, stream: Stream) -> np.ndarra
 async def write_output(websocket: WebSocket, stream: Stream, options: StreamOptions) -> None:
     """Results to the client as they come, then END and a close (1000, or 1001 on drain), or
     the stream's refusal."""
+    limit_s = stream.hub.settings.stream_max_unsent_s
     while True:
         outgoing = await stream.outbox.get()
         if outgoing is None:
             break
-        await send_result(websocket, stream, options, outgoing)
+        if stream.dropped is not None:
+            continue  # a dropped stream's results are not sent
+        try:
+            # a send that waits this long has a client that does not read
+            await asyncio.wait_for(send_result(websocket, stream, options, outgoing), limit_s)
+        except TimeoutError:
+            stream.drop(slow_reader(limit_s, limit_s))
+            continue
         stream.hub.sent(stream, outgoing)
     if stream.dropped is not None and stream.dropped.code != CLOSE_DONE:
         await send_refusal(websocket, stream.dropped, options.protocol)
@@ -447,6 +457,8 @@ async def send_refusal(
 ) -> None:
     """ERROR with the whole sentence, then the close frame with its code and title."""
     body = {"code": refusal.code, "title": refusal.title, "detail": refusal.detail}
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        await send_message(websocket, protocol, MessageType.ERROR, body)
-        await websocket.close(refusal.code, refusal.title)
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, TimeoutError):
+        # bounded: a client that reads nothing must not hold the connection open
+        async with asyncio.timeout(REFUSAL_TIMEOUT_S):
+            await send_message(websocket, protocol, MessageType.ERROR, body)
+            await websocket.close(refusal.code, refusal.title)
