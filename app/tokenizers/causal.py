@@ -167,13 +167,16 @@ class CausalStepper:
         mode = layer.pad_mode
         if mode == "reflect" and self._reach is not None:
             self._reach.append((pad, x.shape[-1] // frames))
-        fresh = layer._pad1d(x, (pad, 0), mode=mode)[..., :pad]
-        left = torch.cat(
-            [
-                state.tensors[name] if state.started else fresh[row : row + 1]
-                for row, state in enumerate(states)
-            ]
-        )
+        if all(state.started for state in states):
+            left = torch.cat([state.tensors[name] for state in states])
+        else:
+            fresh = layer._pad1d(x, (pad, 0), mode=mode)[..., :pad]
+            left = torch.cat(
+                [
+                    state.tensors[name] if state.started else fresh[row : row + 1]
+                    for row, state in enumerate(states)
+                ]
+            )
         full = torch.cat([left, x], dim=-1)
         kept = full[..., -pad:]
         for row, state in enumerate(states):

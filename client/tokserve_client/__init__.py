@@ -12,6 +12,7 @@ every other item's result. No torch: a training job installs this package alone.
 """
 
 from tokserve_client.aio import AsyncClient
+from tokserve_client.live import AudioStream, StreamClosed
 from tokserve_client.results import Encoded, ItemError, ItemsFailed, TokserveError
 from tokserve_client.retry import RetryPolicy
 from tokserve_client.streams import pack_streams, unpack_streams
@@ -19,11 +20,13 @@ from tokserve_client.sync import Client
 
 __all__ = [
     "AsyncClient",
+    "AudioStream",
     "Client",
     "Encoded",
     "ItemError",
     "ItemsFailed",
     "RetryPolicy",
+    "StreamClosed",
     "TokserveError",
     "pack_streams",
     "unpack_streams",

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tokserve_client import wire
+from tokserve_client import live, wire
 from tokserve_client.results import Encoded, ItemError
 from tokserve_client.retry import RetryPolicy, Tries, stands
 
@@ -32,6 +32,8 @@ class AsyncClient(wire.Calls):
         super().__init__(max_concurrency, retry)
         options = wire.http_options(base_url, api_key, timeout_s)
         self.http = httpx.AsyncClient(**options, transport=transport)
+        self.base_url = base_url
+        self.api_key = api_key
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -102,6 +104,28 @@ class AsyncClient(wire.Calls):
                 task.cancel()
             raise
         return wire.encoded_or_raise(list(itertools.chain.from_iterable(answers)))
+
+    def stream_encode(
+        self,
+        model: str | None = None,
+        codebooks: int | None = None,
+        encoding: str = "pcm_s16le",
+        channels: int | None = None,
+    ) -> live.StreamOpening:
+        """``async with`` a live encode stream of a causal model: send audio at the model's
+        rate as it comes, iterate token frames [codebooks, n] as they complete."""
+        options = {"model": model, "codebooks": codebooks, "encoding": encoding}
+        return live.open_stream(
+            self.base_url, self.api_key, "encode", {**options, "channels": channels}
+        )
+
+    def stream_decode(
+        self, model: str | None = None, codebooks: int | None = None, encoding: str = "pcm_s16le"
+    ) -> live.StreamOpening:
+        """``async with`` a live decode stream: send token frames [codebooks, n], iterate audio
+        samples [n * hop, channels] in ``encoding``."""
+        options = {"model": model, "codebooks": codebooks, "encoding": encoding}
+        return live.open_stream(self.base_url, self.api_key, "decode", options)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """``request``'s answer, tried again as the retry policy says."""
