@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import struct
 import sys
 import tempfile
@@ -157,6 +158,7 @@ async def capacity(
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    load_at_start = list(os.getloadavg())  # other processes' load skews every figure
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         torch.manual_seed(0)
@@ -164,8 +166,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for model in args.models:
             wave = decode_audio(SPEECH.read_bytes(), 24000)[0][0].numpy()
             speech = np.clip(np.round(wave * 32767), -32768, 32767).astype("<i2")
+            threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
             with server_process(
                 root / "models",
+                **threads,
                 TOKSERVE_MODELS=model,
                 TOKSERVE_STREAM_MAX_STREAMS=str(args.most),
                 TOKSERVE_STREAM_MAX_STREAMS_PER_KEY=str(args.most),
@@ -173,7 +177,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 ws = url.replace("http://", "ws://")
                 found = asyncio.run(capacity(ws, model, speech, args.seconds, args.most))
             results[model] = {"config": configs[model], **found}
-    return {"machine": describe("cpu"), "seconds_per_trial": args.seconds, "models": results}
+    return {
+        "machine": describe("cpu"),
+        "server_threads": args.threads or "torch's default",
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()),
+        "seconds_per_trial": args.seconds,
+        "models": results,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -181,6 +192,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["encodec", "mimi"])
     parser.add_argument("--seconds", type=float, default=6.0, help="audio per stream per trial")
     parser.add_argument("--most", type=int, default=256, help="streams at most")
+    parser.add_argument(
+        "--threads", type=int, help="the server's OMP_NUM_THREADS (default: torch's choice)"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser.parse_args(argv)
 

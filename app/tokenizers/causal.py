@@ -66,6 +66,7 @@ class CausalStepper:
         self.hop = hop
         self.bandwidth = bandwidth
         self.names = {module: name for name, module in model.named_modules()}
+        self._weights: dict[nn.Module, torch.Tensor] = {}
         self.first_frames = {"encode": 1, "decode": 1}
         # (pad, inputs per frame) of each self-padding convolution, met in a first step of one
         # frame each way; recorded only then
@@ -162,7 +163,7 @@ class CausalStepper:
         stream (at a stream's start, the padding the layer itself gives its left edge)."""
         pad = int(layer.padding_total)
         if pad == 0:
-            return layer.conv(x)
+            return self._convolve(layer.conv, x)
         name = self.names[layer]
         mode = layer.pad_mode
         if mode == "reflect" and self._reach is not None:
@@ -181,7 +182,18 @@ class CausalStepper:
         kept = full[..., -pad:]
         for row, state in enumerate(states):
             state.tensors[name] = kept[row : row + 1].clone()
-        return layer.conv(full)
+        return self._convolve(layer.conv, full)
+
+    def _weight(self, conv: Any) -> torch.Tensor:
+        """A convolution's weight, computed once: weight-normalised layers (EnCodec) would
+        otherwise recompute it at every step of every stream."""
+        weight = self._weights.get(conv)
+        if weight is None:
+            weight = self._weights[conv] = conv.weight.detach().clone()
+        return weight
+
+    def _convolve(self, conv: Any, x: torch.Tensor) -> torch.Tensor:
+        return conv._conv_forward(x, self._weight(conv), conv.bias)
 
     def _transposed(self, layer: Any, x: torch.Tensor, states: list[StreamState]) -> torch.Tensor:
         """A causal transposed convolution: each step's outputs, plus what the previous step's
@@ -189,7 +201,7 @@ class CausalStepper:
         conv = layer.conv
         stride = int(conv.stride[0])
         overlap = int(conv.kernel_size[0]) - stride
-        out = F.conv_transpose1d(x, conv.weight, None, stride, groups=conv.groups)
+        out = F.conv_transpose1d(x, self._weight(conv), None, stride, groups=conv.groups)
         if overlap == 0:
             owed = out
         else:
