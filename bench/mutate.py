@@ -84,6 +84,7 @@ TESTS: dict[str, list[str]] = {
     "app/drain.py": [
         "tests/test_drain.py",
         "tests/test_api.py::test_readiness_fails_at_once_when_draining_while_requests_still_work",
+        "tests/test_streaming.py::test_sigterm_ends_open_streams_with_their_last_tokens_end_and_1001",
     ],
 }
 DEFAULT_MODULES = list(TESTS)
