@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from PIL import Image
 from app.media import decode_audio, decode_image
 from bench.server import server_process
 from tests.support import REPO_ROOT
+from tests.test_streaming import LONG_CLIP, causal_repo
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
@@ -44,14 +47,14 @@ def server() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
+def chromium(*arguments: str) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium with these extra command-line ``arguments``, quit at the end."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver is None:
         pytest.skip("needs Debian's chromium and chromium-driver (make test installs them)")
     options = Options()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", *arguments):
         options.add_argument(argument)
     options.add_argument("--window-size=1200,1800")
     chrome = webdriver.Chrome(service=Service(driver), options=options)
@@ -59,6 +62,11 @@ def browser() -> Iterator[webdriver.Chrome]:
         yield chrome
     finally:
         chrome.quit()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    yield from chromium()
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
@@ -199,3 +207,56 @@ def test_the_page_encodes_and_decodes_speech_with_the_apis_figures(
     assert abs(item["quality"]["snr_db"] - snr) < 0.05, (item["quality"], snr)
     mel = mel_distance(original[:length], decoded[:length], model["sample_rate"])
     assert item["quality"]["mel_distance"] == pytest.approx(mel, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def causal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server of tiny causal codecs (Mimi, EnCodec) beside the tiny native one."""
+    root = causal_repo(tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("checkpoints"))
+    with server_process(root, TOKSERVE_MODELS="mimi,encodec,tiny-audio") as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def microphone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """Chromium whose microphone plays real speech (a fake capture device, no prompt)."""
+    speech = tmp_path_factory.mktemp("microphone") / "speech.wav"
+    wave = decode_audio(LONG_CLIP.read_bytes(), 16000)[0][0].numpy()
+    sf.write(speech, wave, 16000, subtype="PCM_16")
+    yield from chromium(
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={speech}",
+        "--autoplay-policy=no-user-gesture-required",
+    )
+
+
+def test_live_streams_the_microphone_through_a_causal_codec_and_plays_every_frame(
+    causal_server: str, microphone: webdriver.Chrome
+) -> None:
+    microphone.get(f"{causal_server}/")
+    wait = WebDriverWait(microphone, WAIT_S)
+    live = wait.until(lambda b: b.find_element(By.ID, "live"))
+    wait.until(lambda b: live.is_displayed())
+    Select(microphone.find_element(By.ID, "model")).select_by_value("mimi")
+    live.click()
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-live") == "on")
+    status = microphone.find_element(By.ID, "status")
+    wait.until(lambda b: re.search(r": ([1-9]\d*) frames encoded", status.text))
+    time.sleep(2.0)  # a few seconds of speech
+    live.click()
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-live") == "done")
+    shown = re.fullmatch(r"live with mimi: (\d+) frames encoded, (\d+) frames played", status.text)
+    assert shown, status.text
+    encoded, played = int(shown[1]), int(shown[2])
+    assert encoded >= 25 and played == encoded  # 25 frames per second
+
+
+def test_the_live_button_is_hidden_when_no_model_streams(
+    server: str, browser: webdriver.Chrome
+) -> None:
+    browser.get(f"{server}/")
+    WebDriverWait(browser, WAIT_S).until(
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, "#model option")) > 0
+    )
+    assert not browser.find_element(By.ID, "live").is_displayed()

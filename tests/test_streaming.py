@@ -90,12 +90,10 @@ def _mimi() -> Any:
 BUILDERS = {"encodec": (_encodec, 0.08), "mimi": (_mimi, 3.0)}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with tiny EnCodec and Mimi checkpoints (transformers) and the tiny native
-    codec, which is not causal."""
-    root = tiny_repo(tmp_path_factory.mktemp("models"))
-    checkpoints = tmp_path_factory.mktemp("checkpoints")
+def causal_repo(root: Path, checkpoints: Path) -> Path:
+    """``root``: a repository with tiny EnCodec and Mimi checkpoints (transformers, saved under
+    ``checkpoints``) and the tiny native codec, which is not causal."""
+    tiny_repo(root)
     for name, (build, scale) in BUILDERS.items():
         torch.manual_seed(0)
         model = build().eval()
@@ -109,6 +107,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         config["source"] = str(checkpoints / name)
         (root / name / "config.json").write_text(json.dumps(config))
     return root
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return causal_repo(tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("checkpoints"))
 
 
 @dataclass

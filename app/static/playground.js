@@ -28,6 +28,7 @@ async function api(path, init = {}) {
 async function loadModels() {
   const answer = await (await api("/v1/models")).json();
   state.models = answer.models;
+  $("live").hidden = !state.models.some((m) => m.streaming);
   fillModels();
 }
 
@@ -300,6 +301,111 @@ function wav(chunks, rate) {
   return view.buffer;
 }
 
+// ---- live: the microphone streamed to a causal codec, its tokens decoded and played back -----
+// docs/streaming.md: AUDIO 0x01, TOKENS 0x02 (u32 first frame, u16 rows, u16 frames, ids),
+// END 0x03, ERROR 0x04. An encode's TOKENS message is what the decode stream takes, as is.
+
+let live = null;
+
+function liveModel() {
+  return state.models.find((m) => m.name === $("model").value && m.streaming)
+    || state.models.find((m) => m.streaming);
+}
+
+function openSocket(op, model, encoding) {
+  const url = new URL(`/v1/audio/stream/${op}`, location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.search = new URLSearchParams({ model: model.name, encoding }).toString();
+  const key = sessionStorage.getItem(KEY_STORE);
+  const ws = new WebSocket(url, key ? ["tokserve.v1", `key.${key}`] : []);
+  ws.binaryType = "arraybuffer";
+  return new Promise((resolve, reject) => {
+    ws.onopen = () => resolve(ws);
+    ws.onerror = () => reject(new Error(`the ${op} stream could not open`));
+  });
+}
+
+function streamError(event) {
+  const bytes = new Uint8Array(event.data);
+  return bytes[0] === 4 ? JSON.parse(new TextDecoder().decode(bytes.slice(1))).detail : null;
+}
+
+async function toggleLive() {
+  if (live) {
+    live.stop();
+    return;
+  }
+  const model = liveModel();
+  const media = await navigator.mediaDevices.getUserMedia({ audio: true });
+  const context = new AudioContext({ sampleRate: model.sample_rate });
+  await context.audioWorklet.addModule(URL.createObjectURL(new Blob([TAP], { type: "text/javascript" })));
+  const [encoder, decoder] = await Promise.all([
+    openSocket("encode", model, "pcm_s16le"), openSocket("decode", model, "pcm_f32le"),
+  ]);
+  const tap = new AudioWorkletNode(context, "tap");
+  const counts = { encoded: 0, played: 0 };
+  let playAt = 0;
+  const show = () => setStatus(`live with ${model.name}: ${counts.encoded} frames encoded, ${counts.played} frames played`);
+  tap.port.onmessage = (event) => {
+    if (encoder.readyState !== WebSocket.OPEN) return;
+    const message = new DataView(new ArrayBuffer(1 + 2 * event.data.length));
+    message.setUint8(0, 1);
+    event.data.forEach((value, i) => message.setInt16(1 + 2 * i, Math.max(-1, Math.min(1, value)) * 32767, true));
+    encoder.send(message.buffer);
+  };
+  encoder.onmessage = (event) => {
+    const kind = new Uint8Array(event.data)[0];
+    if (kind === 2) {
+      counts.encoded += new DataView(event.data).getUint16(7, true);
+      decoder.send(event.data);
+    } else if (kind === 3) {
+      decoder.send(new Uint8Array([3]));
+    } else if (kind === 4) {
+      setStatus(streamError(event), true);
+    }
+    show();
+  };
+  decoder.onmessage = (event) => {
+    const kind = new Uint8Array(event.data)[0];
+    if (kind === 1) {
+      const interleaved = new Float32Array(event.data.slice(1));
+      const samples = interleaved.filter((_, i) => i % model.channels === 0);
+      const buffer = context.createBuffer(1, samples.length, model.sample_rate);
+      buffer.copyToChannel(samples, 0);
+      const source = context.createBufferSource();
+      source.buffer = buffer;
+      source.connect(context.destination);
+      playAt = Math.max(playAt, context.currentTime);
+      source.start(playAt);
+      playAt += buffer.duration;
+      counts.played += samples.length / model.hop_length;
+      show();
+    } else if (kind === 3) {
+      const left = Math.max(0, playAt - context.currentTime);
+      setTimeout(() => context.close(), 1000 * left + 100);
+      show();
+      document.body.dataset.live = "done";
+    } else if (kind === 4) {
+      setStatus(streamError(event), true);
+    }
+  };
+  context.createMediaStreamSource(media).connect(tap);
+  live = {
+    stop() {
+      live = null;
+      tap.disconnect();
+      media.getTracks().forEach((track) => track.stop());
+      if (encoder.readyState === WebSocket.OPEN) encoder.send(new Uint8Array([3]));
+      $("live").classList.remove("on");
+      $("live").textContent = "◉ live";
+    },
+  };
+  document.body.dataset.live = "on";
+  $("live").classList.add("on");
+  $("live").textContent = "■ stop live";
+  show();
+}
+
 // ---- wiring ----------------------------------------------------------------------------------
 
 function wire() {
@@ -313,6 +419,7 @@ function wire() {
     if (event.dataTransfer.files[0]) choose(event.dataTransfer.files[0]);
   });
   $("record").addEventListener("click", () => toggleRecording().catch((e) => setStatus(e.message, true)));
+  $("live").addEventListener("click", () => toggleLive().catch((e) => setStatus(e.message, true)));
   $("model").addEventListener("change", fillCodebooks);
   $("options").addEventListener("submit", (event) => { event.preventDefault(); run(); });
   $("key-save").addEventListener("click", () => {
