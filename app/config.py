@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     stream_max_step_frames: int = Field(default=16, ge=1)
     stream_max_batch: int = Field(default=32, ge=1)
     stream_max_message_bytes: int = Field(default=1 << 20, ge=1024)
+    # a stream whose client sends nothing this long is closed (4408): it holds a slot otherwise
+    stream_idle_timeout_s: float = Field(default=30.0, gt=0)
 
     max_batch_size: int | None = None
     max_wait_ms: float | None = None

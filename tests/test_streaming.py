@@ -616,3 +616,22 @@ def test_sigterm_ends_open_streams_with_their_last_tokens_end_and_1001(repo: Pat
     assert received.close_reason.startswith("server shutting down; stream ended at frame")
     frames = sum(t.shape[1] for t in received.tokens)
     assert received.end_frames == frames >= len(samples) // HOP
+
+
+async def test_a_stream_that_sends_nothing_is_closed_with_4408_and_frees_its_slot(
+    repo: Path,
+) -> None:
+    settings = settings_for(
+        repo, models=["mimi"], stream_idle_timeout_s=0.5, stream_max_streams=1, warmup=False
+    )
+    with live_server(settings) as server:
+        started = time.monotonic()
+        idle = await refused(server, "/v1/audio/stream/encode?model=mimi")
+        waited = time.monotonic() - started
+        assert idle.close_code == 4408 and idle.error is not None
+        assert "No message came for 0.5 s (TOKSERVE_STREAM_IDLE_TIMEOUT_S)" in idle.error["detail"]
+        assert 0.5 <= waited < 5
+        await asyncio.sleep(0.1)
+        samples = speech(SHORT_CLIP, seconds=0.5)
+        again = await stream_encode(server, "mimi", [samples.tobytes()])
+    assert again.close_code == 1000 and again.end_frames == math.ceil(len(samples) / HOP)

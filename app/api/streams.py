@@ -230,10 +230,19 @@ async def read_input(websocket: WebSocket, stream: Stream, options: StreamOption
     """Client messages into the stream, reading only while it has room (backpressure); a
     malformed one ends the stream with its refusal."""
     limit = stream.hub.settings.stream_max_message_bytes
+    idle_s = stream.hub.settings.stream_idle_timeout_s
     try:
         while not stream.ended and stream.dropped is None:
             await stream.room.wait()
-            message = await websocket.receive()
+            try:
+                message = await asyncio.wait_for(websocket.receive(), idle_s)
+            except TimeoutError:
+                raise StreamRefused(
+                    4408,
+                    "Idle stream",
+                    f"No message came for {idle_s:g} s (TOKSERVE_STREAM_IDLE_TIMEOUT_S); an idle "
+                    "stream is closed. Send END when done.",
+                ) from None
             if message["type"] == "websocket.disconnect":
                 stream.drop(StreamRefused(CLOSE_DONE, "Client left", "closed"), counted=False)
                 return
