@@ -104,11 +104,10 @@ class Stream:
         return self.pending_units / self.info.frame_rate
 
     def push(self, data: np.ndarray) -> None:
-        """Queue input: samples [C, T] float32 (encode) or tokens [k, n] int64 (decode)."""
-        if self.dropped is not None:
+        """Queue input: samples [C, T] float32 (encode) or tokens [k, n] int64 (decode). Input
+        after the end (a drain ends streams while their clients still send) is dropped."""
+        if self.dropped is not None or self.ended:
             return
-        if self.ended:
-            raise StreamRefused(4400, "Input after end", "The stream has ended; send no more.")
         self.pending.append(data)
         self.pending_units += data.shape[-1]
         self.last_arrival = time.monotonic()
@@ -146,7 +145,9 @@ class Stream:
             whole = math.ceil(self.pending_units / hop)
         elif not self.state.started and whole < self.hub.first_frames:
             return 0
-        return min(whole, self.hub.settings.stream_max_step_frames)
+        most = self.hub.settings.stream_max_step_frames
+        # a first step is never cut short of the frames its convolutions read ahead
+        return min(whole, most if self.state.started else max(most, self.hub.first_frames))
 
     def drop(self, refusal: StreamRefused, counted: bool = True) -> None:
         """End the stream at once with ``refusal``: nothing more is stepped or sent.

@@ -635,3 +635,16 @@ async def test_a_stream_that_sends_nothing_is_closed_with_4408_and_frees_its_slo
         samples = speech(SHORT_CLIP, seconds=0.5)
         again = await stream_encode(server, "mimi", [samples.tobytes()])
     assert again.close_code == 1000 and again.end_frames == math.ceil(len(samples) / HOP)
+
+
+async def test_a_step_cap_below_encodecs_first_frames_still_gives_the_whole_clip_tokens(
+    repo: Path,
+) -> None:
+    """EnCodec's first step reads 7 frames: a cap of 2 frames per step does not cut it."""
+    settings = settings_for(repo, models=["encodec"], stream_max_step_frames=2, warmup=False)
+    samples = speech(SHORT_CLIP)
+    with live_server(settings) as server:
+        expected = await whole_encode(server, "encodec", samples)
+        received = await stream_encode(server, "encodec", [samples.tobytes()])
+    assert received.tokens[0].shape[1] == 7 and max(t.shape[1] for t in received.tokens[1:]) == 2
+    assert received.all_tokens().tolist() == expected.tolist()
