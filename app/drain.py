@@ -58,8 +58,8 @@ class GracefulServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """End live streams first (their last results, END, close 1001): uvicorn's own
         shutdown would cut every WebSocket at once with 1012."""
-        engine = getattr(self.app.state, "engine", None)
-        if engine is not None:
-            engine.streams.end_all()
-            await engine.streams.wait_closed(engine.drain.left_s())
+        # uvicorn shuts down only a server whose startup completed: the lifespan built the engine
+        engine = self.app.state.engine
+        engine.streams.end_all()
+        await engine.streams.wait_closed(engine.drain.left_s())
         await super().shutdown(sockets)
