@@ -264,3 +264,77 @@ def on_path(
     monkeypatch.delitem(sys.modules, module, raising=False)
     find_backend.cache_clear()
     return folder
+
+
+# Real speech (/work/shared/data) for the live-stream tests; the long clip is 9 s: at 8 kHz,
+# 452 positions of Mimi's transformer, far past the tiny Mimi's sliding window
+SPEECH = Path("/work/shared/data/audio/speech")
+LONG_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-v-oko.ogg"
+SHORT_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-m-divna.ogg"
+CAUSAL_RATE, CAUSAL_VOCAB = 8000, 64
+
+
+def _encodec() -> Any:
+    """A tiny causal EnCodec at 8 kHz: 320 samples a frame, 4 codebooks at 0.6 kbps."""
+    import transformers  # here: importing it costs every other test module seconds
+
+    return transformers.EncodecModel(
+        transformers.EncodecConfig(
+            sampling_rate=CAUSAL_RATE,
+            hidden_size=16,
+            num_filters=4,
+            upsampling_ratios=[8, 5, 4, 2],
+            codebook_size=CAUSAL_VOCAB,
+            target_bandwidths=[0.3, 0.6],
+            num_lstm_layers=1,
+        )
+    )
+
+
+def _mimi() -> Any:
+    """A tiny Mimi at 8 kHz: 320 samples a frame, 4 codebooks, a 2-layer transformer."""
+    import transformers
+
+    return transformers.MimiModel(
+        transformers.MimiConfig(
+            sampling_rate=CAUSAL_RATE,
+            hidden_size=16,
+            num_filters=4,
+            upsampling_ratios=[8, 5, 4],
+            codebook_size=CAUSAL_VOCAB,
+            codebook_dim=16,
+            num_quantizers=4,
+            vector_quantization_hidden_dimension=16,
+            upsample_groups=16,
+            num_hidden_layers=2,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            layer_scale_initial_scale=1.0,  # the transformer's share of the latents is not 1%
+            sliding_window=24,  # 12 frames: a few seconds of speech go far past it
+        )
+    )
+
+
+# codebooks spread over the latents, so that tokens vary from frame to frame
+BUILDERS = {"encodec": (_encodec, 0.08), "mimi": (_mimi, 3.0)}
+
+
+def causal_repo(root: Path, checkpoints: Path) -> Path:
+    """``root``: a repository with tiny EnCodec and Mimi checkpoints (transformers, saved under
+    ``checkpoints``) and the tiny native codec, which is not causal."""
+    tiny_repo(root)
+    for name, (build, scale) in BUILDERS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        with torch.no_grad():
+            for buffer_name, buffer in model.named_buffers():
+                if buffer_name.endswith((".embed", ".embed_sum")):
+                    buffer.normal_(0, scale)
+        model.save_pretrained(checkpoints / name)
+        (root / name).mkdir()
+        config = {"backend": "transformers", "class": type(model).__name__}
+        config["source"] = str(checkpoints / name)
+        (root / name / "config.json").write_text(json.dumps(config))
+    return root

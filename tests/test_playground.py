@@ -26,8 +26,7 @@ from PIL import Image
 
 from app.media import decode_audio, decode_image
 from bench.server import server_process
-from tests.support import REPO_ROOT
-from tests.test_streaming import LONG_CLIP, causal_repo
+from tests.support import LONG_CLIP, REPO_ROOT, causal_repo
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.options import Options  # noqa: E402

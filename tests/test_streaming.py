@@ -35,78 +35,16 @@ from app.main import create_app
 from app.media import decode_audio
 from app.tokenizers.causal import CausalStepper, StreamState
 from bench.server import free_port, server_process
-from tests.support import sample, settings_for, tiny_repo
+from tests.support import (
+    LONG_CLIP,
+    SHORT_CLIP,
+    causal_repo,
+    sample,
+    settings_for,
+)
 
 SAMPLE_RATE, HOP, VOCAB = 8000, 320, 64
-SPEECH = Path("/work/shared/data/audio/speech")
-# 9 s: 452 positions of Mimi's transformer, past its sliding window of 250
-LONG_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-v-oko.ogg"
-SHORT_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-m-divna.ogg"
 AUDIO, TOKENS, END, ERROR = 0x01, 0x02, 0x03, 0x04
-
-
-def _encodec() -> Any:
-    import transformers
-
-    return transformers.EncodecModel(
-        transformers.EncodecConfig(
-            sampling_rate=SAMPLE_RATE,
-            hidden_size=16,
-            num_filters=4,
-            upsampling_ratios=[8, 5, 4, 2],
-            codebook_size=VOCAB,
-            target_bandwidths=[0.3, 0.6],
-            num_lstm_layers=1,
-        )
-    )
-
-
-def _mimi() -> Any:
-    import transformers
-
-    return transformers.MimiModel(
-        transformers.MimiConfig(
-            sampling_rate=SAMPLE_RATE,
-            hidden_size=16,
-            num_filters=4,
-            upsampling_ratios=[8, 5, 4],
-            codebook_size=VOCAB,
-            codebook_dim=16,
-            num_quantizers=4,
-            vector_quantization_hidden_dimension=16,
-            upsample_groups=16,
-            num_hidden_layers=2,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            layer_scale_initial_scale=1.0,  # the transformer's share of the latents is not 1%
-            sliding_window=24,  # 12 frames: a few seconds of speech go far past it
-        )
-    )
-
-
-# codebooks spread over the latents, so that tokens vary from frame to frame
-BUILDERS = {"encodec": (_encodec, 0.08), "mimi": (_mimi, 3.0)}
-
-
-def causal_repo(root: Path, checkpoints: Path) -> Path:
-    """``root``: a repository with tiny EnCodec and Mimi checkpoints (transformers, saved under
-    ``checkpoints``) and the tiny native codec, which is not causal."""
-    tiny_repo(root)
-    for name, (build, scale) in BUILDERS.items():
-        torch.manual_seed(0)
-        model = build().eval()
-        with torch.no_grad():
-            for buffer_name, buffer in model.named_buffers():
-                if buffer_name.endswith((".embed", ".embed_sum")):
-                    buffer.normal_(0, scale)
-        model.save_pretrained(checkpoints / name)
-        (root / name).mkdir()
-        config = {"backend": "transformers", "class": type(model).__name__}
-        config["source"] = str(checkpoints / name)
-        (root / name / "config.json").write_text(json.dumps(config))
-    return root
 
 
 @pytest.fixture(scope="module")
