@@ -31,6 +31,7 @@ from app.media import (
     encode_image,
     image_geometry,
 )
+from app.metrics import ITEM_ERRORS
 from app.pipeline import ItemResult, Job, Pipeline, unchanged
 from app.quality import audio_quality, image_quality
 from app.registry import LoadedModel
@@ -186,7 +187,8 @@ class Endpoint(ABC):
         fits: Callable[[int], Fits],
         deadline: float | None,
     ) -> list[ItemResult]:
-        """The items that were read, through the pipeline; the others keep their problem."""
+        """The items that were read, through the pipeline; the others keep their problem. Each
+        failed item is counted (tokserve_item_errors_total)."""
         ready = [i for i, item in enumerate(items) if not isinstance(item, ProblemError)]
         results = [
             ItemResult(None, error=item) if isinstance(item, ProblemError) else ItemResult(None)
@@ -202,6 +204,9 @@ class Endpoint(ABC):
             )
             for index, result in zip(ready, computed, strict=True):
                 results[index] = result
+        for result in results:
+            if result.error is not None:
+                ITEM_ERRORS.labels(self.model.name, job.op, str(result.error.status)).inc()
         return results
 
     async def _decode(

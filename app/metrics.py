@@ -85,6 +85,13 @@ REJECTED = Counter(
     "Requests or items refused without being computed.",
     ["reason"],
 )
+ITEM_ERRORS = Counter(
+    "tokserve_item_errors_total",
+    "Items that failed on their own (unreadable, refused, or their forward failed) while the "
+    "request held them: a 207's failed slots, each item of a list that failed whole, a single "
+    "item's problem. status is the item's HTTP status code.",
+    ["model", "op", "status"],
+)
 TOKENS = Counter(
     "tokserve_tokens_total",
     "Tokens produced by encode or consumed by decode.",

@@ -4,6 +4,8 @@ every label stays bounded (route templates, model names, status classes)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import TINY_AUDIO, png_bytes, served, settings_for
 
@@ -264,3 +267,90 @@ async def test_an_unexpected_error_is_counted_as_a_5xx_of_its_route(
     with pytest.raises(RuntimeError, match="a bug"):  # the in-process client re-raises it
         await client.post(ENCODE_ROUTE, content=png_bytes())
     assert requests(ENCODE_ROUTE, "", "5xx") == failed + 1
+
+
+ITEM_ERRORS = "tokserve_item_errors_total"
+DASHBOARD = Path(__file__).resolve().parent.parent / "docker/grafana/dashboards/tokserve.json"
+# labels Prometheus adds to every scraped series; the exposition does not hold them
+TARGET_LABELS = {"instance", "job"}
+
+
+def item_errors(model: str, op: str) -> dict[str, float]:
+    """Every status's count of failed items of one model x op."""
+    statuses = ("400", "413", "415", "422", "503", "504")
+    return {status: sample(ITEM_ERRORS, model=model, op=op, status=status) for status in statuses}
+
+
+async def test_each_failed_item_is_counted_once_by_model_op_and_its_status(
+    client: httpx.AsyncClient,
+) -> None:
+    before = item_errors(IMAGE, "encode")
+    files = [
+        ("files", ("good.png", png_bytes(seed=430), "image/png")),
+        ("files", ("bad.png", b"not an image", "image/png")),
+    ]
+    assert (await client.post(ENCODE_ROUTE, files=files)).status_code == 207
+    assert moved(before, item_errors(IMAGE, "encode")) == {**dict.fromkeys(before, 0), "415": 1}
+
+    before = item_errors(IMAGE, "decode")
+    grids = [np.zeros((8, 8), int).tolist(), np.full((8, 8), 10**6).tolist()]
+    answer = await client.post("/v1/images/decode", json={"model": IMAGE, "tokens": grids})
+    assert answer.status_code == 207
+    assert moved(before, item_errors(IMAGE, "decode")) == {**dict.fromkeys(before, 0), "422": 1}
+
+
+async def test_a_request_refused_whole_counts_no_failed_item(client: httpx.AsyncClient) -> None:
+    before = item_errors(IMAGE, "encode")
+    assert (await client.post(ENCODE_ROUTE, content=b"")).status_code == 400
+    assert (await client.post(f"{ENCODE_ROUTE}?model=nope", content=png_bytes())).status_code == 404
+    assert moved(before, item_errors(IMAGE, "encode")) == dict.fromkeys(before, 0)
+
+
+def scraped_series(text: str) -> dict[str, dict[str, set[str]]]:
+    """Each sample name of an exposition -> its label names -> the values seen."""
+    series: dict[str, dict[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for point in family.samples:
+            labels = series.setdefault(point.name, {})
+            for label, value in point.labels.items():
+                labels.setdefault(label, set()).add(value)
+    return series
+
+
+async def test_every_dashboard_panel_charts_series_the_server_exports_after_real_requests(
+    client: httpx.AsyncClient,
+) -> None:
+    image = png_bytes(seed=440)
+    await encode(client, image)  # a miss, computed and cached
+    await encode(client, image)  # a hit
+    files = [("files", (f"{i}.png", png_bytes(seed=441 + i), "image/png")) for i in range(2)]
+    files.append(("files", ("bad.png", b"not an image", "image/png")))
+    assert (await client.post(ENCODE_ROUTE, files=files)).status_code == 207  # a failed item
+    late = await client.post(
+        ENCODE_ROUTE, content=png_bytes(seed=445), headers={"X-Request-Timeout": "1e-9"}
+    )
+    assert late.status_code == 504  # a rejection
+    exported = scraped_series((await client.get("/metrics")).text)
+
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    for panel in panels:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = re.findall(r"\btokserve_\w+", expr)
+            assert names or "up{" in expr, f"{panel['title']}: charts no tokserve series"
+            for name in names:
+                assert name in exported, f"{panel['title']}: {name} is not exported"
+            for name, selector in re.findall(r"\b(tokserve_\w+)\{([^}]*)\}", expr):
+                for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+                    assert label in exported[name], f"{panel['title']}: {name} has no {label}"
+                    if op == "=":
+                        assert value in exported[name][label], f"{panel['title']}: {label}={value}"
+            grouped = {
+                label.strip()
+                for labels in re.findall(r"\bby\s*\(([^)]*)\)", expr)
+                for label in labels.split(",")
+            }
+            for label in grouped - TARGET_LABELS:
+                assert any(label in exported[name] for name in names), (
+                    f"{panel['title']}: no series of {names} has the label {label}"
+                )
