@@ -18,7 +18,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from opentelemetry import trace
+
 from app.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from app.logs import REQUEST_ID, logging_for
 from app.metrics import BATCH_SIZE, INFERENCE_DURATION, QUEUE_DEPTH, QUEUE_WAIT, REJECTED
 
 T = TypeVar("T")
@@ -31,7 +34,8 @@ RETRY_AFTER_S = "1"
 
 @dataclass(eq=False)
 class _Entry(Generic[T, R]):
-    """One submitted item: what to compute, who waits for it, when it arrived and must start."""
+    """One submitted item: what to compute, who waits for it, when it arrived and must start;
+    the request that sent it (its id, its span) and its span of waiting in the queue."""
 
     item: T
     group: Hashable
@@ -39,6 +43,9 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[R]
     arrived: float  # time.monotonic() seconds
     seq: int
+    request_id: str | None
+    sender: trace.SpanContext
+    waiting: trace.Span
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -49,6 +56,8 @@ class Batcher(Generic[T, R]):
     gather; when the worker frees, the next batch takes up to ``max_batch_size`` items of the
     oldest item's group, waiting for more at most until ``max_wait_ms`` after that item arrived.
     A batch that fails with an error ``is_oom`` recognises (out of memory) is retried in halves.
+    Each item's wait is a span (queue.wait) of the sender's; each batch's forward pass is a span
+    linked to its items' senders, and what the worker logs carries their request ids.
     """
 
     _loop: asyncio.AbstractEventLoop
@@ -64,6 +73,7 @@ class Batcher(Generic[T, R]):
         max_wait_ms: float,
         max_queue: int,
         is_oom: Callable[[BaseException], bool],
+        tracer: trace.Tracer | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError(
@@ -77,6 +87,8 @@ class Batcher(Generic[T, R]):
         self.max_queue = max_queue
         self._run_batch = run_batch
         self._is_oom = is_oom
+        self._tracer = tracer or trace.NoOpTracer()
+        self._span_attributes = {"tokserve.model": model, "tokserve.op": op}
         # group -> its waiting entries in arrival order; a group is deleted when it empties
         self._groups: dict[Hashable, OrderedDict[_Entry[T, R], None]] = {}
         self._depth = 0
@@ -194,8 +206,20 @@ class Batcher(Generic[T, R]):
         if deadline is not None and deadline <= now:
             REJECTED.labels("deadline").inc(count)
             raise DeadlineExceeded(f"The request's deadline passed before {self.model} got it.")
+        request_id = REQUEST_ID.get()
+        sender = trace.get_current_span().get_span_context()
         entries = [
-            _Entry(item, group, deadline, self._loop.create_future(), now, next(self._seq))
+            _Entry(
+                item,
+                group,
+                deadline,
+                self._loop.create_future(),
+                now,
+                next(self._seq),
+                request_id,
+                sender,
+                self._tracer.start_span("queue.wait", attributes=self._span_attributes),
+            )
             for item, group in zip(items, groups, strict=True)
         ]
         for entry in entries:
@@ -220,6 +244,7 @@ class Batcher(Generic[T, R]):
             del self._groups[entry.group]
         self._depth -= 1
         self._queue_depth.dec()
+        entry.waiting.end()
         if entry.expiry is not None:
             entry.expiry.cancel()
         return True
@@ -309,13 +334,29 @@ class Batcher(Generic[T, R]):
         """Worker thread: run one batch and hand its outcome back to the event loop."""
         outcome: list[R] | Exception
         started = time.perf_counter()
-        try:
-            outcome = self._forward([entry.item for entry in batch])
-        except Exception as exc:
-            log.exception(
-                "%s %s: the forward pass over a batch of %d failed", self.model, self.op, len(batch)
-            )
-            outcome = exc
+        request_ids = sorted({entry.request_id for entry in batch if entry.request_id})
+        forward = self._tracer.start_as_current_span(
+            "forward",
+            links=[trace.Link(entry.sender) for entry in batch if entry.sender.is_valid],
+            attributes={
+                **self._span_attributes,
+                "tokserve.batch_size": len(batch),
+                "tokserve.request_ids": request_ids,
+            },
+        )
+        with logging_for(request_ids), forward as span:
+            try:
+                outcome = self._forward([entry.item for entry in batch])
+            except Exception as exc:
+                log.exception(
+                    "%s %s: the forward pass over a batch of %d failed",
+                    self.model,
+                    self.op,
+                    len(batch),
+                )
+                span.record_exception(exc)
+                span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                outcome = exc
         self._inference.observe(time.perf_counter() - started)
         # the loop is closed only after a stop() that timed out and already answered everyone
         with suppress(RuntimeError):

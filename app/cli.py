@@ -32,9 +32,10 @@ def serve(args: argparse.Namespace) -> int:
     if args.model_dir:
         overrides["model_dir"] = args.model_dir
     settings = Settings(**overrides)
-    app = create_app(settings)
     signal.signal(signal.SIGTERM, stop_loading)  # uvicorn installs its own once it serves
     try:
+        # an OTLP endpoint without the otel extra is refused here, as a bad model folder is
+        app = create_app(settings)
         # loaded before the server starts, so a bad model folder is one line, not a traceback
         app.state.registry = ModelRegistry.load(settings)
     except (ModelLoadError, ValueError) as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "models")
@@ -22,7 +22,7 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     """Service configuration; a model's config.json sets its own batching unless overridden here."""
 
-    model_config = SettingsConfigDict(env_prefix="TOKSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TOKSERVE_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -88,6 +88,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry traces, sent over OTLP/HTTP to {otel_endpoint}/v1/traces (needs the `otel`
+    # extra); off when unset. OpenTelemetry's own OTEL_EXPORTER_OTLP_ENDPOINT sets it too.
+    otel_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TOKSERVE_OTEL_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
 
     @field_validator("model_dir", mode="before")
     @classmethod

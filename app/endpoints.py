@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
+from opentelemetry.trace import Tracer
 from tokserve_client import pack_streams
 
 from app.batching import Batcher
@@ -82,6 +83,7 @@ class Workers(Protocol):
 
     settings: Settings
     pipeline: Pipeline
+    tracer: Tracer
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """``work(*args)`` in the media pool."""
@@ -131,6 +133,7 @@ class Endpoint(ABC):
             max_wait_ms=serving.max_wait_ms,
             max_queue=serving.max_queue,
             is_oom=is_out_of_memory,
+            tracer=self.engine.tracer,
         )
 
     def answer(self, items: list[T | ProblemError]) -> Answer[T]:

@@ -27,6 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opentelemetry import trace
+
 from app.cache import TokenCache, create_cache
 from app.config import Settings
 from app.drain import Drain
@@ -39,6 +41,7 @@ from app.pipeline import Pipeline, in_media_pool
 from app.registry import ModelRegistry
 from app.streaming import Streams
 from app.tokenizers.base import ImageInfo
+from app.tracing import tokserve_tracer
 
 log = logging.getLogger("tokserve.engine")
 
@@ -80,12 +83,15 @@ class Engine:
         cache: TokenCache,
         media_pool: ThreadPoolExecutor,
         media_share: int,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.cache = cache
         self.media_pool = media_pool
-        self.pipeline = Pipeline(cache, media_pool, media_share)
+        # the spans of the pipeline's stages and the queues' forwards; no-op unless configured
+        self.tracer = tracer or tokserve_tracer(None)
+        self.pipeline = Pipeline(cache, media_pool, media_share, self.tracer)
         self.endpoints: dict[str, ImageEndpoint | AudioEndpoint] = {}
         for model in registry.models.values():
             info = model.info
@@ -104,10 +110,12 @@ class Engine:
         settings: Settings,
         registry: ModelRegistry | None = None,
         media_threads: int | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> Engine:
         """Load the models (unless given), open the cache and the media pool: ``media_threads``
         (a thread per usable CPU, at least 2, unless given), at TOKSERVE_REQUEST_NICE. One call
-        may take half the media threads, so the others' files are decoded meanwhile."""
+        may take half the media threads, so the others' files are decoded meanwhile. Spans go
+        to ``tracer``, by default the global provider's."""
         media_threads = media_threads or max(2, usable_cpus())
         media_pool = ThreadPoolExecutor(
             max_workers=media_threads,
@@ -121,6 +129,7 @@ class Engine:
             create_cache(settings),
             media_pool,
             media_share=max(1, media_threads // 2),
+            tracer=tracer,
         )
 
     async def start(self) -> None:

@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from fastapi import FastAPI
+from opentelemetry.trace import TracerProvider
 
 from app.api import audio, health, images, layouts, models, sequences, streams
 from app.api.openapi import install_openapi, operation_id
@@ -21,8 +22,14 @@ from app.config import Settings
 from app.engine import Engine
 from app.logs import configure_logging
 from app.metrics import BUILD_INFO, MODEL_INFO
-from app.middleware import AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+)
 from app.registry import ModelRegistry
+from app.tracing import otlp_tracer_provider, tokserve_tracer
 
 log = logging.getLogger("tokserve")
 
@@ -52,7 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Build and start the engine (models, queues, cache, media pool); on shutdown drain it."""
     settings: Settings = app.state.settings
     preloaded: ModelRegistry | None = getattr(app.state, "registry", None)
-    engine = await asyncio.to_thread(Engine.build, settings, preloaded)
+    engine = await asyncio.to_thread(Engine.build, settings, preloaded, tracer=app.state.tracer)
     describe_models(engine.registry)
     app.state.engine = engine
     await engine.start()
@@ -64,13 +71,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await engine.stop()
+        if app.state.exports_traces:
+            await asyncio.to_thread(app.state.tracer_provider.shutdown)  # sends what is left
         log.info("stopped")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application; nothing is loaded until the lifespan starts."""
+def create_app(
+    settings: Settings | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """Build the application; nothing is loaded until the lifespan starts. Spans go to
+    ``tracer_provider`` if given (its owner shuts it down), else over OTLP when an endpoint is
+    set (TOKSERVE_OTEL_ENDPOINT), else to the process's global provider (a no-op by default)."""
     settings = settings or Settings()
     configure_logging(settings)
+    otlp = None if tracer_provider else otlp_tracer_provider(settings, package_version())
+    tracer_provider = tracer_provider or otlp
     BUILD_INFO.info(
         {
             "version": package_version(),
@@ -88,8 +103,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
+        # the request's span; tokserve's stages are its children, not FastAPI's operations'
+        telemetry={
+            "tracer_provider": tracer_provider,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
     )
     app.state.settings = settings
+    app.state.tracer_provider = tracer_provider
+    app.state.exports_traces = otlp is not None
+    app.state.tracer = tokserve_tracer(tracer_provider)
     install_error_handlers(app)
     install_openapi(app)
     # with API keys, the API's description is not public unless TOKSERVE_PUBLIC_DOCS says so
@@ -100,4 +124,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdmissionMiddleware, max_in_flight=settings.max_in_flight)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    # outermost: the 413 and 503 answered by the middleware above carry the id too
+    app.add_middleware(RequestIdMiddleware)
     return app

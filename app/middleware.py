@@ -1,15 +1,60 @@
-"""ASGI middleware: request metrics by route template, the body size limit while reading, and
-admission: how many API requests are served at once."""
+"""ASGI middleware: the request id, request metrics by route template, the body size limit while
+reading, and admission: how many API requests are served at once."""
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
+from opentelemetry import trace
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import error_response
+from app.api.problems import REQUEST_ID_HEADER, error_response
 from app.errors import Overloaded, PayloadTooLarge
+from app.logs import REQUEST_ID
 from app.metrics import IN_FLIGHT, REJECTED, REQUEST_DURATION
+
+# a client's X-Request-Id is kept when it is 1 to 128 of these characters, else replaced
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's X-Request-Id if it is sane, else a new one (32 hex digits)."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if SANE_REQUEST_ID.fullmatch(given):
+                return given
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Give every HTTP request an id: the client's X-Request-Id when sane, else a new one. It is
+    echoed in the answer's X-Request-Id, carried by every log record while the request is
+    handled (app.logs.REQUEST_ID), and set on the request's trace span."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
+        trace.get_current_span().set_attribute("tokserve.request_id", request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
+            await send(message)
+
+        token = REQUEST_ID.set(request_id)
+        await self.app(scope, receive, send_with_id)
+        # Reset only on a normal return: an exception goes on to Starlette's outermost
+        # ServerErrorMiddleware, which logs it and answers 500 in this same task, for this id.
+        REQUEST_ID.reset(token)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

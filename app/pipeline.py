@@ -10,6 +10,7 @@ on its way.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -19,6 +20,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
+from opentelemetry import trace
 
 from app.batching import RETRY_AFTER_S, Batcher
 from app.cache import Fits, TokenCache, cache_key
@@ -37,7 +39,8 @@ async def in_media_pool(pool: Executor, work: Callable[[], T]) -> T:
     and counted; the caller's own cancellation (its client gone) stays a cancellation."""
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(pool, work)
+        # in the caller's context: what is logged there carries its request id
+        return await loop.run_in_executor(pool, contextvars.copy_context().run, work)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is None or task.cancelling():
@@ -100,11 +103,19 @@ class Pipeline:
     """Cache + single-flight + media pool in front of the batchers.
 
     One request takes at most ``media_share`` of the media pool's threads at a time, so a
-    request of many large files cannot hold every thread while other requests wait.
+    request of many large files cannot hold every thread while other requests wait. Each stage
+    is a span of ``tracer``, a child of the caller's.
     """
 
-    def __init__(self, cache: TokenCache, media_pool: Executor, media_share: int = 1) -> None:
+    def __init__(
+        self,
+        cache: TokenCache,
+        media_pool: Executor,
+        media_share: int = 1,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self.cache = cache
+        self.tracer = tracer or trace.NoOpTracer()
         self.media_pool = media_pool
         self.media_share = max(1, media_share)
         # a request's deadline is its own: those sharing its computation go on without it
@@ -125,17 +136,17 @@ class Pipeline:
         model = job.model
         keys = [cache_key(model.name, model.version, job.op, job.params, b) for b in key_bytes]
         hits: list[np.ndarray | None] = (
-            await self.cache.get_many(keys, fits) if job.use_cache else [None] * len(keys)
+            await self._lookup(keys, fits) if job.use_cache else [None] * len(keys)
         )
         computed: dict[int, np.ndarray] = {}
         share = asyncio.Semaphore(self.media_share)
 
         async def compute(index: int) -> np.ndarray:
-            prepared = await self._media(job.prepare, items[index], share, deadline)
+            prepared = await self._media("media.decode", job.prepare, items[index], share, deadline)
             result = await job.batcher.submit(
                 prepared, group=job.group(prepared), deadline=deadline
             )
-            array = await self._media(job.finish, result, share)
+            array = await self._media("media.encode", job.finish, result, share)
             # tokens produced by a computed encode, or consumed by a computed decode
             tokens = array if job.op == "encode" else prepared
             TOKENS.labels(model.name, job.op).inc(np.size(tokens))
@@ -164,8 +175,20 @@ class Pipeline:
             for i, hit in enumerate(hits)
         ]
 
+    async def _lookup(
+        self, keys: list[str], fits: Sequence[Fits] | None
+    ) -> list[np.ndarray | None]:
+        """The cached array of each key that has one that fits, in one call: span cache.lookup."""
+        with self.tracer.start_as_current_span(
+            "cache.lookup", attributes={"tokserve.items": len(keys)}
+        ) as span:
+            hits = await self.cache.get_many(keys, fits)
+            span.set_attribute("tokserve.hits", sum(hit is not None for hit in hits))
+            return hits
+
     async def _media(
         self,
+        span_name: str,
         step: Callable[[Any], Any],
         value: Any,
         share: asyncio.Semaphore,
@@ -173,15 +196,23 @@ class Pipeline:
     ) -> Any:
         """Run one media step in the pool within the request's share of its threads, refused
         if ``deadline`` has passed when a thread takes it up; the identity runs inline (a
-        thread hop costs more)."""
+        thread hop costs more) and has no span."""
         if step is unchanged:
             return value
-        async with share:
-            return await in_media_pool(self.media_pool, partial(_before(deadline, step), value))
+        with self.tracer.start_as_current_span(span_name):
+            async with share:
+                work = partial(_before(deadline, step), value)
+                return await in_media_pool(self.media_pool, work)
+
+    async def _store(self, items: list[tuple[str, np.ndarray]]) -> None:
+        with self.tracer.start_as_current_span(
+            "cache.store", attributes={"tokserve.items": len(items)}
+        ):
+            await self.cache.set_many(items)
 
     def _write_behind(self, items: list[tuple[str, np.ndarray]]) -> None:
         """Store results without delaying the response; the task is kept until it ends."""
-        task = asyncio.create_task(self.cache.set_many(items))
+        task = asyncio.create_task(self._store(items))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

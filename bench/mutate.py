@@ -66,12 +66,15 @@ TESTS: dict[str, list[str]] = {
         "tests/test_request_timeout.py",
         f"tests/test_hostile.py::{HOSTILE_ARRIVAL}",
         "tests/test_metrics.py",
+        "tests/test_tracing.py",
     ],
     "app/middleware.py": [
         "tests/test_request_limits.py",
         f"tests/test_hostile.py::{HOSTILE_ARRIVAL}",
         f"tests/test_hostile.py::{HOSTILE_IN_FLIGHT}",
         "tests/test_metrics.py",
+        "tests/test_request_ids.py",
+        "tests/test_tracing.py",
     ],
     "app/api/requests.py": [
         "tests/test_request_bodies.py",

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import REGISTRY
 from safetensors.torch import save_file
@@ -97,9 +98,12 @@ def settings_for(model_dir: Path, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def served(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan running, behind an in-process HTTP client."""
-    app = create_app(settings)
+async def served(
+    settings: Settings, app: FastAPI | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app (by default create_app(settings)) with its lifespan running, behind an
+    in-process HTTP client."""
+    app = app or create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://tokserve") as client:

@@ -12,10 +12,15 @@ from typing import Any
 
 import pytest
 import torch
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from app.batching import Batcher
 from app.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
+from app.logs import REQUEST_ID
 from app.runner import is_out_of_memory
 
 DIM = 8
@@ -707,3 +712,134 @@ async def test_queue_wait_and_inference_histograms_observe_the_measured_duration
     forwards = sample("tokserve_inference_duration_seconds_sum", **labels) - forwards_before
     assert 3 * 0.05 <= waits <= 4 * elapsed
     assert 0.05 <= forwards <= 2 * elapsed
+
+
+class Spans:
+    """A real SDK tracer whose finished spans are kept in memory."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = provider.get_tracer("test")
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [span for span in self.exporter.get_finished_spans() if span.name == name]
+
+
+async def send_as(
+    spans: Spans, batcher: Batcher[torch.Tensor, torch.Tensor], request_id: str, ident: int
+) -> tuple[int, int] | None:
+    """Submit item ``ident`` as a request would: its id set, inside its span; that span's
+    (trace id, span id) (raises what the submit raises)."""
+    REQUEST_ID.set(request_id)  # in this task's own copy of the context
+    with spans.tracer.start_as_current_span(f"request {request_id}") as span:
+        await batcher.submit(item(ident))
+    return ids(span.get_span_context())
+
+
+def ids(context: trace.SpanContext | None) -> tuple[int, int] | None:
+    """A span context as (trace id, span id), comparable and hashable."""
+    return None if context is None else (context.trace_id, context.span_id)
+
+
+async def two_requests_in_one_batch(
+    spans: Spans, make_batcher: MakeBatcher, first: int, second: int
+) -> list[asyncio.Task[tuple[int, int] | None]]:
+    """Requests "a" (item ``first``) and "b" (item ``second``) queued behind a held forward,
+    then released into one batch; their tasks, done."""
+    model = MatmulModel()
+    batcher = await make_batcher(model, tracer=spans.tracer)
+    blocker = await hold_worker(model, batcher)
+    senders = [
+        asyncio.create_task(send_as(spans, batcher, "b", second)),
+        asyncio.create_task(send_as(spans, batcher, "a", first)),
+    ]
+    while batcher.depth < 2:
+        await asyncio.sleep(0.001)
+    model.release.set()
+    await blocker
+    await asyncio.wait(senders)
+    assert model.attempts[1:] == [2]
+    return senders
+
+
+async def test_a_batch_is_one_forward_span_linked_to_the_span_of_each_request_in_it(
+    make_batcher: MakeBatcher,
+) -> None:
+    spans = Spans()
+    b, a = [task.result() for task in await two_requests_in_one_batch(spans, make_batcher, 1, 2)]
+    held, joint = spans.named("forward")
+    assert held.attributes is not None and held.attributes["tokserve.batch_size"] == 1
+    assert held.attributes["tokserve.model"].startswith("test_a_batch_is_one_forward_span")
+    assert held.links == () and held.attributes["tokserve.request_ids"] == ()
+    assert joint.parent is None
+    assert {ids(link.context) for link in joint.links} == {a, b}
+    assert dict(joint.attributes or {}) == {
+        "tokserve.model": held.attributes["tokserve.model"],
+        "tokserve.op": "encode",
+        "tokserve.batch_size": 2,
+        "tokserve.request_ids": ("a", "b"),
+    }
+    assert joint.status.status_code is trace.StatusCode.UNSET
+
+
+async def test_each_items_wait_in_the_queue_is_a_span_of_its_request_ending_as_its_batch_starts(
+    make_batcher: MakeBatcher,
+) -> None:
+    spans = Spans()
+    b, a = [task.result() for task in await two_requests_in_one_batch(spans, make_batcher, 1, 2)]
+    waits = {ids(span.parent): span for span in spans.named("queue.wait")}
+    _, joint = spans.named("forward")
+    assert set(waits) == {None, a, b}  # the held item was sent outside any span
+    for sender in (a, b):
+        wait = waits[sender]
+        assert wait.attributes is not None and wait.attributes["tokserve.op"] == "encode"
+        assert sender is not None and wait.context.trace_id == sender[0]
+        assert wait.end_time is not None and joint.start_time is not None
+        assert wait.end_time <= joint.start_time
+
+
+async def test_a_failed_forward_is_logged_with_the_ids_of_every_request_in_its_batch(
+    make_batcher: MakeBatcher,
+) -> None:
+    spans = Spans()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("tokserve.batching")
+    logger.addHandler(handler)
+    try:
+        senders = await two_requests_in_one_batch(spans, make_batcher, -1, 2)
+    finally:
+        logger.removeHandler(handler)
+    assert all(isinstance(task.exception(), Overloaded) for task in senders)
+    (failed,) = [
+        r for r in records if "the forward pass over a batch of 2 failed" in r.getMessage()
+    ]
+    assert failed.request_id == "a,b"  # type: ignore[attr-defined]
+    _, joint = spans.named("forward")
+    assert joint.status.status_code is trace.StatusCode.ERROR
+    assert joint.status.description == "ValueError: negative input"
+    assert [event.name for event in joint.events] == ["exception"]
+    assert REQUEST_ID.get() is None
+
+
+async def test_the_worker_runs_each_batch_as_its_own_requests_and_no_other(
+    make_batcher: MakeBatcher,
+) -> None:
+    model = MatmulModel()
+    seen: list[str | None] = []  # the request ids a record logged by the backend would carry
+
+    def run(items: list[torch.Tensor]) -> list[torch.Tensor]:
+        seen.append(REQUEST_ID.get())
+        return model(items)
+
+    async def as_request(request_id: str) -> None:
+        REQUEST_ID.set(request_id)
+        await batcher.submit(item(1))
+
+    batcher = await make_batcher(run)
+    await asyncio.create_task(as_request("r-9"))
+    await batcher.submit(item(2))
+    assert seen == ["r-9", None]

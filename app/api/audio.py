@@ -66,12 +66,15 @@ async def encode_audio(
     endpoint.check_codebooks(codebooks)
     endpoint.check_report(report)
     in_layout = layout_fields(request, engine, layout, endpoint.model.name, window_s, overlap_s)
-    clips = await read_media_items(request, engine, "audio")
+    with engine.tracer.start_as_current_span("body.read") as reading:
+        clips = await read_media_items(request, engine, "audio")
+        reading.set_attribute("tokserve.items", len(clips))
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(
         request, endpoint.encode(clips, codebooks, deadline, report)
     )
-    return tokens_response(request, answer, single=len(clips) == 1, in_layout=in_layout)
+    with engine.tracer.start_as_current_span("response.encode"):
+        return tokens_response(request, answer, single=len(clips) == 1, in_layout=in_layout)
 
 
 @router.post(
@@ -91,12 +94,16 @@ async def decode_audio(
     fmt: Annotated[AudioFormat, Query(alias="format", description="Output format")] = "wav",
 ) -> Response:
     """One [k][F] array answers the audio file; a list answers JSON (or msgpack) items."""
-    body = await read_token_request(
-        request, engine, lambda name: engine.audio(name or model).item_shape
-    )
+    with engine.tracer.start_as_current_span("body.read") as reading:
+        body = await read_token_request(
+            request, engine, lambda name: engine.audio(name or model).item_shape
+        )
+        reading.set_attribute("tokserve.items", len(body.items))
     endpoint = engine.audio(span_model(engine, body, model, "audio"))
     items = span_tokens(engine, body, endpoint.model.name)
     label_model(request, endpoint.model.name)
     deadline = deadline_of(request, engine)
     work = endpoint.decode(items, fmt, deadline, body.single)
-    return media_response(request, await cancel_on_disconnect(request, work), body.single)
+    answer = await cancel_on_disconnect(request, work)
+    with engine.tracer.start_as_current_span("response.encode"):
+        return media_response(request, answer, body.single)

@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Request
+from opentelemetry import trace
 from starlette.requests import HTTPConnection
 
 from app.engine import Engine
@@ -49,8 +50,9 @@ async def require_api_key(request: Request, engine: EngineDep) -> None:
 
 
 def label_model(request: Request, model: str) -> None:
-    """Label this request's metrics with the model that serves it."""
+    """Label this request's metrics and trace span with the model that serves it."""
     request.state.model = model
+    trace.get_current_span().set_attribute("tokserve.model", model)
 
 
 def deadline_of(request: Request, engine: Engine) -> float:

@@ -56,10 +56,13 @@ async def encode_images(
     label_model(request, endpoint.model.name)
     endpoint.check_report(report)
     in_layout = layout_fields(request, engine, layout, endpoint.model.name)
-    images = await read_media_items(request, engine, "images")
+    with engine.tracer.start_as_current_span("body.read") as reading:
+        images = await read_media_items(request, engine, "images")
+        reading.set_attribute("tokserve.items", len(images))
     deadline = deadline_of(request, engine)
     answer = await cancel_on_disconnect(request, endpoint.encode(images, resize, deadline, report))
-    return tokens_response(request, answer, single=len(images) == 1, in_layout=in_layout)
+    with engine.tracer.start_as_current_span("response.encode"):
+        return tokens_response(request, answer, single=len(images) == 1, in_layout=in_layout)
 
 
 @router.post(
@@ -79,12 +82,16 @@ async def decode_images(
     fmt: Annotated[ImageFormat, Query(alias="format", description="Output format")] = "png",
 ) -> Response:
     """One grid answers the image itself; a list of grids answers JSON (or msgpack) items."""
-    body = await read_token_request(
-        request, engine, lambda name: engine.image(name or model).item_shape
-    )
+    with engine.tracer.start_as_current_span("body.read") as reading:
+        body = await read_token_request(
+            request, engine, lambda name: engine.image(name or model).item_shape
+        )
+        reading.set_attribute("tokserve.items", len(body.items))
     endpoint = engine.image(span_model(engine, body, model, "image"))
     items = span_tokens(engine, body, endpoint.model.name)
     label_model(request, endpoint.model.name)
     deadline = deadline_of(request, engine)
     work = endpoint.decode(items, fmt, deadline, body.single)
-    return media_response(request, await cancel_on_disconnect(request, work), body.single)
+    answer = await cancel_on_disconnect(request, work)
+    with engine.tracer.start_as_current_span("response.encode"):
+        return media_response(request, answer, body.single)

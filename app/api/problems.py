@@ -12,8 +12,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import ClientGone, ProblemError
+from app.logs import REQUEST_ID
 
 PROBLEM_JSON = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_REQUEST = 499
 log = logging.getLogger("tokserve.errors")
 
@@ -68,7 +70,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "Internal Server Error", "An unexpected error occurred.")
+        # answered by Starlette's outermost middleware, outside the one that adds the header
+        request_id = REQUEST_ID.get()
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        return problem_response(
+            500, "Internal Server Error", "An unexpected error occurred.", headers
+        )
 
 
 def _title(status: int) -> str:
