@@ -821,7 +821,10 @@ async def test_a_failed_forward_is_logged_with_the_ids_of_every_request_in_its_b
     _, joint = spans.named("forward")
     assert joint.status.status_code is trace.StatusCode.ERROR
     assert joint.status.description == "ValueError: negative input"
-    assert [event.name for event in joint.events] == ["exception"]
+    (exception,) = joint.events
+    assert exception.name == "exception" and exception.attributes is not None
+    assert exception.attributes["exception.type"] == "ValueError"
+    assert exception.attributes["exception.message"] == "negative input"
     assert REQUEST_ID.get() is None
 
 
