@@ -711,18 +711,19 @@ def test_dockerfile_installs_the_torch_that_pyproject_pins(name):
         for instruction, arguments in dockerfile_instructions(name)
         if instruction == "RUN"
     )
-    # the project itself, from the copied sources (the CUDA image with its ray extra)
-    assert re.search(r'pip install (\.|"\.\[ray\]") ', runs)
+    # the project itself, from the copied sources with its extras: otel in both (traces when an
+    # endpoint is set), ray in the CUDA image
+    assert re.search(r'pip install "\.\[[a-z,]*otel[a-z,]*\]" ', runs)
     if name == "Dockerfile":
         assert args["PYTHON_IMAGE"].startswith("python:3.11")
         assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
         assert '"torch==${TORCH_VERSION}"' in runs
-        assert runs.index("${TORCH_INDEX_URL}") < runs.index("pip install .")
-        assert "[ray]" not in runs  # the CPU image stays small: bulk jobs on Ray want GPUs
+        assert runs.index("${TORCH_INDEX_URL}") < runs.index('pip install ".[otel]"')
+        assert not re.search(r"\[[a-z,]*ray", runs)  # the CPU image stays small: Ray wants GPUs
     else:
         assert args["PYTORCH_IMAGE"].startswith(f"pytorch/pytorch:{version}-cuda")
         assert args["PYTORCH_IMAGE"].endswith("-runtime")
-        assert 'pip install ".[ray]"' in runs  # k8s/bulk/rayjob.yaml runs this image
+        assert 'pip install ".[ray,otel]"' in runs  # k8s/bulk/rayjob.yaml runs this image
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -739,7 +740,7 @@ def test_dockerfile_installs_the_client_from_its_copy_before_the_server(name):
     [server] = [
         i
         for i, (instruction, arguments) in enumerate(steps)
-        if instruction == "RUN" and re.search(r'pip install (\.|"\.\[ray\]") ', arguments)
+        if instruction == "RUN" and re.search(r'pip install "\.\[[a-z,]+\]" ', arguments)
     ]
     assert copied < installed < server
 
