@@ -1,7 +1,9 @@
-"""Batcher: one queue and one worker thread per model × op; batch assembly, backpressure, deadlines.
+"""Batcher: one queue per model × op and one worker thread per model instance; batch assembly,
+backpressure, deadlines, balancing between instances.
 
 The queue knows nothing of HTTP and nothing of models: it gathers items, hands lists of them to
-a ``run_batch`` callable on its own worker thread, and answers each waiter with its own result.
+an instance's ``run_batch`` callable on that instance's worker thread, and answers each waiter
+with its own result.
 """
 
 from __future__ import annotations
@@ -12,20 +14,29 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from opentelemetry import trace
 
 from app.errors import DeadlineExceeded, Overloaded, PayloadTooLarge
 from app.logs import REQUEST_ID, logging_for
-from app.metrics import BATCH_SIZE, INFERENCE_DURATION, QUEUE_DEPTH, QUEUE_WAIT, REJECTED
+from app.metrics import (
+    BATCH_SIZE,
+    INFERENCE_DURATION,
+    INSTANCE_BATCHES,
+    INSTANCE_BUSY,
+    QUEUE_DEPTH,
+    QUEUE_WAIT,
+    REJECTED,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 log = logging.getLogger("tokserve.batching")
 
@@ -47,27 +58,44 @@ class _Entry(Generic[T, R]):
     sender: trace.SpanContext
     waiting: trace.Span
     expiry: asyncio.TimerHandle | None = None
+    failed_on: set[str] = field(default_factory=set)  # instances whose forward of it failed
+
+
+class _Instance(Generic[T, R]):
+    """One model instance: its batch function, its worker thread and the batch it runs."""
+
+    def __init__(
+        self, model: str, op: str, name: str, run_batch: Callable[[list[T]], list[R]]
+    ) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.running: list[_Entry[T, R]] = []
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{model}-{op}-{name}")
+        self.batches = INSTANCE_BATCHES.labels(model, op, name)
+        self.busy_s = INSTANCE_BUSY.labels(model, op, name)
 
 
 class Batcher(Generic[T, R]):
-    """Gathers items for one model × op into batches and runs them on one worker thread.
+    """Gathers items for one model × op into batches and runs them on its instances' threads.
 
-    An item arriving while the worker is idle starts at once. Items arriving while a batch runs
-    gather; when the worker frees, the next batch takes up to ``max_batch_size`` items of the
-    oldest item's group, waiting for more at most until ``max_wait_ms`` after that item arrived.
-    A batch that fails with an error ``is_oom`` recognises (out of memory) is retried in halves.
+    An item arriving while a worker is idle starts at once. Items arriving while every worker
+    runs a batch gather; when one frees, the next batch takes up to ``max_batch_size`` items of
+    the oldest item's group, waiting for more at most until ``max_wait_ms`` after that item
+    arrived. A batch that fails with an error ``is_oom`` recognises (out of memory) is retried
+    in halves. ``run_batch`` is one callable, or instance name -> callable for several instances
+    of the model: whichever is free takes the next batch, and the items of a batch that failed
+    on one instance are queued again for an instance that has not failed them yet.
     Each item's wait is a span (queue.wait) of the sender's; each batch's forward pass is a span
     linked to its items' senders, and what the worker logs carries their request ids.
     """
 
     _loop: asyncio.AbstractEventLoop
-    _executor: ThreadPoolExecutor
 
     def __init__(
         self,
         model: str,
         op: str,
-        run_batch: Callable[[list[T]], list[R]],
+        run_batch: Callable[[list[T]], list[R]] | Mapping[str, Callable[[list[T]], list[R]]],
         *,
         max_batch_size: int,
         max_wait_ms: float,
@@ -85,7 +113,12 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
-        self._run_batch = run_batch
+        run_batches = run_batch if isinstance(run_batch, Mapping) else {"0": run_batch}
+        if not run_batches:
+            raise ValueError(f"{model} {op}: need at least one instance")
+        self._run_batches = dict(run_batches)
+        self._instances: list[_Instance[T, R]] = []
+        self._free: list[_Instance[T, R]] = []
         self._is_oom = is_oom
         self._tracer = tracer or trace.NoOpTracer()
         self._span_attributes = {"tokserve.model": model, "tokserve.op": op}
@@ -93,12 +126,10 @@ class Batcher(Generic[T, R]):
         self._groups: dict[Hashable, OrderedDict[_Entry[T, R], None]] = {}
         self._depth = 0
         self._seq = itertools.count()
-        self._running: list[_Entry[T, R]] = []
         self._idle_since = 0.0
         self._closing = False
         self._arrived = asyncio.Event()
-        self._worker_free = asyncio.Event()
-        self._worker_free.set()
+        self._freed = asyncio.Event()  # set when an instance frees
         self._dispatcher: asyncio.Task[None] | None = None
         self._queue_wait = QUEUE_WAIT.labels(model, op)
         self._batch_size = BATCH_SIZE.labels(model, op)
@@ -113,19 +144,27 @@ class Batcher(Generic[T, R]):
     @property
     def idle(self) -> bool:
         """Nothing waiting and nothing running."""
-        return self._depth == 0 and self._worker_free.is_set()
+        return self._depth == 0 and len(self._free) == len(self._instances)
+
+    @property
+    def instances(self) -> list[str]:
+        """The names of the model instances that run this queue's batches."""
+        return list(self._run_batches)
 
     async def start(self) -> None:
-        """Create the worker thread and the dispatch task on the running loop."""
+        """Create each instance's worker thread and the dispatch task on the running loop."""
         if self._dispatcher is not None:
             raise RuntimeError(f"the {self.model} {self.op} batcher is already started")
         self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"{self.model}-{self.op}"
-        )
-        # Start the worker thread now, from the caller's thread, so it inherits the caller's
+        self._instances = [
+            _Instance(self.model, self.op, name, run_batch)
+            for name, run_batch in self._run_batches.items()
+        ]
+        # Start the worker threads now, from the caller's thread, so they inherit the caller's
         # scheduling priority rather than that of whichever thread submits the first batch.
-        await asyncio.wrap_future(self._executor.submit(threading.get_native_id))
+        for instance in self._instances:
+            await asyncio.wrap_future(instance.executor.submit(threading.get_native_id))
+        self._free = list(self._instances)
         self._idle_since = time.monotonic()
         self._dispatcher = asyncio.create_task(
             self._dispatch(), name=f"batcher-{self.model}-{self.op}"
@@ -176,7 +215,16 @@ class Batcher(Generic[T, R]):
             self._dispatcher.cancel()
             await asyncio.wait([self._dispatcher])
             self._fail_unfinished()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for instance in self._instances:
+            instance.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run_on_each(self, work: Callable[[Callable[[list[T]], list[R]]], V]) -> list[V]:
+        """``work(run_batch)`` on every instance's own worker thread, one after the other, and
+        what each returned (the warm-up: a thread's first forward sets up its thread pools)."""
+        return [
+            await asyncio.wrap_future(instance.executor.submit(work, instance.run_batch))
+            for instance in self._instances
+        ]
 
     def _overloaded(self, detail: str) -> Overloaded:
         return Overloaded(detail, headers={"Retry-After": RETRY_AFTER_S})
@@ -218,7 +266,7 @@ class Batcher(Generic[T, R]):
                 next(self._seq),
                 request_id,
                 sender,
-                self._tracer.start_span("queue.wait", attributes=self._span_attributes),
+                self._queue_span(),
             )
             for item, group in zip(items, groups, strict=True)
         ]
@@ -227,12 +275,19 @@ class Batcher(Generic[T, R]):
         self._arrived.set()
         return entries
 
-    def _enqueue(self, entry: _Entry[T, R], now: float) -> None:
-        self._groups.setdefault(entry.group, OrderedDict())[entry] = None
+    def _enqueue(self, entry: _Entry[T, R], now: float, first: bool = False) -> None:
+        waiting = self._groups.setdefault(entry.group, OrderedDict())
+        waiting[entry] = None
+        if first:
+            waiting.move_to_end(entry, last=False)
         self._depth += 1
         self._queue_depth.inc()
         if entry.deadline is not None:
             entry.expiry = self._loop.call_later(entry.deadline - now, self._expire, entry)
+
+    def _queue_span(self) -> trace.Span:
+        """A new span of an item's waiting in the queue."""
+        return self._tracer.start_span("queue.wait", attributes=self._span_attributes)
 
     def _remove(self, entry: _Entry[T, R]) -> bool:
         """Take ``entry`` out of the queue; False if it was not waiting there."""
@@ -269,15 +324,26 @@ class Batcher(Generic[T, R]):
                 REJECTED.labels("cancelled").inc()
 
     async def _dispatch(self) -> None:
-        """Event-loop task: whenever the worker is free, start the next batch."""
+        """Event-loop task: whenever an instance is free, start the next batch on it."""
         while True:
-            await self._worker_free.wait()
             head = await self._next_head()
-            if head is None:
-                return
+            instance = self._free_for(head) if head is not None else None
+            if instance is None:
+                if head is None and len(self._free) == len(self._instances):
+                    return  # stopped, drained, and no batch running that could fail back
+                # every instance is busy, or the head failed on each free one, or batches still
+                # run while stopping
+                self._freed.clear()
+                await self._freed.wait()
+                continue
+            assert head is not None
             batch = self._take(head.group)
             if batch:
-                self._launch(batch)
+                self._launch(batch, instance)
+
+    def _free_for(self, head: _Entry[T, R]) -> _Instance[T, R] | None:
+        """The first free instance that has not failed ``head`` already."""
+        return next((i for i in self._free if i.name not in head.failed_on), None)
 
     async def _next_head(self) -> _Entry[T, R] | None:
         """The oldest waiting entry once its batch should start; None when stopped and drained."""
@@ -321,16 +387,18 @@ class Batcher(Generic[T, R]):
             batch.append(entry)
         return batch
 
-    def _launch(self, batch: list[_Entry[T, R]]) -> None:
+    def _launch(self, batch: list[_Entry[T, R]], instance: _Instance[T, R]) -> None:
         started = time.monotonic()
         for entry in batch:
-            self._queue_wait.observe(started - entry.arrived)
+            if not entry.failed_on:  # a retried item's wait was observed when it first started
+                self._queue_wait.observe(started - entry.arrived)
         self._batch_size.observe(len(batch))
-        self._running = batch
-        self._worker_free.clear()
-        self._executor.submit(self._work, batch)
+        instance.batches.inc()
+        instance.running = batch
+        self._free.remove(instance)
+        instance.executor.submit(self._work, batch, instance)
 
-    def _work(self, batch: list[_Entry[T, R]]) -> None:
+    def _work(self, batch: list[_Entry[T, R]], instance: _Instance[T, R]) -> None:
         """Worker thread: run one batch and hand its outcome back to the event loop."""
         outcome: list[R] | Exception
         started = time.perf_counter()
@@ -342,30 +410,34 @@ class Batcher(Generic[T, R]):
                 **self._span_attributes,
                 "tokserve.batch_size": len(batch),
                 "tokserve.request_ids": request_ids,
+                "tokserve.instance": instance.name,
             },
         )
         with logging_for(request_ids), forward as span:
             try:
-                outcome = self._forward([entry.item for entry in batch])
+                outcome = self._forward([entry.item for entry in batch], instance.run_batch)
             except Exception as exc:
                 log.exception(
-                    "%s %s: the forward pass over a batch of %d failed",
+                    "%s %s: the forward pass over a batch of %d failed on instance %s",
                     self.model,
                     self.op,
                     len(batch),
+                    instance.name,
                 )
                 span.record_exception(exc)
                 span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
                 outcome = exc
-        self._inference.observe(time.perf_counter() - started)
+        busy_s = time.perf_counter() - started
+        self._inference.observe(busy_s)
+        instance.busy_s.inc(busy_s)
         # the loop is closed only after a stop() that timed out and already answered everyone
         with suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._complete, batch, outcome)
+            self._loop.call_soon_threadsafe(self._complete, batch, outcome, instance)
 
-    def _forward(self, items: list[T]) -> list[R]:
+    def _forward(self, items: list[T], run_batch: Callable[[list[T]], list[R]]) -> list[R]:
         """Worker thread: run_batch, split in halves (recursively) when it runs out of memory."""
         try:
-            results = self._run_batch(items)
+            results = run_batch(items)
         except Exception as exc:
             if len(items) < 2 or not self._is_oom(exc):
                 raise
@@ -381,15 +453,29 @@ class Batcher(Generic[T, R]):
             return results
         # retried outside the except block so the failed attempt's frames and tensors are freed
         half = len(items) // 2
-        return self._forward(items[:half]) + self._forward(items[half:])
+        return self._forward(items[:half], run_batch) + self._forward(items[half:], run_batch)
 
-    def _complete(self, batch: list[_Entry[T, R]], outcome: list[R] | Exception) -> None:
-        """Event loop: answer the batch's waiters (those still waiting) and free the worker."""
-        self._running = []
+    def _complete(
+        self, batch: list[_Entry[T, R]], outcome: list[R] | Exception, instance: _Instance[T, R]
+    ) -> None:
+        """Event loop: answer the batch's waiters (those still waiting) and free the instance;
+        the items of a failed batch go back to the queue's head while an instance is left that
+        has not failed them."""
+        instance.running = []
         if isinstance(outcome, Exception):
-            REJECTED.labels("error").inc(len(batch))
+            waiting = [entry for entry in batch if not entry.future.done()]
+            for entry in waiting:
+                entry.failed_on.add(instance.name)
+            retried = [e for e in waiting if len(e.failed_on) < len(self._instances)]
+            now = time.monotonic()
+            for entry in reversed(retried):
+                entry.waiting = self._queue_span()  # its first wait ended when it started
+                self._enqueue(entry, now, first=True)
+            if retried:
+                self._arrived.set()
+            REJECTED.labels("error").inc(len(batch) - len(retried))
             for entry in batch:
-                if not entry.future.done():
+                if entry not in retried and not entry.future.done():
                     error = self._overloaded(
                         f"The {self.model} {self.op} forward pass failed; retry shortly."
                     )
@@ -400,14 +486,16 @@ class Batcher(Generic[T, R]):
                 if not entry.future.done():
                     entry.future.set_result(result)
         self._idle_since = time.monotonic()
-        self._worker_free.set()
+        self._free.append(instance)
+        self._freed.set()
 
     def _fail_unfinished(self) -> None:
         """After the drain timeout: answer everything queued or running with Overloaded."""
         queued = [entry for waiting in self._groups.values() for entry in waiting]
         for entry in queued:
             self._remove(entry)
-        unanswered = [entry for entry in queued + self._running if not entry.future.done()]
+        running = [entry for instance in self._instances for entry in instance.running]
+        unanswered = [entry for entry in queued + running if not entry.future.done()]
         REJECTED.labels("shutdown").inc(len(unanswered))
         for entry in unanswered:
             entry.future.set_exception(

@@ -55,6 +55,18 @@ INFERENCE_DURATION = Histogram(
     ["model", "op"],
     buckets=LATENCY_BUCKETS,
 )
+INSTANCE_BATCHES = Counter(
+    "tokserve_instance_batches_total",
+    "Batches started on each instance of a model (TOKSERVE_DEVICES, TOKSERVE_INSTANCES); "
+    "instance is <device>/<index on that device>.",
+    ["model", "op", "instance"],
+)
+INSTANCE_BUSY = Counter(
+    "tokserve_instance_busy_seconds_total",
+    "Seconds each instance of a model spent in forward passes: its rate is the instance's "
+    "utilisation.",
+    ["model", "op", "instance"],
+)
 QUEUE_DEPTH = Gauge(
     "tokserve_queue_depth",
     "Items waiting in the batch queue.",

@@ -213,7 +213,7 @@ async def test_every_batch_runs_on_the_one_worker_thread_started_with_the_batche
     model.release.set()
     await asyncio.gather(blocker, *waiting)
     assert len(model.batches) == 21
-    assert model.threads == {f"{batcher.model}-encode_0"}
+    assert model.threads == {f"{batcher.model}-encode-0_0"}
 
 
 async def test_items_arriving_during_a_forward_are_gathered_into_one_batch(
@@ -447,8 +447,8 @@ async def test_failed_forward_is_logged_with_its_traceback_model_op_and_batch_si
     with pytest.raises(Overloaded), caplog.at_level(logging.ERROR, logger="tokserve.batching"):
         await batcher.submit_many([item(-1), item(1)])
     (record,) = caplog.records
-    assert (
-        record.getMessage() == f"{batcher.model} encode: the forward pass over a batch of 2 failed"
+    assert record.getMessage() == (
+        f"{batcher.model} encode: the forward pass over a batch of 2 failed on instance 0"
     )
     assert record.exc_info is not None
     assert str(record.exc_info[1]) == "negative input"
@@ -780,6 +780,7 @@ async def test_a_batch_is_one_forward_span_linked_to_the_span_of_each_request_in
         "tokserve.op": "encode",
         "tokserve.batch_size": 2,
         "tokserve.request_ids": ("a", "b"),
+        "tokserve.instance": "0",
     }
     assert joint.status.status_code is trace.StatusCode.UNSET
 
@@ -846,3 +847,173 @@ async def test_the_worker_runs_each_batch_as_its_own_requests_and_no_other(
     await asyncio.create_task(as_request("r-9"))
     await batcher.submit(item(2))
     assert seen == ["r-9", None]
+
+
+# Several instances of one model behind one queue (TOKSERVE_DEVICES, TOKSERVE_INSTANCES)
+
+
+class BrokenInstance(MatmulModel):
+    """An instance whose device is gone: every forward it starts fails."""
+
+    def __call__(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.threads.add(threading.current_thread().name)
+        self.attempts.append(len(items))
+        self.started.put(len(items))
+        raise RuntimeError("device lost")
+
+
+async def test_two_instances_both_compute_on_their_own_threads_with_unchanged_results(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"cpu/0": first, "cpu/1": second}, max_batch_size=2)
+    assert batcher.instances == ["cpu/0", "cpu/1"]
+    blocker = await hold_worker(first, batcher)  # the first instance runs item 0 ...
+    vectors = [item(i) for i in range(1, 5)]
+    results = await batcher.submit_many(vectors)  # ... while the second takes the others
+    assert second.batches and first.batches == []
+    first.release.set()
+    assert_each_answered(first, [item(0)], [await blocker])
+    assert_each_answered(second, vectors, results)
+    assert first.computed() | second.computed() == {0, 1, 2, 3, 4}
+    assert first.threads == {f"{batcher.model}-encode-cpu/0_0"}
+    assert second.threads == {f"{batcher.model}-encode-cpu/1_0"}
+
+
+async def test_an_item_arriving_while_another_instance_is_free_starts_at_once(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second}, max_wait_ms=500)
+    blocker = await hold_worker(first, batcher)
+    started = time.monotonic()
+    assert_each_answered(second, [item(1)], [await batcher.submit(item(1))])
+    # gathering company would take the whole 500 ms; a loaded 2-core machine answers in < 50 ms
+    assert time.monotonic() - started < 0.25
+    first.release.set()
+    await blocker
+
+
+async def test_a_batch_that_fails_on_one_instance_is_answered_by_the_other(
+    make_batcher: MakeBatcher,
+) -> None:
+    broken, healthy = BrokenInstance(), MatmulModel()
+    batcher = await make_batcher({"broken": broken, "healthy": healthy}, max_wait_ms=0)
+    errors = sample("tokserve_rejected_total", reason="error")
+    waits = sample("tokserve_queue_wait_seconds_count", model=batcher.model, op="encode")
+    vectors = [item(i) for i in range(1, 4)]
+    results = await batcher.submit_many(vectors)
+    assert_each_answered(healthy, vectors, results)
+    assert broken.attempts == [3] and healthy.batches == [[1, 2, 3]]
+    assert sample("tokserve_rejected_total", reason="error") == errors
+    # a retried item's queue wait is observed once, when it first started
+    after = sample("tokserve_queue_wait_seconds_count", model=batcher.model, op="encode")
+    assert after == waits + 3
+    assert batcher.idle
+
+
+async def test_a_retried_batch_waits_for_an_instance_it_has_not_failed_on(
+    make_batcher: MakeBatcher,
+) -> None:
+    broken, healthy = BrokenInstance(), MatmulModel()
+    batcher = await make_batcher({"healthy": healthy, "broken": broken}, max_wait_ms=0)
+    blocker = await hold_worker(healthy, batcher)  # the healthy instance is busy ...
+    retried = asyncio.create_task(batcher.submit(item(1)))  # ... so the broken one takes it
+    await broken.wait_started()
+    await asyncio.sleep(0.05)  # the broken instance is free again: it must not take item 1 twice
+    assert broken.attempts == [1] and not retried.done()
+    healthy.release.set()
+    assert_each_answered(healthy, [item(1)], [await retried])
+    await blocker
+    assert healthy.batches == [[0], [1]]
+
+
+async def test_a_batch_failing_on_every_instance_answers_503_after_one_try_on_each(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = BrokenInstance(), BrokenInstance()
+    batcher = await make_batcher({"a": first, "b": second})
+    errors = sample("tokserve_rejected_total", reason="error")
+    with pytest.raises(Overloaded) as failed:
+        await batcher.submit_many([item(1), item(2)])
+    assert str(failed.value.__cause__) == "device lost"
+    assert first.attempts == [2] and second.attempts == [2]
+    assert sample("tokserve_rejected_total", reason="error") == errors + 2
+
+
+async def test_each_instance_counts_its_own_batches_and_busy_seconds(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second}, max_batch_size=1)
+    labels = {"model": batcher.model, "op": "encode"}
+    names = ("tokserve_instance_batches_total", "tokserve_instance_busy_seconds_total")
+    before = {(name, i): sample(name, **labels, instance=i) for name in names for i in "ab"}
+
+    def added(name: str, instance: str) -> float:
+        return sample(name, **labels, instance=instance) - before[name, instance]
+
+    blocker = await hold_worker(first, batcher)
+    await asyncio.sleep(0.05)
+    await batcher.submit_many([item(1), item(2)])
+    first.release.set()
+    await blocker
+    assert added("tokserve_instance_batches_total", "a") == 1
+    assert added("tokserve_instance_batches_total", "b") == 2
+    # the first instance's one forward was held for 50 ms at least
+    assert added("tokserve_instance_busy_seconds_total", "a") >= 0.05
+    assert added("tokserve_instance_busy_seconds_total", "b") > 0
+
+
+async def test_stop_waits_for_the_batches_of_every_instance(make_batcher: MakeBatcher) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second})
+    blocker = await hold_worker(first, batcher)
+    second.release.clear()
+    other = asyncio.create_task(batcher.submit(item(1)))
+    await second.wait_started()
+    assert not batcher.idle
+    stopping = asyncio.create_task(batcher.stop(drain_timeout_s=2.0))
+    await asyncio.sleep(0.05)
+    first.release.set()  # one instance done, the other still computing: not drained yet
+    await blocker
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    second.release.set()
+    await stopping
+    assert_each_answered(second, [item(1)], [await other])
+    assert batcher.idle
+
+
+async def test_stop_after_the_drain_timeout_fails_the_batches_running_on_every_instance(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second})
+    blocker = await hold_worker(first, batcher)
+    second.release.clear()
+    other = asyncio.create_task(batcher.submit(item(1)))
+    await second.wait_started()
+    await batcher.stop(drain_timeout_s=0.05)
+    for task in (blocker, other):
+        with pytest.raises(Overloaded):
+            await task
+    first.release.set()
+    second.release.set()
+
+
+async def test_warm_up_runs_on_each_instance_s_own_worker_thread(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second})
+    await batcher.run_on_each(lambda run_batch: run_batch([item(1)]) and None)
+    assert first.batches == [[1]] and second.batches == [[1]]
+    assert first.threads == {f"{batcher.model}-encode-a_0"}
+    assert second.threads == {f"{batcher.model}-encode-b_0"}
+
+
+def test_a_batcher_without_instances_is_refused() -> None:
+    with pytest.raises(ValueError) as refused:
+        unstarted("m", {})
+    assert str(refused.value) == "m encode: need at least one instance"
