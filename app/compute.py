@@ -8,6 +8,7 @@ values (a searching encoder) hashes it into its version.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from pathlib import Path
@@ -40,6 +41,7 @@ NON_BFLOAT16_ISAS = {
     "AVX512_CORE_VNNI",
 }
 Reproducibility = Literal["portable", "host"]
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 def onednn_isa_cap() -> str | None:
@@ -104,6 +106,30 @@ def compute_fingerprint(device: torch.device, dtype: torch.dtype) -> str:
         parts += [f"onednn<={cap}"] if cap else []
         parts.append(f"threads {torch.get_num_threads()}")
     return " ".join([f"torch {torch.__version__}", *parts])
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2).
+
+    os.cpu_count() is the node's cores: a pod limited to 4 CPUs on a 64-core node would decode
+    64 images at once within a memory limit sized for a few.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity is the limit
+    return cpus
+
+
+def split_cpu_threads(cpu_instances: int, cpus: int) -> None:
+    """Give each of ``cpu_instances`` model instances on the CPU an equal share of the ``cpus``
+    as torch's thread count (at least one), so instances computing at once do not oversubscribe
+    the cores; one instance, or none, leaves torch's count as it is."""
+    if cpu_instances > 1:
+        torch.set_num_threads(max(1, cpus // cpu_instances))
 
 
 def reproducibility(info: TokenizerInfo) -> Reproducibility:

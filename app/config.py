@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     # LLM sequence layouts (tokserve_client.layouts): every *.json whose models are all loaded
     layout_dir: str = DEFAULT_LAYOUT_DIR
     device: str = "auto"
+    # One instance of every model per device listed (cpu, cuda:0, cuda:1, ...; a device listed
+    # twice gets two); empty: TOKSERVE_DEVICE alone. Each instance has its own worker thread, fed
+    # by the model's one queue per op: whichever instance is free takes the next batch.
+    devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Instances of every model on each device of TOKSERVE_DEVICES (or on TOKSERVE_DEVICE).
+    instances: int = Field(default=1, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     redis_url: str | None = None
@@ -103,7 +109,13 @@ class Settings(BaseSettings):
             return [part for part in value.split(":") if part]
         return value
 
-    @field_validator("models", "api_keys", mode="before")
+    @property
+    def instance_devices(self) -> list[str]:
+        """The device of each model instance, in order: TOKSERVE_DEVICES (or TOKSERVE_DEVICE),
+        each TOKSERVE_INSTANCES times."""
+        return [device for device in self.devices or [self.device] for _ in range(self.instances)]
+
+    @field_validator("models", "api_keys", "devices", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

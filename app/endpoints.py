@@ -111,24 +111,32 @@ def _check_token_budget(arrays: Sequence[np.ndarray | ProblemError], settings: S
 
 
 class Endpoint(ABC):
-    """One model's encode and decode: its runner and two queues, and how its items are checked,
-    cached and described. ``ImageEndpoint`` and ``AudioEndpoint`` fill in the modality."""
+    """One model's encode and decode: a runner per instance of the model, two queues, and how
+    its items are checked, cached and described. ``ImageEndpoint`` and ``AudioEndpoint`` fill
+    in the modality."""
 
-    runner: ImageRunner | AudioRunner
+    runners: dict[str, ImageRunner] | dict[str, AudioRunner]  # instance name -> its runner
+    runner: ImageRunner | AudioRunner  # the first instance's: its grouping and in-process use
 
     def __init__(self, model: LoadedModel, engine: Workers) -> None:
         self.model = model
         self.engine = engine
         self.settings = engine.settings
-        self.encoder: Batcher[Any, Any] = self._batcher("encode", self.runner.encode_batch)
-        self.decoder: Batcher[Any, Any] = self._batcher("decode", self.runner.decode_batch)
+        self.encoder: Batcher[Any, Any] = self._batcher(
+            "encode", {name: r.encode_batch for name, r in self.runners.items()}
+        )
+        self.decoder: Batcher[Any, Any] = self._batcher(
+            "decode", {name: r.decode_batch for name, r in self.runners.items()}
+        )
 
-    def _batcher(self, op: str, run_batch: Callable[[list[Any]], list[Any]]) -> Batcher[Any, Any]:
+    def _batcher(
+        self, op: str, run_batches: dict[str, Callable[[list[Any]], list[Any]]]
+    ) -> Batcher[Any, Any]:
         serving = self.model.serving
         return Batcher(
             self.model.name,
             op,
-            run_batch,
+            run_batches,
             max_batch_size=serving.max_batch_size,
             max_wait_ms=serving.max_wait_ms,
             max_queue=serving.max_queue,
@@ -271,18 +279,35 @@ class Endpoint(ABC):
         return await self._run(job, arrays, key_bytes, lambda _: fits, deadline)
 
     @abstractmethod
-    def warm_up(self) -> None:
-        """One encode (and one decode, where the model has a decoder) on inputs of the model's
-        own shapes, before readiness."""
+    def warm_input(self) -> Any:
+        """An encode input of the model's own shape, to warm each instance up with."""
+
+    async def warm_up(self) -> None:
+        """One encode (and one decode, where the model has a decoder) on each instance's own
+        worker threads, before readiness: a thread's first forward sets up its thread pools."""
+        item = self.warm_input()
+        tokens = await self.encoder.run_on_each(lambda run_batch: run_batch([item])[0])
+        if not self.model.info.encode_only:
+            await self.decoder.run_on_each(lambda run_batch: run_batch([np.asarray(tokens[0])]))
 
 
 class ImageEndpoint(Endpoint):
     """encode: image files -> token grids [h, w]; decode: grids -> PNG, WebP or JPEG files."""
 
+    runners: dict[str, ImageRunner]
     runner: ImageRunner
 
-    def __init__(self, model: LoadedModel, info: ImageInfo, engine: Workers) -> None:
-        self.runner = ImageRunner(model)
+    def __init__(
+        self,
+        model: LoadedModel,
+        info: ImageInfo,
+        engine: Workers,
+        instances: dict[str, LoadedModel] | None = None,
+    ) -> None:
+        self.runners = {
+            name: ImageRunner(loaded) for name, loaded in (instances or {"0": model}).items()
+        }
+        self.runner = next(iter(self.runners.values()))
         super().__init__(model, engine)
         self.info = info
         self.size = info.image_size
@@ -382,20 +407,28 @@ class ImageEndpoint(Endpoint):
             ]
         )
 
-    def warm_up(self) -> None:
+    def warm_input(self) -> torch.Tensor:
         height, width = self.size
-        tokens = self.runner.encode_batch([torch.zeros(3, height, width)])[0]
-        if not self.info.encode_only:
-            self.runner.decode_batch([np.asarray(tokens)])
+        return torch.zeros(3, height, width)
 
 
 class AudioEndpoint(Endpoint):
     """encode: audio files -> tokens [K, F]; decode: [k, F] -> WAV, FLAC or OGG files."""
 
+    runners: dict[str, AudioRunner]
     runner: AudioRunner
 
-    def __init__(self, model: LoadedModel, info: AudioInfo, engine: Workers) -> None:
-        self.runner = AudioRunner(model)
+    def __init__(
+        self,
+        model: LoadedModel,
+        info: AudioInfo,
+        engine: Workers,
+        instances: dict[str, LoadedModel] | None = None,
+    ) -> None:
+        self.runners = {
+            name: AudioRunner(loaded) for name, loaded in (instances or {"0": model}).items()
+        }
+        self.runner = next(iter(self.runners.values()))
         super().__init__(model, engine)
         self.info = info
         self.sample_rate = info.sample_rate
@@ -573,11 +606,8 @@ class AudioEndpoint(Endpoint):
             ]
         )
 
-    def warm_up(self) -> None:
-        wave = torch.zeros(self.info.channels, self.sample_rate)
-        tokens = self.runner.encode_batch([wave])[0]
-        if not self.info.encode_only:
-            self.runner.decode_batch([np.asarray(tokens)])
+    def warm_input(self) -> torch.Tensor:
+        return torch.zeros(self.info.channels, self.sample_rate)
 
 
 def _approximate_ids(item: Any) -> int:

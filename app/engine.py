@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 
 from opentelemetry import trace
 
 from app.cache import TokenCache, create_cache
+from app.compute import usable_cpus
 from app.config import Settings
 from app.drain import Drain
 from app.endpoints import Answer, AudioEndpoint, ImageEndpoint, Media, Tokens
@@ -46,23 +45,6 @@ from app.tracing import tokserve_tracer
 log = logging.getLogger("tokserve.engine")
 
 T = TypeVar("T")
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2).
-
-    os.cpu_count() is the node's cores: a pod limited to 4 CPUs on a 64-core node would decode
-    64 images at once within a memory limit sized for a few.
-    """
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = cpu_max.read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota: the affinity is the limit
-    return cpus
 
 
 def lower_priority(nice: int) -> None:
@@ -95,10 +77,11 @@ class Engine:
         self.endpoints: dict[str, ImageEndpoint | AudioEndpoint] = {}
         for model in registry.models.values():
             info = model.info
+            instances = registry.instances[model.name]
             self.endpoints[model.name] = (
-                ImageEndpoint(model, info, self)
+                ImageEndpoint(model, info, self, instances)
                 if isinstance(info, ImageInfo)
-                else AudioEndpoint(model, info, self)
+                else AudioEndpoint(model, info, self, instances)
             )
         self.streams = Streams(settings, list(registry.models.values()))
         self.ready = False
@@ -139,15 +122,16 @@ class Engine:
             await endpoint.decoder.start()
         self.streams.start()
         if self.settings.warmup:
-            await asyncio.to_thread(self.warm_up)
+            await self.warm_up()
         self.ready = True
         log.info("ready: %s", ", ".join(self.registry.names()) or "no models")
 
-    def warm_up(self) -> None:
-        """Run each model once, so the first request pays no lazy initialisation."""
+    async def warm_up(self) -> None:
+        """Run each model instance once on its own worker threads, so the first request pays
+        no lazy initialisation."""
         for name, endpoint in self.endpoints.items():
             start = time.perf_counter()
-            endpoint.warm_up()
+            await endpoint.warm_up()
             log.info("warmed up %s in %.0f ms", name, 1000 * (time.perf_counter() - start))
 
     async def stop(self) -> None:

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from tokserve_client.layouts import Layout, load_layouts
 
-from app.compute import Reproducibility, compute_fingerprint, reproducibility, run_dtype
+from app.compute import (
+    Reproducibility,
+    compute_fingerprint,
+    reproducibility,
+    run_dtype,
+    split_cpu_threads,
+    usable_cpus,
+)
 from app.config import Settings
 from app.errors import NotFound
 from app.model_folder import (
@@ -158,6 +165,31 @@ def load_model(folder: Path, settings: Settings) -> LoadedModel:
     )
 
 
+def load_instances(folder: Path, settings: Settings, devices: list[str]) -> dict[str, LoadedModel]:
+    """One model folder on each of ``devices``: instance name (<device>/<index on it>) -> the
+    model loaded there. Instances on one device share its weights (a forward changes none);
+    every instance must have the one version, so a token means the same whichever computed it."""
+    loaded: dict[str, LoadedModel] = {}
+    placed: dict[str, LoadedModel] = {}
+    for requested in devices:
+        device = str(resolve_device(requested))
+        if device not in loaded:
+            loaded[device] = load_model(folder, settings.model_copy(update={"device": device}))
+        model = loaded[device]
+        index = sum(name.startswith(f"{device}/") for name in placed)
+        placed[f"{device}/{index}"] = model
+    first = next(iter(loaded.values()))
+    for device, model in loaded.items():
+        if model.version != first.version:
+            raise ModelLoadError(
+                f"{folder.name}: version {model.version} on {device} but {first.version} on "
+                f"{first.device}: its tokens depend on the device's arithmetic "
+                f"({model.compute} / {first.compute}); list devices of one kind in "
+                "TOKSERVE_DEVICES."
+            )
+    return placed
+
+
 def check_modality(folder: Path, config: dict[str, Any], tokenizer: Tokenizer) -> None:
     """Refuse a tokenizer of another modality than config.json's ``modality`` (where it
     names one): the folder describes one model and holds another, a mistake to report at
@@ -202,11 +234,19 @@ def discover(model_dirs: list[str]) -> list[Path]:
 
 
 class ModelRegistry:
-    """The loaded models, by name, and the sequence layouts that cover them."""
+    """The loaded models, by name, each model's instances, and the sequence layouts that cover
+    them."""
 
-    def __init__(self, models: list[LoadedModel], layouts: dict[str, Layout] | None = None) -> None:
+    def __init__(
+        self,
+        models: list[LoadedModel],
+        layouts: dict[str, Layout] | None = None,
+        instances: dict[str, dict[str, LoadedModel]] | None = None,
+    ) -> None:
         self.models = {model.name: model for model in models}
         self.layouts = layouts or {}
+        # model name -> instance name (<device>/<index on it>) -> the model as loaded there
+        self.instances = instances or {model.name: {"0": model} for model in models}
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
@@ -219,20 +259,24 @@ class ModelRegistry:
                     f"TOKSERVE_MODELS names {sorted(missing)}, not found in {settings.model_dir}"
                 )
             folders = [f for f in folders if f.name in wanted]
-        models = []
+        devices = settings.instance_devices
+        split_cpu_threads(sum(resolve_device(d).type == "cpu" for d in devices), usable_cpus())
+        models, instances = [], {}
         for folder in folders:
-            model = load_model(folder, settings)
+            placed = load_instances(folder, settings, devices)
+            model = next(iter(placed.values()))
             log.info(
-                "loaded model %s (%s, %s) version %s on %s",
+                "loaded model %s (%s, %s) version %s, instances %s",
                 model.name,
                 model.backend,
                 model.modality,
                 model.version,
-                model.device,
+                ", ".join(placed),
             )
             models.append(model)
+            instances[model.name] = placed
         figures = {model.name: model.info.to_dict() for model in models}
-        return cls(models, load_layouts(Path(settings.layout_dir), figures))
+        return cls(models, load_layouts(Path(settings.layout_dir), figures), instances)
 
     def get(self, name: str | None, modality: str) -> LoadedModel:
         """The named model, or the only/first model of the modality when no name is given."""

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.compute import usable_cpus
 from app.config import Settings
-from app.engine import usable_cpus
 from bench.server import server_process
 from tests.support import REPO_ROOT, png_bytes, wav_bytes
 

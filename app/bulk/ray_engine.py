@@ -27,8 +27,8 @@ from app.bulk.job import BulkOptions
 from app.bulk.local import WINDOW_BATCHES, bulk_settings
 from app.bulk.remote import ModelChanged
 from app.bulk.shards import ERROR_TYPE, row
+from app.compute import usable_cpus
 from app.endpoints import Tokens
-from app.engine import usable_cpus
 from app.errors import ProblemError
 from app.registry import ModelRegistry
 from app.tokens import token_dtype
