@@ -184,9 +184,13 @@ async def run_level(
 
 
 async def server_totals(client: httpx.AsyncClient) -> dict[str, float]:
-    """SERVER_METRICS from /metrics, each summed over its label sets (model, op)."""
+    """SERVER_METRICS from /metrics, each summed over its label sets (model, op); zeros from a
+    server without them (the LitServe peer)."""
     totals = dict.fromkeys(SERVER_METRICS, 0.0)
-    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+    metrics = await client.get("/metrics")
+    if metrics.status_code != 200:
+        return totals
+    for family in text_string_to_metric_families(metrics.text):
         for sample in family.samples:
             if sample.name in totals:
                 totals[sample.name] += sample.value

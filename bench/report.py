@@ -55,6 +55,37 @@ def op_summary(ceiling: Ceiling, batched: Sweep, unbatched: Sweep | None) -> dic
     return summary
 
 
+def versus_peer(batched: Sweep, peer: Sweep) -> dict[str, Any]:
+    """tokserve against the LitServe peer: p50 at concurrency 1 and the best throughput of the
+    levels both measured; ``ahead`` when tokserve is faster at both."""
+    ours_c1, theirs_c1 = batched.at(1), peer.at(1)
+    ours_sat = max(batched.levels, key=lambda s: s.throughput_rps)
+    theirs_sat = max(peer.levels, key=lambda s: s.throughput_rps) if peer.levels else None
+    c1 = {
+        "tokserve_p50_ms": _round(ours_c1.p50_ms) if ours_c1 else None,
+        "litserve_p50_ms": _round(theirs_c1.p50_ms) if theirs_c1 else None,
+    }
+    saturation = {
+        "tokserve_rps": round(ours_sat.throughput_rps, 3),
+        "tokserve_concurrency": ours_sat.concurrency,
+        "tokserve_p99_over_p50": _round(ours_sat.p99_ms / ours_sat.p50_ms),
+        "litserve_rps": round(theirs_sat.throughput_rps, 3) if theirs_sat else None,
+        "litserve_concurrency": theirs_sat.concurrency if theirs_sat else None,
+        "litserve_p99_over_p50": _round(theirs_sat.p99_ms / theirs_sat.p50_ms)
+        if theirs_sat
+        else None,
+    }
+    faster_c1 = None
+    if c1["tokserve_p50_ms"] is not None and c1["litserve_p50_ms"] is not None:
+        faster_c1 = c1["tokserve_p50_ms"] < c1["litserve_p50_ms"]
+    more_rps = None if theirs_sat is None else ours_sat.throughput_rps > theirs_sat.throughput_rps
+    return {
+        "c1": c1,
+        "saturation": saturation,
+        "ahead": None if None in (faster_c1, more_rps) else bool(faster_c1 and more_rps),
+    }
+
+
 def _level_view(level: LevelStats, ceiling: Ceiling) -> dict[str, Any]:
     """A level's throughput against the ceiling, and what the server did meanwhile."""
     return {
@@ -169,6 +200,28 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_text(summary['p99_over_p50_at_saturation']['value'], '.2f')} "
             f"| {summary['server_errors_not_503']['value']} |"
         )
+    peers = {
+        op: e["summary"]["versus_litserve"]
+        for op, e in results["ops"].items()
+        if "versus_litserve" in e["summary"]
+    }
+    if peers:
+        lines += [
+            "",
+            "| operation | p50 c=1 ms: tokserve / LitServe | saturation req/s: tokserve / "
+            "LitServe | p99/p50 at sat.: tokserve / LitServe | tokserve ahead at both |",
+            "|---|---|---|---|---|",
+        ]
+        for op, peer in peers.items():
+            c1, sat = peer["c1"], peer["saturation"]
+            lines.append(
+                f"| {op} | {_text(c1['tokserve_p50_ms'], '.1f')} / "
+                f"{_text(c1['litserve_p50_ms'], '.1f')} "
+                f"| {sat['tokserve_rps']:.2f} (c={sat['tokserve_concurrency']}) / "
+                f"{_text(sat['litserve_rps'], '.2f')} (c={sat['litserve_concurrency']}) "
+                f"| {_text(sat['tokserve_p99_over_p50'], '.2f')} / "
+                f"{_text(sat['litserve_p99_over_p50'], '.2f')} | {peer['ahead']} |"
+            )
     lines += ["", "Notes:"]
     for op, entry in results["ops"].items():
         saturation = entry["summary"]["saturation"]

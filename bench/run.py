@@ -1,9 +1,12 @@
-"""``python -m bench.run``: ceiling, batched and unbatched service, cache; JSON + PNG + Markdown.
+"""``python -m bench.run``: ceiling, batched and unbatched service, cache, and the LitServe peer;
+JSON + PNG + Markdown.
 
 The run, in order: prepare inputs from real media; start the server (each model's own
 batching) and, per operation, measure the in-process ceiling while the server idles, then sweep
 the concurrency levels; run the cache scenario; start a second server with
-TOKSERVE_MAX_BATCH_SIZE=1 and do the same again. The results go to
+TOKSERVE_MAX_BATCH_SIZE=1 and do the same again; then serve the same models with LitServe
+(bench/peer.py: the project's loader, media code and runners, LitServe's batching at the same
+max batch size and wait) and sweep the same levels with the same inputs. The results go to
 <out-dir>/<date>-<host>.json (also printed on stdout), .png and .md; progress goes to stderr.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import math
@@ -30,9 +34,9 @@ from bench import machine
 from bench.ceiling import Ceiling, batch_sizes, best_of, measure_ceiling
 from bench.loadgen import LevelPlan
 from bench.plot import plot
-from bench.report import cache_summary, markdown, op_summary
+from bench.report import cache_summary, markdown, op_summary, versus_peer
 from bench.scenarios import PlanFor, Sweep, cache_scenario, sweep
-from bench.server import REPO_ROOT, serving
+from bench.server import REPO_ROOT, litserve_serving, serving
 from bench.workloads import (
     OPS,
     Workload,
@@ -110,6 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--note", default="", help="free text stored with the results")
+    parser.add_argument(
+        "--no-peer", action="store_true", help="skip the LitServe peer (bench/peer.py)"
+    )
     args = parser.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = set(args.ops) - set(SCENARIOS)
@@ -210,6 +217,7 @@ class Measurements:
     unbatched: dict[str, Sweep]
     cache: dict[str, Any] | None
     versions: dict[str, str]
+    peer: dict[str, Sweep]
 
 
 def measure(
@@ -235,7 +243,7 @@ def measure(
     workloads = {op: workloads[op] for op in ops}
     served = [m.name for m in (image_model, audio_model) if m is not None]
     plan = plan_for(args.duration_s, profile.min_samples)
-    result = Measurements(workloads, {}, {}, {}, None, {})
+    result = Measurements(workloads, {}, {}, {}, None, {}, {})
     with serving(args.model_dir, args.device, served) as url:
         result.versions = asyncio.run(served_versions(url))
         result.batched = measure_ops(
@@ -248,6 +256,13 @@ def measure(
             result.unbatched = measure_ops(
                 url, model_thread, workloads, result.ceilings, args.levels, plan, profile
             )
+    if workloads and not args.no_peer:
+        with litserve_serving(args.model_dir, args.device, served) as url:
+            for op, workload in workloads.items():
+                log.info("%s (LitServe): sweeping %s", url, op)
+                result.peer[op] = asyncio.run(
+                    sweep(url, workload.peer_calls, args.levels, plan, Settings().request_timeout_s)
+                )
     return result
 
 
@@ -276,6 +291,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "min_samples": f"max({profile.min_samples}, 2 x concurrency)",
             "request_deadline_s": Settings().request_timeout_s,
             "warm_up": "each worker's first answer is not measured",
+            "litserve": f"LitServe {litserve_version()} (bench/peer.py), the same models, "
+            "inputs as base64 in JSON, answers in msgpack; None: not run",
             "ceiling": "in-process on a dedicated model thread (as the Batcher runs it), measured "
             "before each server's sweep of the op while that server idles; per batch size the "
             "better of the two passes",
@@ -287,6 +304,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 measured.ceilings[op],
                 measured.batched[op],
                 measured.unbatched[op],
+                measured.peer.get(op),
             )
             for op, workload in measured.workloads.items()
         },
@@ -297,11 +315,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def op_entry(
-    workload: Workload, ceiling: Ceiling, batched: Sweep, unbatched: Sweep
+    workload: Workload, ceiling: Ceiling, batched: Sweep, unbatched: Sweep, peer: Sweep | None
 ) -> dict[str, Any]:
     """One operation's part of the results document."""
     model = workload.model
-    return {
+    entry = {
         "model": model.name,
         "input": workload.description,
         "serving": {
@@ -314,6 +332,18 @@ def op_entry(
         "unbatched": unbatched.to_json(),
         "summary": op_summary(ceiling, batched, unbatched),
     }
+    if peer is not None:
+        entry["litserve"] = peer.to_json()
+        entry["summary"]["versus_litserve"] = versus_peer(batched, peer)
+    return entry
+
+
+def litserve_version() -> str | None:
+    """The installed LitServe's version (the bench extra pins it), None without it."""
+    try:
+        return importlib.metadata.version("litserve")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _finite(value: Any) -> Any:

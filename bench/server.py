@@ -1,4 +1,5 @@
-"""The server under test: ``python -m app.cli serve`` as a child process on a free loopback port."""
+"""The servers under test as child processes on free loopback ports: tokserve
+(``python -m app.cli serve``) and its LitServe peer (``python -m bench.peer``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -82,16 +83,60 @@ def serving(
         yield url
 
 
+@contextmanager
+def litserve_serving(
+    model_dir: Path, device: str, models: list[str], ready_timeout_s: float = 300.0
+) -> Iterator[str]:
+    """The LitServe peer (bench/peer.py) over ``models`` on ``device``; yields its base URL
+    once its /health answers 200 (every worker has loaded its model). It runs in a process
+    group of its own, which is stopped whole on exit: LitServe's API servers and inference
+    workers are processes of their own that outlive a SIGTERM to the main one."""
+    port = free_port()
+    environment = {**os.environ, "TOKSERVE_DEVICE": device, "TOKSERVE_MODEL_DIR": str(model_dir)}
+    command = [sys.executable, "-m", "bench.peer", "--port", str(port)]
+    command += ["--model-dir", str(model_dir), "--models", ",".join(models)]
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(process, url, log, ready_timeout_s, "/health")
+            yield url
+        finally:
+            stop_group(process, 10)
+
+
+def stop_group(process: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM ``process``'s whole process group (it leads one), SIGKILL it past ``timeout_s``."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout_s)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def wait_ready(
-    process: subprocess.Popen[bytes], url: str, log: IO[bytes], timeout_s: float = 120.0
+    process: subprocess.Popen[bytes],
+    url: str,
+    log: IO[bytes],
+    timeout_s: float = 120.0,
+    path: str = "/readyz",
 ) -> None:
-    """Poll /readyz; a server that exits or stays unready fails with its log."""
+    """Poll ``path``; a server that exits or stays unready fails with its log."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -99,4 +144,4 @@ def wait_ready(
     log.seek(0)
     output = log.read().decode(errors="replace")[-4000:]
     state = f"exited with {process.returncode}" if process.poll() is not None else "is not ready"
-    raise RuntimeError(f"tokserve {state} after start:\n{output}")
+    raise RuntimeError(f"the server {state} after start:\n{output}")

@@ -3,7 +3,9 @@ bounds them, and the HTTP requests that exercise them."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from bench.media import audio_clips, image_file, photos, unique_copy, wav_file
 
 OPS = ("image_encode", "image_decode", "audio_encode", "audio_decode")
 MSGPACK = "application/msgpack"
+JSON = {"Content-Type": "application/json"}
 CLIP_S = 5.0
 
 
@@ -34,6 +37,7 @@ class Workload:
     run_batch: Callable[[list[Any]], list[Any]]
     items: list[Any]  # prepared model inputs, exactly what the server's batcher would get
     calls: CallFactory
+    peer_calls: CallFactory  # the same inputs as the LitServe peer (bench/peer.py) reads them
 
 
 def unique_uploads(path: str, blobs: list[bytes], content_type: str) -> CallFactory:
@@ -76,6 +80,40 @@ def unique_token_requests(
     return call
 
 
+def peer_uploads(path: str, blobs: list[bytes]) -> CallFactory:
+    """LitServe's form of ``bench.workloads.unique_uploads``: each file made unique by its
+    nonce, sent as base64 in JSON."""
+    nonces = itertools.count()
+
+    def call() -> Call:
+        nonce = next(nonces)
+        data = base64.b64encode(unique_copy(blobs[nonce % len(blobs)], nonce)).decode()
+        return Call(path, _json({"data": data}), JSON)
+
+    return call
+
+
+def peer_token_requests(path: str, token_arrays: list[np.ndarray], vocab_size: int) -> CallFactory:
+    """LitServe's form of ``bench.workloads.unique_token_requests``: the same nonce in the last
+    ids, the int32 ids base64 in JSON."""
+    nonces = itertools.count()
+
+    def call() -> Call:
+        nonce = next(nonces)
+        tokens = token_arrays[nonce % len(token_arrays)].astype("<i4")
+        flat = tokens.reshape(-1)
+        for position in range(1, min(3, flat.size) + 1):
+            nonce, flat[-position] = divmod(nonce, vocab_size)
+        body = {"shape": list(tokens.shape), "tokens": base64.b64encode(tokens.tobytes()).decode()}
+        return Call(path, _json(body), JSON)
+
+    return call
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def _encode_all(
     run_batch: Callable[[list[Any]], list[Any]], items: list[Any], batch: int
 ) -> list[Any]:
@@ -101,6 +139,7 @@ def image_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str,
             runner.encode_batch,
             pixels,
             unique_uploads(f"/v1/images/encode{query}", jpegs, "image/jpeg"),
+            peer_uploads("/v1/images/encode", jpegs),
         ),
         "image_decode": Workload(
             "image_decode",
@@ -110,6 +149,7 @@ def image_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str,
             runner.decode_batch,
             grids,
             unique_token_requests(f"/v1/images/decode{query}", model.name, grids, info.vocab_size),
+            peer_token_requests("/v1/images/decode", grids, info.vocab_size),
         ),
     }
 
@@ -132,6 +172,7 @@ def audio_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str,
             runner.encode_batch,
             waves,
             unique_uploads(f"/v1/audio/encode{query}", wavs, "audio/wav"),
+            peer_uploads("/v1/audio/encode", wavs),
         ),
         "audio_decode": Workload(
             "audio_decode",
@@ -141,6 +182,7 @@ def audio_workloads(model: LoadedModel, data_dir: Path, count: int) -> dict[str,
             runner.decode_batch,
             tokens,
             unique_token_requests(f"/v1/audio/decode{query}", model.name, tokens, info.vocab_size),
+            peer_token_requests("/v1/audio/decode", tokens, info.vocab_size),
         ),
     }
 

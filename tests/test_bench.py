@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgpack
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import soundfile as sf
 from PIL import Image
 
 from app.media import decode_audio, decode_image
+from app.registry import ModelRegistry
 from bench.ceiling import Ceiling
 from bench.latency import main as latency_main
 from bench.loadgen import LevelStats
@@ -22,6 +24,7 @@ from bench.media import image_file, unique_copy, wav_file
 from bench.report import op_summary
 from bench.run import main
 from bench.scenarios import Sweep
+from bench.server import litserve_serving
 from bench.soak import (
     HOSTILE,
     WELL_FORMED,
@@ -35,8 +38,8 @@ from bench.soak import (
     weighted_cycle,
 )
 from bench.soak import main as soak_main
-from bench.workloads import OPS
-from tests.support import png_bytes, wav_bytes
+from bench.workloads import OPS, audio_workloads, image_workloads
+from tests.support import png_bytes, settings_for, wav_bytes
 
 
 @pytest.fixture
@@ -98,6 +101,17 @@ def test_quick_run_writes_every_field_with_sane_values(
         assert summary["batched_over_unbatched"]["concurrency"] == 2
         assert summary["server_errors_not_503"] == {"value": 0, "target": "== 0", "met": True}
         assert summary["rejected_503"] == 0
+        # the LitServe peer: the same levels (the second one skipped, with its reason, where
+        # LitServe's first did not settle on a loaded machine), every answer a 200
+        peer = entry["litserve"]
+        measured = [level["concurrency"] for level in peer["levels"]]
+        assert measured + [s["concurrency"] for s in peer["skipped"]] == [1, 2], op
+        for level in entry["litserve"]["levels"]:
+            assert set(level["statuses"]) == {"200"} and level["requests"] > 0, op
+        versus = summary["versus_litserve"]
+        assert versus["c1"]["litserve_p50_ms"] > 0 and versus["saturation"]["litserve_rps"] > 0
+        assert versus["ahead"] in (True, False)
+    assert "| tokserve ahead at both |" in table
 
     cache = results["cache"]
     for level in cache["levels"].values():
@@ -105,6 +119,33 @@ def test_quick_run_writes_every_field_with_sane_values(
     assert 0 < cache["hit_p50_ms"] <= cache["hit_p99_ms"]
     assert cache["hit_throughput_rps"] > 0 and cache["miss_throughput_rps"] > 0
     assert cache["summary"]["hit_over_miss_throughput"]["value"] > 0
+
+
+def test_the_litserve_peer_answers_the_tokens_and_files_of_the_same_model(
+    repo: Path, data_dir: Path
+) -> None:
+    registry = ModelRegistry.load(settings_for(repo))
+    image = image_workloads(registry.models["tiny-image"], data_dir, 2)
+    audio = audio_workloads(registry.models["tiny-audio"], data_dir, 1)
+    with litserve_serving(repo, "cpu", ["tiny-image", "tiny-audio"]) as url:
+        for op, workload in (image | audio).items():
+            call = workload.peer_calls()
+            answer = httpx.post(
+                url + call.path, content=call.body, headers=call.headers, timeout=60
+            )
+            assert answer.status_code == 200, (op, answer.text)
+            body = answer.content
+            if op.endswith("encode"):
+                tokens = msgpack.unpackb(body)["tokens"]
+                expected = workload.run_batch(workload.items[:1])[0]
+                assert tokens["shape"] == list(expected.shape), op
+                # same loader, same media code, same runner: the same tokens
+                assert (
+                    np.frombuffer(tokens["data"], expected.dtype).tolist()
+                    == expected.reshape(-1).tolist()
+                ), op
+            else:
+                assert body[:4] in (b"\x89PNG", b"RIFF"), op
 
 
 def test_unique_copies_are_new_bytes_that_decode_to_the_same_media() -> None:
