@@ -928,6 +928,24 @@ async def test_a_retried_batch_waits_for_an_instance_it_has_not_failed_on(
     assert healthy.batches == [[0], [1]]
 
 
+async def test_a_retried_item_keeps_its_deadline_and_answers_504_if_it_passes_while_queued(
+    make_batcher: MakeBatcher,
+) -> None:
+    broken, healthy = BrokenInstance(), MatmulModel()
+    batcher = await make_batcher({"healthy": healthy, "broken": broken}, max_wait_ms=0)
+    blocker = await hold_worker(healthy, batcher)  # the healthy instance is busy ...
+    deadline = time.monotonic() + 0.1
+    retried = asyncio.create_task(batcher.submit(item(1), deadline=deadline))
+    await broken.wait_started()  # ... the broken one failed it, so it waits for the healthy one
+    with pytest.raises(DeadlineExceeded):
+        async with asyncio.timeout(2):  # answered at its deadline, not left waiting
+            await retried
+    assert time.monotonic() >= deadline
+    healthy.release.set()
+    await blocker
+    assert healthy.batches == [[0]]
+
+
 async def test_a_batch_failing_on_every_instance_answers_503_after_one_try_on_each(
     make_batcher: MakeBatcher,
 ) -> None:
@@ -1011,6 +1029,22 @@ async def test_warm_up_runs_on_each_instance_s_own_worker_thread(
     assert first.batches == [[1]] and second.batches == [[1]]
     assert first.threads == {f"{batcher.model}-encode-a_0"}
     assert second.threads == {f"{batcher.model}-encode-b_0"}
+
+
+async def test_stop_after_the_drain_timeout_fails_what_runs_beside_an_instance_that_finished(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second})
+    assert_each_answered(first, [item(1)], [await batcher.submit(item(1))])  # "a" is done ...
+    second.release.clear()
+    held = asyncio.create_task(batcher.submit(item(2)))  # ... while "b" computes at the timeout
+    await second.wait_started()
+    await batcher.stop(drain_timeout_s=0.05)
+    with pytest.raises(Overloaded):
+        await held
+    second.release.set()
+    assert first.batches == [[1]] and second.attempts == [1]
 
 
 def test_a_batcher_without_instances_is_refused() -> None:
