@@ -56,6 +56,9 @@ RESIZE_FILTER = _RESAMPLE_FILTER.name.lower()
 # Shrink by whole factors (box filter; JPEG DCT scaling) down to this multiple of the target
 # before the bicubic pass: much faster on large photos, visually the same.
 _REDUCING_GAP = 3.0
+# soxr's quality for audio at another rate, a whole file's (soxr.resample) and a live
+# stream's (soxr.ResampleStream, app/streaming.py) alike, so their samples are the same
+RESAMPLE_QUALITY = "HQ"
 # What Pillow raises on malformed files (UnidentifiedImageError is an OSError, caught first).
 _PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 _IMAGE_ENCODINGS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG", "jpg": "JPEG"}
@@ -413,7 +416,7 @@ def decode_audio(
         else:
             samples = np.repeat(samples, channels, axis=1)
     if source_rate != sample_rate:
-        samples = soxr.resample(samples, source_rate, sample_rate, quality="HQ")
+        samples = soxr.resample(samples, source_rate, sample_rate, quality=RESAMPLE_QUALITY)
         if len(samples) == 0:
             raise Unprocessable(
                 f"The audio is too short to resample from {source_rate} Hz to {sample_rate} Hz; "

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import soxr
 import torch
 
 from app.config import Settings
+from app.media import RESAMPLE_QUALITY
 from app.metrics import STREAM_CHUNK_LATENCY, STREAM_STEP_BATCH, STREAMS_DROPPED, STREAMS_OPEN
 from app.registry import LoadedModel
 from app.tokenizers.base import AudioInfo
@@ -89,6 +91,9 @@ class Stream:
     unsent_frames: int = 0
     dropped: StreamRefused | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
+    # encode audio sent at another rate: soxr's streaming resampler, whose output is the same
+    # whatever the chunks, so the stream's samples equal a whole file's resampled ones
+    resampler: soxr.ResampleStream | None = None
 
     def __post_init__(self) -> None:
         self.room.set()
@@ -104,10 +109,23 @@ class Stream:
         return self.pending_units / self.info.frame_rate
 
     def push(self, data: np.ndarray) -> None:
-        """Queue input: samples [C, T] float32 (encode) or tokens [k, n] int64 (decode). Input
-        after the end (a drain ends streams while their clients still send) is dropped."""
+        """Queue input: samples [C, T] float32 at the client's rate (encode) or tokens [k, n]
+        int64 (decode). Input after the end (a drain ends streams while their clients still
+        send) is dropped."""
         if self.dropped is not None or self.ended:
             return
+        if self.resampler is not None:
+            data = self._resample(data)
+        self._queue(data)
+
+    def _resample(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
+        """Samples [C, T] at the client's rate -> [C, T'] at the model's, as far as soxr can
+        tell yet (``last``: all it still holds)."""
+        assert self.resampler is not None
+        resampled = self.resampler.resample_chunk(np.ascontiguousarray(samples.T), last=last)
+        return np.ascontiguousarray(resampled.T)
+
+    def _queue(self, data: np.ndarray) -> None:
         self.pending.append(data)
         self.pending_units += data.shape[-1]
         self.last_arrival = time.monotonic()
@@ -120,6 +138,8 @@ class Stream:
         outbox ends."""
         self.going_away = self.going_away or going_away
         if not self.ended:
+            if self.resampler is not None and self.dropped is None:
+                self._queue(self._resample(np.zeros((self.info.channels, 0), np.float32), True))
             self.ended = True
             self.hub.wake.set()
 
@@ -190,8 +210,14 @@ class StreamHub:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def open(self, key: str, codebooks: int) -> Stream:
+    def open(self, key: str, codebooks: int, sample_rate: int) -> Stream:
+        """A new stream; encoding, its audio comes at ``sample_rate`` Hz (resampled to the
+        model's as it comes, as a whole file is)."""
         stream = Stream(self, key, codebooks)
+        if self.direction == "encode" and sample_rate != self.info.sample_rate:
+            stream.resampler = soxr.ResampleStream(
+                sample_rate, self.info.sample_rate, self.info.channels, "float32", RESAMPLE_QUALITY
+            )
         self.streams.add(stream)
         STREAMS_OPEN.labels(self.name, self.direction).inc()
         return stream
@@ -201,6 +227,7 @@ class StreamHub:
             self.streams.discard(stream)
             STREAMS_OPEN.labels(self.name, self.direction).dec()
             stream.drop(StreamRefused(CLOSE_DONE, "Closed", "The stream is closed."), counted=False)
+        stream.resampler = None  # soxr's buffers go with the connection
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -326,7 +353,9 @@ class Streams:
             if key is None or stream.key == key
         )
 
-    def open(self, model: str, direction: Direction, key: str, codebooks: int) -> Stream:
+    def open(
+        self, model: str, direction: Direction, key: str, codebooks: int, sample_rate: int
+    ) -> Stream:
         """A new stream, or StreamRefused when draining or over a limit."""
         if self.draining:
             raise StreamRefused(
@@ -350,7 +379,7 @@ class Streams:
                 f"This API key already has {per_key} open streams "
                 "(TOKSERVE_STREAM_MAX_STREAMS_PER_KEY); close one first.",
             )
-        return self.hubs[(model, direction)].open(key, codebooks)
+        return self.hubs[(model, direction)].open(key, codebooks, sample_rate)
 
     def end_all(self) -> None:
         """Drain: no new streams; every open one ends as if its client had sent the end."""

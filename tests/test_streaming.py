@@ -33,6 +33,7 @@ from app.config import Settings
 from app.drain import GracefulServer
 from app.main import create_app
 from app.media import decode_audio
+from app.streaming import StreamHub
 from app.tokenizers.causal import CausalStepper, StreamState
 from bench.server import free_port, server_process
 from tests.support import (
@@ -90,25 +91,27 @@ def live(repo: Path) -> Iterator[Live]:
         yield server
 
 
-def speech(path: Path, seconds: float | None = None) -> np.ndarray:
-    """Real speech at the tiny models' rate as 16-bit PCM samples [T]."""
-    wave = decode_audio(path.read_bytes(), SAMPLE_RATE)[0][0].numpy()
+def speech(path: Path, seconds: float | None = None, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Real speech at ``rate`` (the tiny models' by default) as 16-bit PCM samples [T]."""
+    wave = decode_audio(path.read_bytes(), rate)[0][0].numpy()
     if seconds is not None:
-        wave = wave[: int(seconds * SAMPLE_RATE)]
+        wave = wave[: int(seconds * rate)]
     return np.clip(np.round(wave * 32767), -32768, 32767).astype(np.int16)
 
 
-def wav(samples: np.ndarray) -> bytes:
+def wav(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     buffer = io.BytesIO()
-    sf.write(buffer, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    sf.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
 
 
-async def whole_encode(live: Live, model: str, samples: np.ndarray, **params: Any) -> np.ndarray:
-    """The non-streaming encode of the same samples, POSTed as a WAV."""
+async def whole_encode(
+    live: Live, model: str, samples: np.ndarray, rate: int = SAMPLE_RATE, **params: Any
+) -> np.ndarray:
+    """The non-streaming encode of the same samples, POSTed as a WAV at ``rate``."""
     async with httpx.AsyncClient(base_url=live.url, timeout=60) as http:
         answer = await http.post(
-            "/v1/audio/encode", params={"model": model, **params}, content=wav(samples)
+            "/v1/audio/encode", params={"model": model, **params}, content=wav(samples, rate)
         )
     assert answer.status_code == 200, answer.text
     return np.array(answer.json()["items"][0]["tokens"])
@@ -214,6 +217,47 @@ async def test_streamed_tokens_equal_the_whole_clip_encode_whatever_the_chunks(
     assert (
         received.first_frames == list(np.cumsum([0] + [t.shape[1] for t in received.tokens]))[:-1]
     )
+
+
+def test_a_streams_resampled_samples_are_bit_for_bit_a_whole_files(repo: Path) -> None:
+    """What a stream at another rate queues for the model, however the audio is cut (one
+    sample at a time included), is exactly what a whole-file encode of it resamples to."""
+    from app.registry import ModelRegistry
+
+    settings = settings_for(repo, models=["mimi"])
+    model = ModelRegistry.load(settings).models["mimi"]
+    hub = StreamHub(model, model.tokenizer.stepper(), "encode", settings)  # type: ignore[attr-defined]
+    for rate in (16000, 22050, 48000):
+        samples = speech(SHORT_CLIP, seconds=1.5, rate=rate)
+        expected = decode_audio(wav(samples, rate), SAMPLE_RATE)[0].numpy()
+        for sizes in ([1], [317], [1001, 5, 2900], [10**6]):
+            stream = hub.open("", 4, rate)
+            for chunk in chunked(samples, sizes):
+                stream.push(chunk[None].astype(np.float32) / 32768)
+            stream.end()
+            queued = np.concatenate(stream.pending, axis=-1)
+            assert queued.dtype == expected.dtype and queued.shape == expected.shape
+            assert np.array_equal(queued, expected), (rate, sizes)
+            hub.close(stream)
+
+
+@pytest.mark.parametrize(
+    ("model", "rate"), [("mimi", 16000), ("mimi", 48000), ("mimi", 22050), ("encodec", 48000)]
+)
+@pytest.mark.parametrize("sizes", [[317], [1001, 5, 2900], [10**6]], ids=["317", "mixed", "whole"])
+async def test_audio_at_another_rate_is_resampled_to_the_whole_file_encodes_tokens(
+    live: Live, model: str, rate: int, sizes: list[int]
+) -> None:
+    """soxr's streaming resampler gives a whole file's resampled samples whatever the chunks
+    (its flush at END included), so the tokens are those of the file at the same rate."""
+    samples = speech(LONG_CLIP, rate=rate)
+    expected = await whole_encode(live, model, samples, rate)
+    pcm = (chunk.tobytes() for chunk in chunked(samples, sizes))
+    received = await stream_encode(live, model, pcm, sample_rate=rate)
+    assert received.close_code == 1000, received.error
+    assert (received.ready["sample_rate"], received.ready["input_sample_rate"]) == (8000, rate)
+    assert received.all_tokens().tolist() == expected.tolist()
+    assert received.end_frames == expected.shape[1]
 
 
 @pytest.mark.parametrize("model", ["encodec", "mimi"])
@@ -363,7 +407,8 @@ async def test_a_model_that_is_not_causal_is_refused_naming_the_streaming_models
     [
         ("encode?model=nope", [], 4404, "No audio model 'nope' is loaded"),
         ("encode?model=mimi&encoding=mp3", [], 4415, "it takes pcm_s16le, pcm_f32le"),
-        ("encode?model=mimi&sample_rate=16000", [], 4422, "streams audio at 8000 Hz"),
+        ("encode?model=mimi&sample_rate=4000", [], 4422, "below the 8000 Hz accepted"),
+        ("decode?model=mimi&sample_rate=16000", [], 4422, "decodes streams to audio at 8000 Hz"),
         ("encode?model=mimi&codebooks=9", [], 4422, "codebooks=9 must be 1 to 4"),
         ("encode?model=mimi", [b"\x07abc"], 4400, "Message type 0x07 is not one of"),
         ("encode?model=mimi", [b"\x01abc"], 4400, "not whole samples of 1 channel(s)"),

@@ -63,6 +63,7 @@ class StreamOptions:
     codebooks: int
     encoding: str
     channels: int  # of the client's PCM
+    sample_rate: int  # of the client's PCM (encode; decode answers at the model's)
     protocol: Literal["binary", "json"]
 
 
@@ -89,7 +90,9 @@ async def serve_stream(websocket: WebSocket, direction: Direction) -> None:
     try:
         key = check_key(websocket, engine)
         options = parse_options(websocket, engine, direction)
-        stream = engine.streams.open(options.model, direction, key, options.codebooks)
+        stream = engine.streams.open(
+            options.model, direction, key, options.codebooks, options.sample_rate
+        )
     except StreamRefused as refusal:
         await send_refusal(websocket, refusal, protocol)
         return
@@ -174,12 +177,21 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
             f"{', '.join(ENCODINGS)} (interleaved little-endian PCM).",
         )
     rate = _int_option(query.get("sample_rate"), info.sample_rate, "sample_rate")
-    if rate != info.sample_rate:
+    lowest = engine.settings.min_audio_sample_rate
+    if direction == "decode" and rate != info.sample_rate:
         raise StreamRefused(
             4422,
             "Bad sample rate",
-            f"Model {model} streams audio at {info.sample_rate} Hz; sample_rate={rate} is not "
-            f"accepted. Send (and read) PCM at {info.sample_rate} Hz.",
+            f"Model {model} decodes streams to audio at {info.sample_rate} Hz; sample_rate={rate} "
+            f"is not accepted. Leave sample_rate out or send {info.sample_rate}.",
+        )
+    if rate != info.sample_rate and rate < lowest:
+        raise StreamRefused(
+            4422,
+            "Bad sample rate",
+            f"sample_rate={rate} is below the {lowest} Hz accepted "
+            f"(TOKSERVE_MIN_AUDIO_SAMPLE_RATE); declare the audio's real rate (model {model} "
+            f"takes {info.sample_rate} Hz; other rates are resampled).",
         )
     channels = _int_option(query.get("channels"), info.channels, "channels")
     if channels not in (1, info.channels) and info.channels != 1:
@@ -192,7 +204,7 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
     if direction == "decode":
         channels = info.channels
     protocol: Literal["binary", "json"] = "json" if query.get("protocol") == "json" else "binary"
-    return StreamOptions(model, codebooks, encoding, channels, protocol)
+    return StreamOptions(model, codebooks, encoding, channels, rate, protocol)
 
 
 def _int_option(value: str | None, default: int, name: str) -> int:
@@ -215,6 +227,7 @@ def ready_body(stream: Stream, options: StreamOptions) -> dict[str, Any]:
         "version": hub.model.version,
         "op": hub.direction,
         "sample_rate": info.sample_rate,
+        "input_sample_rate": options.sample_rate,
         "channels": options.channels,
         "hop_length": info.hop_length,
         "frame_rate": info.frame_rate,
