@@ -55,12 +55,12 @@ def speech_pcm() -> np.ndarray:
     return np.round(np.clip(signal, -1, 1) * 32767).astype(np.int16)
 
 
-def wav_bytes(samples: np.ndarray) -> bytes:
+def wav_bytes(samples: np.ndarray, rate: int = RATE) -> bytes:
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
-        out.setframerate(RATE)
+        out.setframerate(rate)
         out.writeframes(samples.tobytes())
     return buffer.getvalue()
 
@@ -77,6 +77,20 @@ async def test_stream_encode_gives_the_tokens_of_the_whole_clip(url: str) -> Non
     assert stream.ready["frame_rate"] == RATE / HOP
     assert np.concatenate(frames, axis=1).tolist() == whole.tokens.tolist()
     assert stream.frames == whole.shape[1]
+
+
+async def test_audio_at_another_rate_gives_the_tokens_of_the_file_at_that_rate(url: str) -> None:
+    samples = speech_pcm()  # sent as 16 kHz audio: twice the codec's rate
+    async with AsyncClient(url) as tok:
+        (whole,) = await tok.encode_audio([wav_bytes(samples, 2 * RATE)], model="encodec")
+        async with tok.stream_encode(model="encodec", sample_rate=2 * RATE) as stream:
+            for start in range(0, samples.size, 999):
+                await stream.send_audio(samples[start : start + 999])
+            await stream.end()
+            frames = [tokens async for tokens in stream]
+    assert stream.ready["input_sample_rate"] == 2 * RATE
+    assert np.concatenate(frames, axis=1).tolist() == whole.tokens.tolist()
+    assert stream.frames == whole.shape[1] == samples.size // 2 // HOP + 1
 
 
 async def test_stream_decode_gives_audio_of_hop_samples_per_frame(url: str) -> None:

@@ -111,13 +111,14 @@ class AsyncClient(wire.Calls):
         codebooks: int | None = None,
         encoding: str = "pcm_s16le",
         channels: int | None = None,
+        sample_rate: int | None = None,
     ) -> live.StreamOpening:
-        """``async with`` a live encode stream of a causal model: send audio at the model's
-        rate as it comes, iterate token frames [codebooks, n] as they complete."""
+        """``async with`` a live encode stream of a causal model: send audio as it comes (at
+        ``sample_rate``, the model's by default; the server resamples another), iterate token
+        frames [codebooks, n] as they complete."""
         options = {"model": model, "codebooks": codebooks, "encoding": encoding}
-        return live.open_stream(
-            self.base_url, self.api_key, "encode", {**options, "channels": channels}
-        )
+        extra = {"channels": channels, "sample_rate": sample_rate}
+        return live.open_stream(self.base_url, self.api_key, "encode", {**options, **extra})
 
     def stream_decode(
         self, model: str | None = None, codebooks: int | None = None, encoding: str = "pcm_s16le"
