@@ -494,6 +494,10 @@ def _read_libsndfile(data: bytes, limits: _AudioLimits) -> tuple[np.ndarray, int
             )
             # libsndfile cannot seek in GSM 6.10 or G.721 audio: read() then needs the length
             frames = -1 if sound.seekable() else declared_frames
+            if sound.seekable():
+                # an Ogg Opus file read from the open drops neither its pre-skip nor its end;
+                # read after a seek to its first sample it drops both (RFC 7845, 4.2)
+                sound.seek(0)
             samples = sound.read(frames, dtype="float32", always_2d=True)  # [T, C]
     except sf.LibsndfileError as exc:
         raise UnsupportedMedia(
