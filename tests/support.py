@@ -143,6 +143,22 @@ def noisy_wav(samples: int, seed: int, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
+def live_ogg_opus(samples: np.ndarray) -> bytes:
+    """Mono 48 kHz samples [T] as Ogg Opus, encoded by FFmpeg (PyAV) 20 ms at a time as a live
+    recorder does; its first audio page's granule position says the audio starts 312 samples
+    (its pre-skip) in."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="ogg") as out:
+        track = out.add_stream("libopus", rate=48000, layout="mono")
+        for start in range(0, len(samples), 960):
+            chunk = np.ascontiguousarray(samples[None, start : start + 960], np.float32)
+            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+            frame.sample_rate = 48000
+            out.mux(track.encode(frame))
+        out.mux(track.encode(None))
+    return buffer.getvalue()
+
+
 def ffmpeg_audio(
     samples: np.ndarray,
     sample_rate: int,

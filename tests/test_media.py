@@ -31,7 +31,7 @@ from app.media import (
     parse_base64,
 )
 from app.runner import to_rgb8
-from tests.support import LONG_CLIP, SHARED_DATA, ffmpeg_audio
+from tests.support import LONG_CLIP, SHARED_DATA, ffmpeg_audio, live_ogg_opus
 
 PHOTO = sorted((SHARED_DATA / "images").glob("*.jpg"))[0]
 SPEECH = sorted((SHARED_DATA / "audio" / "speech").glob("*.ogg"))[0]
@@ -616,22 +616,6 @@ def test_each_audio_format_decodes_with_its_pitch_and_duration(
     assert wave.shape[0] == 1 and wave.dtype == torch.float32
     assert abs(info.duration_s - 1.0) < 0.1 and abs(wave.shape[1] - 16000) < 1600
     assert abs(peak_hz(wave[0], 16000) - 440.0) < 3.0
-
-
-def live_ogg_opus(samples: np.ndarray) -> bytes:
-    """Mono 48 kHz samples [T] as Ogg Opus, encoded by FFmpeg (PyAV) 20 ms at a time as a live
-    recorder does; its first audio page's granule position says the audio starts 312 samples
-    (its pre-skip) in."""
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="ogg") as out:
-        track = out.add_stream("libopus", rate=48000, layout="mono")
-        for start in range(0, len(samples), 960):
-            chunk = np.ascontiguousarray(samples[None, start : start + 960], np.float32)
-            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
-            frame.sample_rate = 48000
-            out.mux(track.encode(frame))
-        out.mux(track.encode(None))
-    return buffer.getvalue()
 
 
 def test_an_ogg_opus_file_starting_past_granule_0_decodes_in_time() -> None:

@@ -19,11 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import av
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from app.api.deps import given_key, is_valid_key
 from app.engine import Engine
+from app.ogg_opus import OPUS_RATE, OggOpusReader
 from app.streaming import (
     CLOSE_DONE,
     CLOSE_GOING_AWAY,
@@ -40,6 +42,7 @@ router = APIRouter(prefix="/v1/audio/stream", tags=["streams"])
 SUBPROTOCOL = "tokserve.v1"
 KEY_PREFIX = "key."  # a browser cannot set headers: it offers its key as a subprotocol
 ENCODINGS: dict[str, np.dtype[Any]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+OGG_OPUS = "ogg_opus"  # encode only: an Ogg Opus file's bytes, decoded as they come
 TOKENS_HEADER = struct.Struct("<IHH")  # first frame, rows, frames
 END_BODY = struct.Struct("<I")  # frames in all
 REFUSAL_TIMEOUT_S = 5.0
@@ -133,6 +136,7 @@ def check_key(websocket: WebSocket, engine: Engine) -> str:
 def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) -> StreamOptions:
     """The query string's model, codebooks, encoding, sample_rate and channels, checked."""
     query = websocket.query_params
+    protocol: Literal["binary", "json"] = "json" if query.get("protocol") == "json" else "binary"
     streaming = engine.streams.streaming_models()
     names = ", ".join(streaming) or "none"
     model = query.get("model") or (streaming[0] if streaming else "")
@@ -169,13 +173,27 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
             f"{info.codebooks}.",
         )
     encoding = query.get("encoding", "pcm_s16le")
-    if encoding not in ENCODINGS:
+    if encoding not in ENCODINGS and not (encoding == OGG_OPUS and direction == "encode"):
         raise StreamRefused(
             4415,
             "Unknown encoding",
             f"encoding={encoding!r} is not one this server speaks; it takes "
-            f"{', '.join(ENCODINGS)} (interleaved little-endian PCM).",
+            f"{', '.join(ENCODINGS)} (interleaved little-endian PCM)"
+            + (
+                f", or {OGG_OPUS} (an Ogg Opus file's bytes) to encode."
+                if direction == "encode"
+                else "."
+            ),
         )
+    if encoding == OGG_OPUS:
+        if "sample_rate" in query or "channels" in query:
+            raise StreamRefused(
+                4422,
+                "Ogg Opus says its own format",
+                f"encoding={OGG_OPUS} takes its channels from the stream's OpusHead and decodes at "
+                f"{OPUS_RATE} Hz; leave sample_rate and channels out.",
+            )
+        return StreamOptions(model, codebooks, encoding, info.channels, OPUS_RATE, protocol)
     rate = _int_option(query.get("sample_rate"), info.sample_rate, "sample_rate")
     lowest = engine.settings.min_audio_sample_rate
     if direction == "decode" and rate != info.sample_rate:
@@ -203,7 +221,6 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
         )
     if direction == "decode":
         channels = info.channels
-    protocol: Literal["binary", "json"] = "json" if query.get("protocol") == "json" else "binary"
     return StreamOptions(model, codebooks, encoding, channels, rate, protocol)
 
 
@@ -244,6 +261,7 @@ async def read_input(websocket: WebSocket, stream: Stream, options: StreamOption
     malformed one ends the stream with its refusal."""
     limit = stream.hub.settings.stream_max_message_bytes
     idle_s = stream.hub.settings.stream_idle_timeout_s
+    ogg = OggOpusReader() if options.encoding == OGG_OPUS else None
     try:
         while not stream.ended and stream.dropped is None:
             await stream.room.wait()
@@ -262,6 +280,8 @@ async def read_input(websocket: WebSocket, stream: Stream, options: StreamOption
             kind, body = parse_message(message, options.protocol, limit)
             if kind == MessageType.END:
                 stream.end()
+            elif kind == MessageType.AUDIO and ogg is not None:
+                stream.push(mixed(ogg_samples(ogg, audio_bytes(body)), stream.info.channels))
             elif kind == MessageType.AUDIO and stream.hub.direction == "encode":
                 stream.push(audio_samples(body, options, stream))
             elif kind == MessageType.TOKENS and stream.hub.direction == "decode":
@@ -324,13 +344,7 @@ def parse_message(
 def audio_samples(body: Any, options: StreamOptions, stream: Stream) -> np.ndarray:
     """An AUDIO body (PCM bytes, or JSON with base64 "data") -> samples [C, T] float32 in the
     model's channels, mixed as a whole-file encode mixes them."""
-    if isinstance(body, dict):
-        try:
-            body = base64.b64decode(str(body["data"]), validate=True)
-        except (KeyError, binascii.Error):
-            raise StreamRefused(
-                4400, "Bad audio message", 'An audio message carries "data": base64 PCM.'
-            ) from None
+    body = audio_bytes(body)
     dtype = ENCODINGS[options.encoding]
     width = dtype.itemsize * options.channels
     if len(body) % width:
@@ -347,8 +361,35 @@ def audio_samples(body: Any, options: StreamOptions, stream: Stream) -> np.ndarr
         raise StreamRefused(
             4422, "Bad samples", "The audio holds NaN or infinite samples; send finite ones."
         )
-    model_channels = stream.info.channels
-    if options.channels != model_channels:
+    return mixed(samples, stream.info.channels)
+
+
+def audio_bytes(body: Any) -> bytes:
+    """An AUDIO body's bytes: binary as sent, JSON's base64 "data" decoded."""
+    if not isinstance(body, dict):
+        return bytes(body)
+    try:
+        return base64.b64decode(str(body["data"]), validate=True)
+    except (KeyError, binascii.Error):
+        raise StreamRefused(
+            4400, "Bad audio message", 'An audio message carries "data": base64 audio bytes.'
+        ) from None
+
+
+def ogg_samples(reader: OggOpusReader, data: bytes) -> np.ndarray:
+    """The samples [T, C] that the next bytes of an Ogg Opus stream complete."""
+    try:
+        return reader.feed(data)
+    except (av.FFmpegError, ValueError) as exc:
+        raise StreamRefused(
+            4415, "Bad Opus packet", f"libopus could not decode a packet of the stream: {exc}."
+        ) from None
+
+
+def mixed(samples: np.ndarray, model_channels: int) -> np.ndarray:
+    """Samples [T, C] -> [model_channels, T] float32, mixed as a whole-file encode mixes them:
+    averaged to mono, or mono repeated."""
+    if samples.shape[1] != model_channels:
         if model_channels == 1:
             samples = samples.mean(axis=1, keepdims=True)
         else:

@@ -1,0 +1,158 @@
+"""Ogg Opus (RFC 7845) read as it arrives, for encode streams sent as an .opus file's bytes.
+
+Pages are parsed by hand (a 27-byte header, a segment table, the segments; a packet ends at a
+segment shorter than 255 bytes and may span pages) and each packet is decoded by libopus
+through PyAV's codec context, at 48 kHz (FFmpeg's libopus decoder always decodes at 48 kHz;
+it drops the OpusHead's pre-skip itself). Samples are released only up to the last page's
+granule position, which trims the end as a file's reader does (RFC 7845, 4.4 and 4.5).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import av
+import numpy as np
+
+from app.streaming import StreamRefused
+
+OPUS_RATE = 48000  # of the decoded samples, the granule positions and the pre-skip
+# capture, version, type, granule, serial, sequence, CRC, segments
+_PAGE = struct.Struct("<4sBBqIIIB")
+_HEAD = struct.Struct("<8sBBHIhB")  # "OpusHead", version, channels, pre-skip, rate, gain, family
+_NO_GRANULE = -1  # a page on which no packet ends
+_MAX_PACKET_BYTES = 1 << 16  # an Opus packet is at most 120 ms: a few KiB
+_MAX_HELD = 2 * OPUS_RATE  # decoded samples a page's granule position may leave unreleased
+_FRAME_MS = (10, 20, 40, 60) * 3 + (10, 20) * 2 + (2.5, 5, 10, 20) * 4  # by TOC config
+
+
+def _not_opus(detail: str) -> StreamRefused:
+    return StreamRefused(
+        4415,
+        "Not Ogg Opus",
+        f"{detail}; encoding=ogg_opus takes the bytes of an Ogg Opus file (RFC 7845), in order.",
+    )
+
+
+def packet_samples(packet: bytes) -> int:
+    """An Opus packet's duration in 48 kHz samples, from its TOC byte (RFC 6716, 3.1)."""
+    if not packet:
+        return 0
+    toc = packet[0]
+    per_frame = int(_FRAME_MS[toc >> 3] * 48)
+    count = toc & 3
+    frames = 1 if count == 0 else 2 if count < 3 else (packet[1] & 0x3F if len(packet) > 1 else 0)
+    return per_frame * frames
+
+
+class OggOpusReader:
+    """Bytes of one Ogg Opus stream in, in any chunks; samples [T, channels] float32 at 48 kHz
+    out as soon as they are decoded and known to be the stream's."""
+
+    def __init__(self) -> None:
+        self.channels = 0  # known once OpusHead is read
+        self._buffer = bytearray()
+        self._packet = bytearray()
+        self._serial: int | None = None
+        self._headers = 0  # OpusHead and OpusTags read
+        self._pre_skip = 0
+        self._context: av.AudioCodecContext | None = None
+        self._held: list[np.ndarray] = []  # decoded, beyond the last granule so far
+        self._decoded = 0  # samples decoded (after pre-skip)
+        self._released = 0
+        self._limit = 0  # samples the last granule position says the stream holds
+        self._start: int | None = None  # the first audio page's starting granule
+        self._page_samples = 0  # 48 kHz samples of the packets ended on the current page
+
+    def feed(self, data: bytes) -> np.ndarray:
+        """Take the next bytes; the samples they complete (possibly none)."""
+        self._buffer += data
+        while len(self._buffer) >= _PAGE.size:
+            capture, version, _, granule, serial, _, _, segments = _PAGE.unpack_from(self._buffer)
+            if capture != b"OggS" or version != 0:
+                raise _not_opus("The bytes are not an Ogg page (no 'OggS' version 0 header)")
+            lacing_end = _PAGE.size + segments
+            if len(self._buffer) < lacing_end:
+                break
+            lacing = self._buffer[_PAGE.size : lacing_end]
+            end = lacing_end + sum(lacing)
+            if len(self._buffer) < end:
+                break
+            if self._serial is None:
+                self._serial = serial
+            elif serial != self._serial:
+                raise _not_opus("The Ogg stream holds a second logical stream (a chained file)")
+            self._page(bytes(self._buffer[lacing_end:end]), bytes(lacing), granule)
+            del self._buffer[:end]
+        return self._release()
+
+    def _page(self, body: bytes, lacing: bytes, granule: int) -> None:
+        """One page's segments into packets; the packets that end here decoded."""
+        offset = 0
+        self._page_samples = 0
+        for size in lacing:
+            self._packet += body[offset : offset + size]
+            offset += size
+            if len(self._packet) > _MAX_PACKET_BYTES:
+                raise _not_opus(f"A packet runs past {_MAX_PACKET_BYTES} bytes")
+            if size < 255:
+                self._take(bytes(self._packet))
+                self._packet.clear()
+        if granule != _NO_GRANULE and self._headers == 2 and self._page_samples:
+            if self._start is None:
+                self._start = max(granule - self._page_samples, 0)
+            self._limit = granule - self._start - self._pre_skip
+
+    def _take(self, packet: bytes) -> None:
+        if self._headers == 0:
+            self._head(packet)
+        elif self._headers == 1:
+            if not packet.startswith(b"OpusTags"):
+                raise _not_opus("The second packet is not OpusTags")
+            self._headers = 2
+        else:
+            assert self._context is not None
+            self._page_samples += packet_samples(packet)
+            for frame in self._context.decode(av.Packet(packet)):
+                samples = frame.to_ndarray().reshape(-1, self.channels)
+                self._held.append(samples)
+                self._decoded += len(samples)
+
+    def _head(self, packet: bytes) -> None:
+        """OpusHead: channels and pre-skip; the decoder opened."""
+        if len(packet) < _HEAD.size or not packet.startswith(b"OpusHead"):
+            raise _not_opus("The first packet is not OpusHead")
+        _, version, channels, pre_skip, _, _, family = _HEAD.unpack_from(packet)
+        if version >> 4:
+            raise _not_opus(f"OpusHead version {version} is not 0.x")
+        if family != 0 or not 1 <= channels <= 2:
+            raise StreamRefused(
+                4422,
+                "Opus channels",
+                f"The Opus stream has {channels} channels in mapping family {family}; mono or "
+                "stereo (family 0) is accepted.",
+            )
+        self.channels = channels
+        self._pre_skip = pre_skip
+        context = av.CodecContext.create("libopus", "r")
+        assert isinstance(context, av.AudioCodecContext)
+        context.sample_rate = OPUS_RATE
+        context.layout = "stereo" if channels == 2 else "mono"
+        context.extradata = packet
+        context.options = {"request_sample_fmt": "flt"}  # packed float: [T * channels]
+        self._context = context
+        self._headers = 1
+
+    def _release(self) -> np.ndarray:
+        """The held samples up to the last granule seen."""
+        upto = min(self._decoded, self._limit)
+        if self._decoded - max(upto, self._released) > _MAX_HELD:
+            raise _not_opus("Its granule positions fall more than 2 s behind its packets")
+        count = upto - self._released
+        if count <= 0 or not self._held:
+            return np.zeros((0, max(self.channels, 1)), np.float32)
+        held = np.concatenate(self._held) if len(self._held) > 1 else self._held[0]
+        out, rest = held[:count], held[count:]
+        self._held = [rest] if len(rest) else []
+        self._released = upto
+        return np.ascontiguousarray(out, dtype=np.float32)
