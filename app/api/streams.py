@@ -281,7 +281,9 @@ async def read_input(websocket: WebSocket, stream: Stream, options: StreamOption
             if kind == MessageType.END:
                 stream.end()
             elif kind == MessageType.AUDIO and ogg is not None:
-                stream.push(mixed(ogg_samples(ogg, audio_bytes(body)), stream.info.channels))
+                # off the event loop: a 1 MiB message of Opus is minutes of audio to decode
+                samples = await asyncio.to_thread(ogg_samples, ogg, audio_bytes(body))
+                stream.push(mixed(samples, stream.info.channels))
             elif kind == MessageType.AUDIO and stream.hub.direction == "encode":
                 stream.push(audio_samples(body, options, stream))
             elif kind == MessageType.TOKENS and stream.hub.direction == "decode":
