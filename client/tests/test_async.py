@@ -17,7 +17,7 @@ from harness import (
     noise_png,
     unique,
 )
-from tokserve_client import AsyncClient, Encoded, ItemError, ItemsFailed, TokserveError
+from tokserve_client import AsyncClient, Client, Encoded, ItemError, ItemsFailed, TokserveError
 
 
 async def test_async_encode_images_gives_grids_that_decode_to_a_png(url: str) -> None:
@@ -79,3 +79,11 @@ async def test_async_request_that_fails_as_a_whole_raises_the_problem_detail(url
         with pytest.raises(TokserveError) as raised:
             await tok.decode_audio(np.full((8, 10), 5000))
     assert raised.value.status == 422 and "0 to 1023" in raised.value.detail
+
+
+async def test_async_encode_with_report_gives_what_sync_gives(url: str) -> None:
+    async with AsyncClient(url) as tok:
+        (clip,) = await tok.encode_audio([SPEECH], codebooks=4, report=True)
+    with Client(url) as sync:
+        (again,) = sync.encode_audio([SPEECH], codebooks=4, report=True)
+    assert clip.figures["quality"] == again.figures["quality"]

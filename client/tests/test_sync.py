@@ -149,3 +149,15 @@ def test_an_unknown_model_raises_404_naming_the_loaded_ones(tok: Client) -> None
         tok.encode_images([PHOTO], model="no-such-model")
     assert raised.value.status == 404 and not isinstance(raised.value, ItemsFailed)
     assert "image-fsq-256" in raised.value.detail
+
+
+def test_encode_with_report_gives_each_items_quality_as_the_server_measured_it(
+    tok: Client,
+) -> None:
+    (photo,) = tok.encode_images([PHOTO], report=True)
+    (plain,) = tok.encode_images([PHOTO])
+    (clip,) = tok.encode_audio([SPEECH], codebooks=4, report=True)
+    assert set(photo.figures["quality"]) == {"psnr_db", "ssim"}
+    assert photo.figures["quality"]["psnr_db"] > 20 and 0 < photo.figures["quality"]["ssim"] <= 1
+    assert "quality" not in plain.figures
+    assert set(clip.figures["quality"]) == {"snr_db", "mel_distance"}

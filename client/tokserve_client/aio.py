@@ -59,17 +59,31 @@ class AsyncClient(wire.Calls):
         return self._limits
 
     async def encode_images(
-        self, images: list[bytes], model: str | None = None, resize: str = "crop"
+        self,
+        images: list[bytes],
+        model: str | None = None,
+        resize: str = "crop",
+        report: bool = False,
     ) -> list[Encoded]:
-        """Image files -> one Encoded per image, tokens [h, w]; ItemsFailed if any failed."""
-        return await self._encode("/v1/images/encode", images, model=model, resize=resize)
+        """Image files -> one Encoded per image, tokens [h, w]; ItemsFailed if any failed. With
+        ``report``, each item's figures hold ``quality`` (PSNR, SSIM) measured by the server."""
+        return await self._encode(
+            "/v1/images/encode", images, model=model, resize=resize, report=wire.flag(report)
+        )
 
     async def encode_audio(
-        self, clips: list[bytes], model: str | None = None, codebooks: int | None = None
+        self,
+        clips: list[bytes],
+        model: str | None = None,
+        codebooks: int | None = None,
+        report: bool = False,
     ) -> list[Encoded]:
         """Audio files -> one Encoded per clip, tokens [K, F] (or the first ``codebooks``);
-        ItemsFailed if any failed."""
-        return await self._encode("/v1/audio/encode", clips, model=model, codebooks=codebooks)
+        ItemsFailed if any failed. With ``report``, each item's figures hold ``quality`` (SNR,
+        mel distance) measured by the server."""
+        return await self._encode(
+            "/v1/audio/encode", clips, model=model, codebooks=codebooks, report=wire.flag(report)
+        )
 
     async def decode_image(
         self, tokens: Encoded | np.ndarray, model: str | None = None, fmt: str = "png"

@@ -63,17 +63,31 @@ class Client(wire.Calls):
         return self._limits
 
     def encode_images(
-        self, images: list[bytes], model: str | None = None, resize: str = "crop"
+        self,
+        images: list[bytes],
+        model: str | None = None,
+        resize: str = "crop",
+        report: bool = False,
     ) -> list[Encoded]:
-        """Image files -> one Encoded per image, tokens [h, w]; ItemsFailed if any failed."""
-        return self._encode("/v1/images/encode", images, model=model, resize=resize)
+        """Image files -> one Encoded per image, tokens [h, w]; ItemsFailed if any failed. With
+        ``report``, each item's figures hold ``quality`` (PSNR, SSIM) measured by the server."""
+        return self._encode(
+            "/v1/images/encode", images, model=model, resize=resize, report=wire.flag(report)
+        )
 
     def encode_audio(
-        self, clips: list[bytes], model: str | None = None, codebooks: int | None = None
+        self,
+        clips: list[bytes],
+        model: str | None = None,
+        codebooks: int | None = None,
+        report: bool = False,
     ) -> list[Encoded]:
         """Audio files -> one Encoded per clip, tokens [K, F] (or the first ``codebooks``);
-        ItemsFailed if any failed."""
-        return self._encode("/v1/audio/encode", clips, model=model, codebooks=codebooks)
+        ItemsFailed if any failed. With ``report``, each item's figures hold ``quality`` (SNR,
+        mel distance) measured by the server."""
+        return self._encode(
+            "/v1/audio/encode", clips, model=model, codebooks=codebooks, report=wire.flag(report)
+        )
 
     def decode_image(
         self, tokens: Encoded | np.ndarray, model: str | None = None, fmt: str = "png"

@@ -64,6 +64,11 @@ def chunks(blobs: list[bytes], limits: dict[str, Any]) -> list[tuple[int, list[b
     return runs
 
 
+def flag(value: bool) -> str | None:
+    """A boolean query parameter as the server reads it: "true", or left out."""
+    return "true" if value else None
+
+
 def encode_requests(
     http: Builder, path: str, blobs: list[bytes], limits: dict[str, Any], params: dict[str, Any]
 ) -> list[EncodeRequest]:
