@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
-from app.api.layouts import layout_fields, span_model, span_tokens
-from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
+from app.api.layouts import decode_items, layout_fields
+from app.api.requests import cancel_on_disconnect, read_media_items
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
     AUDIO_TYPES,
@@ -94,16 +94,11 @@ async def decode_audio(
     fmt: Annotated[AudioFormat, Query(alias="format", description="Output format")] = "wav",
 ) -> Response:
     """One [k][F] array answers the audio file; a list answers JSON (or msgpack) items."""
-    with engine.tracer.start_as_current_span("body.read") as reading:
-        body = await read_token_request(
-            request, engine, lambda name: engine.audio(name or model).item_shape
-        )
-        reading.set_attribute("tokserve.items", len(body.items))
-    endpoint = engine.audio(span_model(engine, body, model, "audio"))
-    items = span_tokens(engine, body, endpoint.model.name)
+    name, items, single = await decode_items(request, engine, model, "audio")
+    endpoint = engine.audio(name)
     label_model(request, endpoint.model.name)
     deadline = deadline_of(request, engine)
-    work = endpoint.decode(items, fmt, deadline, body.single)
+    work = endpoint.decode(items, fmt, deadline, single)
     answer = await cancel_on_disconnect(request, work)
     with engine.tracer.start_as_current_span("response.encode"):
-        return media_response(request, answer, body.single)
+        return media_response(request, answer, single)

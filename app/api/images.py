@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.api.deps import EngineDep, deadline_of, label_model, require_api_key
-from app.api.layouts import layout_fields, span_model, span_tokens
-from app.api.requests import cancel_on_disconnect, read_media_items, read_token_request
+from app.api.layouts import decode_items, layout_fields
+from app.api.requests import cancel_on_disconnect, read_media_items
 from app.api.responses import media_response, tokens_response
 from app.api.schemas import (
     IMAGE_TYPES,
@@ -82,16 +82,11 @@ async def decode_images(
     fmt: Annotated[ImageFormat, Query(alias="format", description="Output format")] = "png",
 ) -> Response:
     """One grid answers the image itself; a list of grids answers JSON (or msgpack) items."""
-    with engine.tracer.start_as_current_span("body.read") as reading:
-        body = await read_token_request(
-            request, engine, lambda name: engine.image(name or model).item_shape
-        )
-        reading.set_attribute("tokserve.items", len(body.items))
-    endpoint = engine.image(span_model(engine, body, model, "image"))
-    items = span_tokens(engine, body, endpoint.model.name)
+    name, items, single = await decode_items(request, engine, model, "image")
+    endpoint = engine.image(name)
     label_model(request, endpoint.model.name)
     deadline = deadline_of(request, engine)
-    work = endpoint.decode(items, fmt, deadline, body.single)
+    work = endpoint.decode(items, fmt, deadline, single)
     answer = await cancel_on_disconnect(request, work)
     with engine.tracer.start_as_current_span("response.encode"):
-        return media_response(request, answer, body.single)
+        return media_response(request, answer, single)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from tokserve_client.layouts import Layout, MediaLayout
 
 from app.api.deps import EngineDep, require_api_key
-from app.api.requests import TokenRequest
+from app.api.requests import TokenRequest, read_token_request
 from app.api.responses import LayoutFields, response_format
 from app.api.schemas import LayoutEntry, LayoutsResponse, problems
 from app.engine import Engine
@@ -121,6 +121,21 @@ def layout_fields(
             start += step
 
     return windows
+
+
+async def decode_items(
+    request: Request, engine: Engine, model: str | None, modality: str
+) -> tuple[str, list[Any], bool]:
+    """A decode body read for ``modality``: the model it is for, its items as token arrays (a
+    layout's spans mapped back, each failed one its problem), and whether it held one item."""
+    endpoint_of = engine.image if modality == "image" else engine.audio
+    with engine.tracer.start_as_current_span("body.read") as reading:
+        body = await read_token_request(
+            request, engine, lambda name: endpoint_of(name or model).item_shape
+        )
+        reading.set_attribute("tokserve.items", len(body.items))
+    name = endpoint_of(span_model(engine, body, model, modality)).model.name
+    return name, span_tokens(engine, body, name), body.single
 
 
 def span_model(engine: Engine, body: TokenRequest, model: str | None, modality: str) -> str | None:
