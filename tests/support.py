@@ -294,7 +294,7 @@ SHORT_CLIP = SPEECH / "fillets-ng-data-nl-airplane-nl-let-m-divna.ogg"
 CAUSAL_RATE, CAUSAL_VOCAB = 8000, 64
 
 
-def _encodec() -> Any:
+def tiny_encodec() -> Any:
     """A tiny causal EnCodec at 8 kHz: 320 samples a frame, 4 codebooks at 0.6 kbps."""
     import transformers  # here: importing it costs every other test module seconds
 
@@ -338,7 +338,7 @@ def _mimi() -> Any:
 
 
 # codebooks spread over the latents, so that tokens vary from frame to frame
-BUILDERS = {"encodec": (_encodec, 0.08), "mimi": (_mimi, 3.0)}
+BUILDERS = {"encodec": (tiny_encodec, 0.08), "mimi": (_mimi, 3.0)}
 
 
 def causal_repo(root: Path, checkpoints: Path) -> Path:

@@ -30,7 +30,7 @@ from app.config import Settings
 from app.media import decode_audio, decode_image
 from app.model_folder import ModelLoadError
 from app.registry import load_model
-from tests.support import noisy_wav, png_bytes, served, settings_for
+from tests.support import noisy_wav, png_bytes, served, settings_for, tiny_encodec
 
 SAMPLE_RATE = 8000
 HOP = 320  # 8 * 5 * 4 * 2 for every tiny codec below
@@ -49,20 +49,6 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     codebook_scale: float | None = None  # spread zero-initialised codebooks over the latents
     seed_codebook: Callable[[Any], None] | None = None  # or set them from latents
-
-
-def _encodec() -> Any:
-    return transformers.EncodecModel(
-        transformers.EncodecConfig(
-            sampling_rate=SAMPLE_RATE,
-            hidden_size=16,
-            num_filters=4,
-            upsampling_ratios=[8, 5, 4, 2],
-            codebook_size=VOCAB,
-            target_bandwidths=[0.3, 0.6],  # 150 bit/s per codebook: 2 and 4 codebooks
-            num_lstm_layers=1,
-        )
-    )
 
 
 def _dac() -> Any:
@@ -201,7 +187,7 @@ def _chameleon() -> Any:
 
 
 AUDIO_CASES = [
-    Case("EncodecModel", _encodec, codebooks=4, codebook_scale=0.08),
+    Case("EncodecModel", tiny_encodec, codebooks=4, codebook_scale=0.08),
     Case("DacModel", _dac, codebooks=3, options={"codebooks": 3}),
     Case("MimiModel", _mimi, codebooks=4, codebook_scale=3.0),
     Case("XcodecModel", _xcodec, codebooks=2, options={"bandwidth": 0.3}, codebook_scale=1.0),
@@ -389,7 +375,7 @@ def test_models_add_checks_an_encode_only_model_by_its_encode(
 async def test_encodec_bandwidths_are_listed_with_their_codebook_counts(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    case = Case("EncodecModel", _encodec, options={"bandwidth": 0.3})
+    case = Case("EncodecModel", tiny_encodec, options={"bandwidth": 0.3})
     async with served(no_cache(hf_repo(tmp_path, case, checkpoints["EncodecModel"]))) as client:
         model = (await client.get("/v1/models/encodecmodel")).json()
     assert model["codebooks"] == 2
