@@ -33,6 +33,7 @@ from app.metrics import (
     QUEUE_WAIT,
     REJECTED,
 )
+from app.timing import Timings, current_timings
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,7 +47,8 @@ RETRY_AFTER_S = "1"
 @dataclass(eq=False)
 class _Entry(Generic[T, R]):
     """One submitted item: what to compute, who waits for it, when it arrived and must start;
-    the request that sent it (its id, its span) and its span of waiting in the queue."""
+    the request that sent it (its id, its span, its Server-Timing) and its span of waiting in
+    the queue."""
 
     item: T
     group: Hashable
@@ -56,6 +58,7 @@ class _Entry(Generic[T, R]):
     seq: int
     request_id: str | None
     sender: trace.SpanContext
+    timings: Timings | None
     waiting: trace.Span
     expiry: asyncio.TimerHandle | None = None
     failed_on: set[str] = field(default_factory=set)  # instances whose forward of it failed
@@ -256,6 +259,7 @@ class Batcher(Generic[T, R]):
             raise DeadlineExceeded(f"The request's deadline passed before {self.model} got it.")
         request_id = REQUEST_ID.get()
         sender = trace.get_current_span().get_span_context()
+        timings = current_timings()
         entries = [
             _Entry(
                 item,
@@ -266,6 +270,7 @@ class Batcher(Generic[T, R]):
                 next(self._seq),
                 request_id,
                 sender,
+                timings,
                 self._queue_span(),
             )
             for item, group in zip(items, groups, strict=True)
@@ -392,6 +397,8 @@ class Batcher(Generic[T, R]):
         for entry in batch:
             if not entry.failed_on:  # a retried item's wait was observed when it first started
                 self._queue_wait.observe(started - entry.arrived)
+                if entry.timings is not None:
+                    entry.timings.add("queue", started - entry.arrived)
         self._batch_size.observe(len(batch))
         instance.batches.inc()
         instance.running = batch
@@ -432,7 +439,7 @@ class Batcher(Generic[T, R]):
         instance.busy_s.inc(busy_s)
         # the loop is closed only after a stop() that timed out and already answered everyone
         with suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._complete, batch, outcome, instance)
+            self._loop.call_soon_threadsafe(self._complete, batch, outcome, instance, busy_s)
 
     def _forward(self, items: list[T], run_batch: Callable[[list[T]], list[R]]) -> list[R]:
         """Worker thread: run_batch, split in halves (recursively) when it runs out of memory."""
@@ -456,12 +463,19 @@ class Batcher(Generic[T, R]):
         return self._forward(items[:half], run_batch) + self._forward(items[half:], run_batch)
 
     def _complete(
-        self, batch: list[_Entry[T, R]], outcome: list[R] | Exception, instance: _Instance[T, R]
+        self,
+        batch: list[_Entry[T, R]],
+        outcome: list[R] | Exception,
+        instance: _Instance[T, R],
+        busy_s: float,
     ) -> None:
         """Event loop: answer the batch's waiters (those still waiting) and free the instance;
         the items of a failed batch go back to the queue's head while an instance is left that
-        has not failed them."""
+        has not failed them. Each item's request counts the forward in its Server-Timing."""
         instance.running = []
+        for entry in batch:
+            if entry.timings is not None:
+                entry.timings.add("forward", busy_s)
         if isinstance(outcome, Exception):
             waiting = [entry for entry in batch if not entry.future.done()]
             for entry in waiting:

@@ -15,6 +15,7 @@ from app.api.problems import REQUEST_ID_HEADER, error_response
 from app.errors import Overloaded, PayloadTooLarge
 from app.logs import REQUEST_ID
 from app.metrics import IN_FLIGHT, REJECTED, REQUEST_DURATION
+from app.timing import SERVER_TIMING_HEADER, TIMINGS, Timings
 
 # a client's X-Request-Id is kept when it is 1 to 128 of these characters, else replaced
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
@@ -136,7 +137,8 @@ class AdmissionMiddleware:
 
 
 class MetricsMiddleware:
-    """Observe tokserve_request_duration_seconds{route, model, status} for every HTTP request."""
+    """Observe tokserve_request_duration_seconds{route, model, status} for every HTTP request,
+    and answer where its time went in a Server-Timing header (app.timing)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -145,21 +147,24 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
+        timings = Timings()
         status = 500
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                MutableHeaders(scope=message).append(SERVER_TIMING_HEADER, timings.header())
             await send(message)
 
+        token = TIMINGS.set(timings)
         try:
             await self.app(scope, receive, send_with_status)
         finally:
+            TIMINGS.reset(token)
             route = scope.get("route")
             template = getattr(route, "path_format", None) or getattr(route, "path", "unmatched")
             model = scope.get("state", {}).get("model", "")
             REQUEST_DURATION.labels(template, model, f"{status // 100}xx").observe(
-                time.perf_counter() - start
+                time.perf_counter() - timings.started
             )

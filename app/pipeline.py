@@ -28,6 +28,7 @@ from app.errors import DeadlineExceeded, Overloaded, ProblemError
 from app.metrics import REJECTED, TOKENS
 from app.registry import LoadedModel
 from app.single_flight import SingleFlight
+from app.timing import timed
 
 log = logging.getLogger("tokserve.pipeline")
 T = TypeVar("T")
@@ -179,9 +180,12 @@ class Pipeline:
         self, keys: list[str], fits: Sequence[Fits] | None
     ) -> list[np.ndarray | None]:
         """The cached array of each key that has one that fits, in one call: span cache.lookup."""
-        with self.tracer.start_as_current_span(
-            "cache.lookup", attributes={"tokserve.items": len(keys)}
-        ) as span:
+        with (
+            timed("cache"),
+            self.tracer.start_as_current_span(
+                "cache.lookup", attributes={"tokserve.items": len(keys)}
+            ) as span,
+        ):
             hits = await self.cache.get_many(keys, fits)
             span.set_attribute("tokserve.hits", sum(hit is not None for hit in hits))
             return hits
@@ -199,7 +203,7 @@ class Pipeline:
         thread hop costs more) and has no span."""
         if step is unchanged:
             return value
-        with self.tracer.start_as_current_span(span_name):
+        with timed("media"), self.tracer.start_as_current_span(span_name):
             async with share:
                 work = partial(_before(deadline, step), value)
                 return await in_media_pool(self.media_pool, work)

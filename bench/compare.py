@@ -85,6 +85,7 @@ def measure(
         asyncio.run(wait_idle(url))
         row[f"c{concurrency}"] = {
             "p50_ms": round(stats.p50_ms, 2),
+            "server_p50_ms": round(stats.server_p50_ms, 2),
             "p99_ms": round(stats.p99_ms, 2),
             "throughput_rps": round(stats.throughput_rps, 2),
             "p99_over_p50": round(stats.p99_ms / stats.p50_ms, 2),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 CLIENT_TIMEOUT_S = 120.0
+SERVER_TOTAL = re.compile(r"(?:^|,)\s*total;dur=([0-9.]+)")
 SERVER_METRICS = (
     "tokserve_queue_depth",
     "tokserve_batch_size_count",
@@ -66,6 +68,7 @@ class _Answer:
     answered: float
     status: int
     expected: bool
+    server_ms: float  # the answer's Server-Timing total; NaN without one (the LitServe peer)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class LevelStats:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    server_p50_ms: float  # of the same answers, the time inside the server (Server-Timing total)
     mean_ms: float
     max_ms: float
     statuses: dict[str, int]  # every answer of the level, warm-up included
@@ -97,6 +101,12 @@ class LevelStats:
     def server_errors(self) -> int:
         """5xx answers other than the deliberate 503 of a full queue."""
         return sum(n for code, n in self.statuses.items() if code[0] == "5" and code != "503")
+
+
+def server_total_ms(header: str) -> float:
+    """The ``total`` of a Server-Timing header in ms (app/timing.py); NaN if it has none."""
+    found = SERVER_TOTAL.search(header)
+    return float(found.group(1)) if found else math.nan
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -156,7 +166,8 @@ async def run_level(
                     continue
                 answered = time.perf_counter()
                 ok = got.status < 300 and (check is None or check(body))
-                level.record(_Answer(index, sent, answered, got.status, ok))
+                server_ms = server_total_ms(got.headers.get("Server-Timing", ""))
+                level.record(_Answer(index, sent, answered, got.status, ok, server_ms))
 
         server_before = await server_totals(probe)
         started = time.perf_counter()  # also when the server's "before" totals arrived
@@ -232,9 +243,9 @@ def _stats(
     # steady state starts when the slowest worker has its first answer
     steady_from = max(first.values()) if warm else math.inf
     good = [a for a in level.answers if a.status < 300]
-    measured = sorted(
-        (a.answered - a.sent) * 1000 for a in good if a.answered > first[a.worker] and a.expected
-    )
+    steady = [a for a in good if a.answered > first[a.worker] and a.expected]
+    measured = sorted((a.answered - a.sent) * 1000 for a in steady)
+    inside = sorted(a.server_ms for a in steady if not math.isnan(a.server_ms))
     after = sorted(a.answered for a in good if a.answered > steady_from)
     if len(after) >= 2:
         window_s = after[-1] - steady_from
@@ -251,6 +262,7 @@ def _stats(
         p50_ms=percentile(measured, 50),
         p90_ms=percentile(measured, 90),
         p99_ms=percentile(measured, 99),
+        server_p50_ms=percentile(inside, 50),
         mean_ms=sum(measured) / len(measured) if measured else math.nan,
         max_ms=measured[-1] if measured else math.nan,
         statuses=dict(sorted(level.statuses.items())),

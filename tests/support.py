@@ -22,17 +22,20 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import REGISTRY
 from safetensors.torch import save_file
 
+from app.cli import server_config
 from app.config import Settings
 from app.main import create_app
 from app.registry import ModelRegistry
 from app.tokenizers.base import AudioInfo
 from app.tokenizers.native import NATIVE_ARCHITECTURES
 from app.tokenizers.plugins import ENTRY_POINT_GROUP, find_backend
+from bench.server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # ../shared/data beside the checkout; found from bench.mutate's copy of the tree (mutants/) too
@@ -91,6 +94,27 @@ def tiny_repo(root: Path) -> Path:
     write_model(root, TINY_IMAGE)
     write_model(root, TINY_AUDIO)
     return root
+
+
+@asynccontextmanager
+async def listening(
+    settings: Settings, app: FastAPI | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """``app`` (by default create_app(settings)) served by uvicorn as `tokserve serve` serves
+    it, on a free loopback port, with a client of that address."""
+    settings = settings.model_copy(update={"port": free_port()})
+    server = uvicorn.Server(server_config(app or create_app(settings), settings))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.02)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}") as http:
+            yield http
+    finally:
+        server.should_exit = True
+        await serving
 
 
 def settings_for(model_dir: Path, **overrides: Any) -> Settings:

@@ -7,24 +7,18 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from app.cli import server_config
-from app.config import Settings
 from app.logs import REQUEST_ID, TEXT_FORMAT, JsonFormatter
 from app.main import create_app
 from app.pipeline import in_media_pool
-from bench.server import free_port
-from tests.support import held_body, png_bytes, served, settings_for
+from tests.support import held_body, listening, png_bytes, served, settings_for
 
 ENCODE = "/v1/images/encode?model=tiny-image"
 NEW_ID = re.compile(r"[0-9a-f]{32}")
@@ -59,27 +53,6 @@ def captured() -> Iterator[Records]:
     finally:
         for logger in loggers:
             logger.removeHandler(records)
-
-
-@asynccontextmanager
-async def listening(
-    settings: Settings, app: FastAPI | None = None
-) -> AsyncIterator[httpx.AsyncClient]:
-    """``app`` (by default create_app(settings)) served by uvicorn as `tokserve serve` serves
-    it, on a free loopback port, with a client of that address."""
-    settings = settings.model_copy(update={"port": free_port()})
-    server = uvicorn.Server(server_config(app or create_app(settings), settings))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            serving.result()
-        await asyncio.sleep(0.02)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}") as http:
-            yield http
-    finally:
-        server.should_exit = True
-        await serving
 
 
 def in_flight() -> float:
