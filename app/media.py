@@ -227,7 +227,7 @@ def image_geometry(
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS_IN) as img:
             width, height = img.size
-            if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+            if _orientation(img, data) in (5, 6, 7, 8):
                 width, height = height, width
     except (Image.DecompressionBombError, *_PILLOW_DECODE_ERRORS):
         return None
@@ -238,6 +238,35 @@ def image_geometry(
         "content_box": list(content_box),
         "resize_filter": RESIZE_FILTER,
     }
+
+
+def _orientation(img: Image.Image, data: bytes) -> int:
+    """The EXIF orientation of an opened image, without decoding its pixels: Pillow decodes a
+    whole PNG to look for an eXIf chunk after the image data, so such a chunk is found by
+    walking the PNG's chunk headers instead."""
+    if img.format == "PNG" and "exif" not in img.info:
+        chunk = _find_png_chunk(data, b"eXIf")
+        if chunk is None:
+            return 1
+        exif = Image.Exif()
+        exif.load(b"Exif\x00\x00" + chunk)  # as Pillow's PNG reader stores it
+        return int(exif.get(ExifTags.Base.Orientation, 1))
+    return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def _find_png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    """The data of a PNG's first chunk of ``kind``; None when there is none before IEND or the
+    file ends first. Chunks are length (4 bytes, big-endian), type (4), data, CRC (4)."""
+    position = 8  # the signature
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        found = data[position + 4 : position + 8]
+        if found == kind:
+            return data[position + 8 : position + 8 + length]
+        if found == b"IEND":
+            return None
+        position += 12 + length
+    return None
 
 
 def _fit(rgb: Image.Image, size: tuple[int, int], resize: ResizeMode) -> Image.Image:

@@ -394,6 +394,54 @@ def test_geometry_swaps_the_sides_for_each_exif_orientation_that_transposes(
     assert geometry is not None and geometry["source_size"] == upright
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def exif_orientation(orientation: int) -> bytes:
+    """An eXIf chunk's data: the EXIF (TIFF) bytes without the "Exif\\0\\0" of a JPEG's."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif.tobytes().removeprefix(b"Exif\x00\x00")
+
+
+def png_then(chunk: bytes, before_end: bool = True) -> bytes:
+    """A 200x100 PNG with ``chunk`` after its image data: before IEND, or after it."""
+    png = image_bytes(Image.new("RGB", (200, 100), RED), "PNG")
+    body, end = png[:-12], png[-12:]  # IEND is the last 12 bytes
+    return body + chunk + end if before_end else png + chunk
+
+
+def test_geometry_finds_a_png_exif_orientation_written_after_the_image_data() -> None:
+    data = png_then(png_chunk(b"eXIf", exif_orientation(6)))
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.getexif()[ExifTags.Base.Orientation] == 6  # Pillow finds it too, decoding
+    geometry = image_geometry(data, (64, 64), "crop")
+    assert geometry is not None and geometry["source_size"] == [100, 200]
+
+
+def test_geometry_ignores_an_exif_chunk_after_a_pngs_end() -> None:
+    data = png_then(png_chunk(b"eXIf", exif_orientation(6)), before_end=False)
+    geometry = image_geometry(data, (64, 64), "crop")
+    assert geometry is not None and geometry["source_size"] == [200, 100]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_geometry_of_a_png_decodes_no_pixels_so_damaged_image_data_still_has_its_size(
+    damage: str,
+) -> None:
+    png = image_bytes(Image.new("RGB", (200, 100), RED), "PNG")
+    idat = png.index(b"IDAT") + 4
+    if damage == "corrupt":
+        data = png[:idat] + bytes(b ^ 0xFF for b in png[idat : idat + 8]) + png[idat + 8 :]
+    else:
+        data = png[: idat + 8]
+    with pytest.raises(UnsupportedMedia):
+        decode_image(data, (64, 64))
+    geometry = image_geometry(data, (64, 64), "crop")
+    assert geometry is not None and geometry["source_size"] == [200, 100]
+
+
 def test_geometry_of_an_image_format_not_accepted_is_none() -> None:
     assert (
         image_geometry(image_bytes(Image.new("RGB", (16, 16), RED), "PPM"), (8, 8), "crop") is None
