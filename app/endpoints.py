@@ -6,6 +6,7 @@ The engine builds them and lends them its settings, pipeline and media pool (``W
 
 from __future__ import annotations
 
+import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
@@ -341,8 +342,11 @@ class ImageEndpoint(Endpoint):
             params=canonical_params(resize=resize),
         )
         fits = token_fits(self.info.vocab_size, tuple(self.grid))
-        geometry = await self.engine.off_loop(self._geometry, images, resize)
-        results = await self._run(job, images, raw_bytes, lambda _: fits, deadline)
+        # the headers are read beside the cache lookup and the forward, not before them
+        geometry, results = await asyncio.gather(
+            self.engine.off_loop(self._geometry, images, resize),
+            self._run(job, images, raw_bytes, lambda _: fits, deadline),
+        )
         items: list[Tokens | ProblemError] = [
             Tokens(r.array, r.cached, {"shape": list(r.array.shape), **(where or {})})
             if r.array is not None
