@@ -1,15 +1,17 @@
 """Ogg Opus (RFC 7845) read as it arrives, for encode streams sent as an .opus file's bytes.
 
-Pages are parsed by hand (a 27-byte header, a segment table, the segments; a packet ends at a
-segment shorter than 255 bytes and may span pages) and each packet is decoded by libopus
-through PyAV's codec context, at 48 kHz (FFmpeg's libopus decoder always decodes at 48 kHz;
-it drops the OpusHead's pre-skip itself). Samples are released only up to the last page's
-granule position, which trims the end as a file's reader does (RFC 7845, 4.4 and 4.5).
+Pages are parsed by hand (a 27-byte header, a segment table, the segments; a packet
+ends at a segment shorter than 255 bytes and may span pages), each page's CRC checked, and
+each packet decoded by libopus through PyAV's codec context, at 48 kHz (FFmpeg's libopus
+decoder always decodes at 48 kHz; it drops the OpusHead's pre-skip itself). Samples are
+released only up to the last page's granule position, which trims the end as a file's reader
+does (RFC 7845, 4.4 and 4.5).
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 import av
 import numpy as np
@@ -24,6 +26,16 @@ _NO_GRANULE = -1  # a page on which no packet ends
 _MAX_PACKET_BYTES = 1 << 16  # an Opus packet is at most 120 ms: a few KiB
 _MAX_HELD = 2 * OPUS_RATE  # decoded samples a page's granule position may leave unreleased
 _FRAME_MS = (10, 20, 40, 60) * 3 + (10, 20) * 2 + (2.5, 5, 10, 20) * 4  # by TOC config
+_CRC_AT = 22  # the CRC's offset in a page header
+_BIT_REVERSED = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
+
+
+def ogg_crc(data: bytes) -> int:
+    """Ogg's CRC-32 of ``data``: polynomial 0x04C11DB7, most significant bit first, initial 0,
+    no final xor. zlib has the same polynomial bit-reflected: run over bit-reversed bytes from
+    0 and without its final xor, its result bit-reversed is Ogg's, at C speed."""
+    reflected = zlib.crc32(data.translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 def _not_opus(detail: str) -> StreamRefused:
@@ -68,7 +80,8 @@ class OggOpusReader:
         """Take the next bytes; the samples they complete (possibly none)."""
         self._buffer += data
         while len(self._buffer) >= _PAGE.size:
-            capture, version, _, granule, serial, _, _, segments = _PAGE.unpack_from(self._buffer)
+            header = _PAGE.unpack_from(self._buffer)
+            capture, version, _, granule, serial, sequence, crc, segments = header
             if capture != b"OggS" or version != 0:
                 raise _not_opus("The bytes are not an Ogg page (no 'OggS' version 0 header)")
             lacing_end = _PAGE.size + segments
@@ -78,11 +91,20 @@ class OggOpusReader:
             end = lacing_end + sum(lacing)
             if len(self._buffer) < end:
                 break
+            page = bytes(self._buffer[:end])
+            if ogg_crc(page[:_CRC_AT] + bytes(4) + page[_CRC_AT + 4 :]) != crc:
+                raise StreamRefused(
+                    4415,
+                    "Corrupt Ogg page",
+                    f"Ogg page {sequence} (its sequence number) fails its CRC check: its bytes "
+                    "changed on the way. encoding=ogg_opus takes an Ogg Opus file's bytes "
+                    "unchanged, in order.",
+                )
             if self._serial is None:
                 self._serial = serial
             elif serial != self._serial:
                 raise _not_opus("The Ogg stream holds a second logical stream (a chained file)")
-            self._page(bytes(self._buffer[lacing_end:end]), bytes(lacing), granule)
+            self._page(page[lacing_end:], bytes(lacing), granule)
             del self._buffer[:end]
         return self._release()
 
