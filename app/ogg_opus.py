@@ -1,15 +1,21 @@
-"""Ogg Opus (RFC 7845) read as it arrives, for encode streams sent as an .opus file's bytes.
+"""Ogg Opus (RFC 7845) read as it arrives (encode streams) and written as it is decoded
+(decode streams), page by page.
 
-Pages are parsed by hand (a 27-byte header, a segment table, the segments; a packet
+Reading: pages are parsed by hand (a 27-byte header, a segment table, the segments; a packet
 ends at a segment shorter than 255 bytes and may span pages), each page's CRC checked, and
 each packet decoded by libopus through PyAV's codec context, at 48 kHz (FFmpeg's libopus
 decoder always decodes at 48 kHz; it drops the OpusHead's pre-skip itself). Samples are
 released only up to the last page's granule position, which trims the end as a file's reader
 does (RFC 7845, 4.4 and 4.5).
+
+Writing: libopus (PyAV) encodes at the model's rate where Opus takes it as it is (8, 12, 16,
+24, 48 kHz: no resampler, so nothing held back but the encoder's 20 ms frame and 6.5 ms
+lookahead); pages are written by hand, whole packets only, each write's packets on one page.
 """
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 
@@ -27,6 +33,14 @@ _MAX_PACKET_BYTES = 1 << 16  # an Opus packet is at most 120 ms: a few KiB
 _MAX_HELD = 2 * OPUS_RATE  # decoded samples a page's granule position may leave unreleased
 _FRAME_MS = (10, 20, 40, 60) * 3 + (10, 20) * 2 + (2.5, 5, 10, 20) * 4  # by TOC config
 _CRC_AT = 22  # the CRC's offset in a page header
+_BOS, _EOS = 0x02, 0x04  # header type flags: first page, last page
+_MAX_LACING = 255  # segments a page can hold
+OPUS_INPUT_RATES = (8000, 12000, 16000, 24000, 48000)  # libopus encodes these as they are
+# bit/s per channel: the default (Opus suggests 28 to 40 kbit/s for fullband speech) and the
+# range accepted, within libopus' own
+BITRATE_PER_CHANNEL = 32000
+MIN_BITRATE_PER_CHANNEL, MAX_BITRATE_PER_CHANNEL = 6000, 256000
+_VENDOR = b"tokserve (libopus via PyAV)"
 _BIT_REVERSED = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
 
 
@@ -36,6 +50,17 @@ def ogg_crc(data: bytes) -> int:
     0 and without its final xor, its result bit-reversed is Ogg's, at C speed."""
     reflected = zlib.crc32(data.translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
     return int(f"{reflected:032b}"[::-1], 2)
+
+
+def ogg_page(packets: list[bytes], granule: int, serial: int, sequence: int, flags: int) -> bytes:
+    """One Ogg page holding whole ``packets`` (at most 255 segments in all), CRC set."""
+    lacing = bytearray()
+    for packet in packets:
+        lacing += b"\xff" * (len(packet) // 255) + bytes([len(packet) % 255])
+    header = _PAGE.pack(b"OggS", 0, flags, granule, serial, sequence, 0, len(lacing))
+    page = bytearray(header + lacing + b"".join(packets))
+    struct.pack_into("<I", page, _CRC_AT, ogg_crc(bytes(page)))
+    return bytes(page)
 
 
 def _not_opus(detail: str) -> StreamRefused:
@@ -178,3 +203,83 @@ class OggOpusReader:
         self._held = [rest] if len(rest) else []
         self._released = upto
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class OggOpusWriter:
+    """Samples [T, C] float32 at the model's rate in, in any chunks; the bytes of one Ogg Opus
+    stream out, in whole pages: ``headers()``, then ``write()`` per chunk, then ``finish()``."""
+
+    def __init__(self, sample_rate: int, channels: int, bitrate: int) -> None:
+        context = av.CodecContext.create("libopus", "w")
+        assert isinstance(context, av.AudioCodecContext)
+        # another rate is resampled to 48 kHz by PyAV's encoder (libswresample)
+        context.sample_rate = sample_rate if sample_rate in OPUS_INPUT_RATES else OPUS_RATE
+        context.layout = "stereo" if channels == 2 else "mono"
+        context.format = "flt"  # packed float: [1, T * channels]
+        context.bit_rate = bitrate
+        context.open()
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.pre_skip: int = struct.unpack_from("<H", bytes(context.extradata or b""), 10)[0]
+        self._context = context
+        self._serial = random.getrandbits(32)
+        self._sequence = 0
+        self._granule = 0  # 48 kHz samples of the packets paged so far, pre-skip included
+        self._samples = 0  # written, at sample_rate
+
+    def headers(self) -> bytes:
+        """OpusHead on the first page (BOS), OpusTags on the second."""
+        head = _HEAD.pack(b"OpusHead", 1, self.channels, self.pre_skip, self.sample_rate, 0, 0)
+        tags = b"OpusTags" + struct.pack("<I", len(_VENDOR)) + _VENDOR + struct.pack("<I", 0)
+        return self._page([head], 0, _BOS) + self._page([tags], 0, 0)
+
+    def write(self, samples: np.ndarray) -> bytes:
+        """The pages of the packets that ``samples`` [T, C] complete (often b"": an Opus frame
+        is 20 ms, and the encoder holds its 6.5 ms lookahead)."""
+        if not len(samples):
+            return b""
+        self._samples += len(samples)
+        return self._pages(self._context.encode(self._frame(samples)), end=None)
+
+    def finish(self) -> bytes:
+        """The last pages: the encoder's held samples and padding, the last page EOS with the
+        granule position that trims the padding, so the stream decodes to exactly the samples
+        written (at 48 kHz)."""
+        packets = []
+        if not self._samples:
+            # an Ogg Opus stream needs an audio packet to end on; the end granule trims it
+            packets += self._context.encode(self._frame(np.zeros((1, self.channels), np.float32)))
+        packets += self._context.encode(None)
+        rate = self.sample_rate
+        end = self.pre_skip + (self._samples * OPUS_RATE + rate // 2) // rate
+        return self._pages(packets, end=end)
+
+    def _frame(self, samples: np.ndarray) -> av.AudioFrame:
+        packed = np.ascontiguousarray(samples, dtype=np.float32).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(packed, format="flt", layout=self._context.layout)
+        frame.sample_rate = self.sample_rate
+        return frame
+
+    def _pages(self, packets: list[av.Packet], end: int | None) -> bytes:
+        """``packets`` on as few pages as hold them; with ``end``, the last page is EOS and its
+        granule position ``end`` (RFC 7845, 4.5)."""
+        pages: list[bytes] = []
+        page: list[bytes] = []
+        lacing = 0
+        for packet in map(bytes, packets):
+            if lacing + len(packet) // 255 + 1 > _MAX_LACING:
+                pages.append(self._page(page, self._granule, 0))
+                page, lacing = [], 0
+            page.append(packet)
+            lacing += len(packet) // 255 + 1
+            self._granule += packet_samples(packet)
+        if page and end is not None:
+            pages.append(self._page(page, end, _EOS))
+        elif page:
+            pages.append(self._page(page, self._granule, 0))
+        return b"".join(pages)
+
+    def _page(self, packets: list[bytes], granule: int, flags: int) -> bytes:
+        page = ogg_page(packets, granule, self._serial, self._sequence, flags)
+        self._sequence += 1
+        return page

@@ -456,12 +456,7 @@ async def test_a_model_that_is_not_causal_is_refused_naming_the_streaming_models
     [
         ("encode?model=nope", [], 4404, "No audio model 'nope' is loaded"),
         ("encode?model=mimi&encoding=mp3", [], 4415, "it takes pcm_s16le, pcm_f32le"),
-        (
-            "decode?model=mimi&encoding=ogg_opus",
-            [],
-            4415,
-            "pcm_f32le (interleaved little-endian PCM).",
-        ),
+        ("decode?model=mimi&encoding=opus", [], 4415, "or ogg_opus (an Ogg Opus file's bytes)."),
         ("encode?model=mimi&encoding=ogg_opus&sample_rate=16000", [], 4422, "leave sample_rate"),
         ("encode?model=mimi&encoding=ogg_opus", [b"\x01" + bytes(40)], 4415, "not an Ogg page"),
         ("encode?model=mimi&sample_rate=4000", [], 4422, "below the 8000 Hz accepted"),

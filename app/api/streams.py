@@ -25,7 +25,14 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from app.api.deps import given_key, is_valid_key
 from app.engine import Engine
-from app.ogg_opus import OPUS_RATE, OggOpusReader
+from app.ogg_opus import (
+    BITRATE_PER_CHANNEL,
+    MAX_BITRATE_PER_CHANNEL,
+    MIN_BITRATE_PER_CHANNEL,
+    OPUS_RATE,
+    OggOpusReader,
+    OggOpusWriter,
+)
 from app.streaming import (
     CLOSE_DONE,
     CLOSE_GOING_AWAY,
@@ -42,7 +49,7 @@ router = APIRouter(prefix="/v1/audio/stream", tags=["streams"])
 SUBPROTOCOL = "tokserve.v1"
 KEY_PREFIX = "key."  # a browser cannot set headers: it offers its key as a subprotocol
 ENCODINGS: dict[str, np.dtype[Any]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
-OGG_OPUS = "ogg_opus"  # encode only: an Ogg Opus file's bytes, decoded as they come
+OGG_OPUS = "ogg_opus"  # an Ogg Opus file's bytes: decoded as they come, or encoded
 TOKENS_HEADER = struct.Struct("<IHH")  # first frame, rows, frames
 END_BODY = struct.Struct("<I")  # frames in all
 REFUSAL_TIMEOUT_S = 5.0
@@ -68,6 +75,7 @@ class StreamOptions:
     channels: int  # of the client's PCM
     sample_rate: int  # of the client's PCM (encode; decode answers at the model's)
     protocol: Literal["binary", "json"]
+    bitrate: int = 0  # bit/s of the Opus a decode stream answers with encoding=ogg_opus
 
 
 @router.websocket("/encode")
@@ -173,19 +181,16 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
             f"{info.codebooks}.",
         )
     encoding = query.get("encoding", "pcm_s16le")
-    if encoding not in ENCODINGS and not (encoding == OGG_OPUS and direction == "encode"):
+    if encoding not in ENCODINGS and encoding != OGG_OPUS:
         raise StreamRefused(
             4415,
             "Unknown encoding",
             f"encoding={encoding!r} is not one this server speaks; it takes "
-            f"{', '.join(ENCODINGS)} (interleaved little-endian PCM)"
-            + (
-                f", or {OGG_OPUS} (an Ogg Opus file's bytes) to encode."
-                if direction == "encode"
-                else "."
-            ),
+            f"{', '.join(ENCODINGS)} (interleaved little-endian PCM), or {OGG_OPUS} (an Ogg Opus "
+            "file's bytes).",
         )
-    if encoding == OGG_OPUS:
+    bitrate = opus_bitrate(query.get("bitrate"), encoding, direction, info.channels)
+    if encoding == OGG_OPUS and direction == "encode":
         if "sample_rate" in query or "channels" in query:
             raise StreamRefused(
                 4422,
@@ -221,7 +226,32 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
         )
     if direction == "decode":
         channels = info.channels
-    return StreamOptions(model, codebooks, encoding, channels, rate, protocol)
+    return StreamOptions(model, codebooks, encoding, channels, rate, protocol, bitrate)
+
+
+def opus_bitrate(value: str | None, encoding: str, direction: Direction, channels: int) -> int:
+    """The bit/s a decode stream's Opus encoder is asked for (its default unless given); 0
+    where no Opus is encoded, which takes no bitrate."""
+    if encoding != OGG_OPUS or direction != "decode":
+        if value is not None:
+            raise StreamRefused(
+                4422,
+                "Bitrate without Opus",
+                f"bitrate sets the Opus of a decode stream with encoding={OGG_OPUS}; this "
+                f"{direction} stream with encoding={encoding} takes none. Leave it out.",
+            )
+        return 0
+    bitrate = _int_option(value, BITRATE_PER_CHANNEL * channels, "bitrate")
+    lowest, highest = MIN_BITRATE_PER_CHANNEL * channels, MAX_BITRATE_PER_CHANNEL * channels
+    if not lowest <= bitrate <= highest:
+        raise StreamRefused(
+            4422,
+            "Bad bitrate",
+            f"bitrate={bitrate} is outside the {lowest} to {highest} bit/s accepted for "
+            f"{channels}-channel Opus ({MIN_BITRATE_PER_CHANNEL} to {MAX_BITRATE_PER_CHANNEL} "
+            f"per channel; {BITRATE_PER_CHANNEL * channels} when left out).",
+        )
+    return bitrate
 
 
 def _int_option(value: str | None, default: int, name: str) -> int:
@@ -449,6 +479,13 @@ async def write_output(websocket: WebSocket, stream: Stream, options: StreamOpti
     """Results to the client as they come, then END and a close (1000, or 1001 on drain), or
     the stream's refusal."""
     limit_s = stream.hub.settings.stream_max_unsent_s
+    opus = (
+        OggOpusWriter(stream.info.sample_rate, options.channels, options.bitrate)
+        if options.encoding == OGG_OPUS and stream.hub.direction == "decode"
+        else None
+    )
+    if opus is not None:
+        await send_audio(websocket, options.protocol, 0, opus.headers())
     while True:
         outgoing = await stream.outbox.get()
         if outgoing is None:
@@ -457,7 +494,7 @@ async def write_output(websocket: WebSocket, stream: Stream, options: StreamOpti
             continue  # a dropped stream's results are not sent
         try:
             # a send that waits this long has a client that does not read
-            await asyncio.wait_for(send_result(websocket, stream, options, outgoing), limit_s)
+            await asyncio.wait_for(send_result(websocket, stream, options, outgoing, opus), limit_s)
         except TimeoutError:
             stream.drop(slow_reader(limit_s, limit_s))
             continue
@@ -468,6 +505,8 @@ async def write_output(websocket: WebSocket, stream: Stream, options: StreamOpti
     if stream.dropped is not None:
         return  # the client left
     frames = stream.frames_in
+    if opus is not None:
+        await send_audio(websocket, options.protocol, frames, await asyncio.to_thread(opus.finish))
     body = {"frames": frames} if options.protocol == "json" else END_BODY.pack(frames)
     await send_message(websocket, options.protocol, MessageType.END, body)
     if stream.going_away:
@@ -479,9 +518,13 @@ async def write_output(websocket: WebSocket, stream: Stream, options: StreamOpti
 
 
 async def send_result(
-    websocket: WebSocket, stream: Stream, options: StreamOptions, outgoing: Outgoing
+    websocket: WebSocket,
+    stream: Stream,
+    options: StreamOptions,
+    outgoing: Outgoing,
+    opus: OggOpusWriter | None,
 ) -> None:
-    """One TOKENS (encode) or AUDIO (decode) message."""
+    """One TOKENS (encode) or AUDIO (decode) message; none where Opus completed no packet."""
     data = outgoing.data
     if stream.hub.direction == "encode":
         if options.protocol == "json":
@@ -492,16 +535,26 @@ async def send_result(
         await send_message(websocket, options.protocol, MessageType.TOKENS, body)
         return
     samples = data.T  # [n * hop, C]: interleaved
-    if options.encoding == "pcm_s16le":
-        pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2").tobytes()
+    if opus is not None:
+        # off the event loop (PyAV lets go of the GIL in libopus): about 1 ms per 80 ms here
+        audio = await asyncio.to_thread(opus.write, samples)
+        if not audio:
+            return
+    elif options.encoding == "pcm_s16le":
+        audio = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2").tobytes()
     else:
-        pcm = samples.astype("<f4").tobytes()
-    if options.protocol == "json":
-        frame = outgoing.first_frame
-        body = {"frame": frame, "data": base64.b64encode(pcm).decode()}
-    else:
-        body = pcm
-    await send_message(websocket, options.protocol, MessageType.AUDIO, body)
+        audio = samples.astype("<f4").tobytes()
+    await send_audio(websocket, options.protocol, outgoing.first_frame, audio)
+
+
+async def send_audio(
+    websocket: WebSocket, protocol: Literal["binary", "json"], frame: int, audio: bytes
+) -> None:
+    """One AUDIO message: its bytes, or JSON with the first frame they hold and base64 "data"."""
+    body: Any = audio
+    if protocol == "json":
+        body = {"frame": frame, "data": base64.b64encode(audio).decode()}
+    await send_message(websocket, protocol, MessageType.AUDIO, body)
 
 
 async def send_message(
