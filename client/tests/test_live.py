@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import wave
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from harness import SERVER_PYTHON, server_process
-from tokserve_client import AsyncClient, StreamClosed
+from tokserve_client import AsyncClient, Client, StreamClosed
 
 RATE, HOP = 8000, 320
 BUILD = """
@@ -110,3 +111,88 @@ async def test_a_refused_stream_raises_with_its_close_code_and_sentence(url: str
             async with tok.stream_encode(model="encodec", encoding="mp3"):
                 pass
     assert refused.value.code == 4415 and "pcm_s16le, pcm_f32le" in refused.value.detail
+
+
+def ogg_pages(data: bytes) -> list[tuple[int, int, list[bytes]]]:
+    """Each Ogg page's header type flags, granule position and packets (none spans pages)."""
+    pages, offset = [], 0
+    while offset < len(data):
+        capture, _, flags, granule, _, _, _, count = struct.unpack_from("<4sBBqIIIB", data, offset)
+        assert capture == b"OggS"
+        lacing = data[offset + 27 : offset + 27 + count]
+        start, packets, packet = offset + 27 + count, [], b""
+        for size in lacing:
+            packet += data[start : start + size]
+            start += size
+            if size < 255:
+                packets.append(packet)
+                packet = b""
+        pages.append((flags, granule, packets))
+        offset = start
+    return pages
+
+
+async def test_stream_decode_as_ogg_opus_gives_whole_pages_of_one_opus_stream(url: str) -> None:
+    """Each result is whole Ogg pages: OpusHead alone on the first (BOS), OpusTags next; the
+    last page (EOS) trims the stream to hop samples per frame at 48 kHz, past the pre-skip."""
+    async with AsyncClient(url) as tok:
+        (whole,) = await tok.encode_audio([wav_bytes(speech_pcm())], model="encodec")
+        async with tok.stream_decode(model="encodec", encoding="ogg_opus", bitrate=24000) as stream:
+            for start in range(0, whole.shape[1], 10):
+                await stream.send_tokens(whole.tokens[:, start : start + 10])
+            await stream.end()
+            results = [pages async for pages in stream]
+    assert all(isinstance(pages, bytes) for pages in results)
+    pages = [page for pages in results for page in ogg_pages(bytes(pages))]
+    (head,), (tags,) = pages[0][2], pages[1][2]
+    assert head.startswith(b"OpusHead") and tags.startswith(b"OpusTags")
+    pre_skip, input_rate = struct.unpack_from("<HI", head, 10)
+    assert input_rate == RATE
+    assert [flags for flags, _, _ in pages] == [0x02] + [0] * (len(pages) - 2) + [0x04]
+    assert pages[-1][1] == pre_skip + whole.shape[1] * HOP * 48000 // RATE
+
+
+async def test_an_ogg_opus_file_is_sent_as_its_bytes_to_stream_encode(url: str) -> None:
+    """The .opus file a decode stream wrote, sent back to an encode stream in odd cuts, gives
+    a token frame per frame decoded."""
+    async with AsyncClient(url) as tok:
+        (whole,) = await tok.encode_audio([wav_bytes(speech_pcm())], model="encodec")
+        async with tok.stream_decode(model="encodec", encoding="ogg_opus") as decoding:
+            await decoding.send_tokens(whole.tokens)
+            await decoding.end()
+            opus = b"".join([bytes(pages) async for pages in decoding])
+        async with tok.stream_encode(model="encodec", encoding="ogg_opus") as encoding:
+            for start in range(0, len(opus), 777):
+                await encoding.send_audio(opus[start : start + 777])
+            await encoding.end()
+            frames = [tokens async for tokens in encoding]
+    assert encoding.ready["input_sample_rate"] == 48000
+    assert np.concatenate(frames, axis=1).shape == whole.tokens.shape
+
+
+def test_the_blocking_client_streams_as_the_async_one(url: str) -> None:
+    samples = speech_pcm()
+    with Client(url) as tok:
+        (whole,) = tok.encode_audio([wav_bytes(samples)], model="encodec")
+        with tok.stream_encode(model="encodec") as encoding:
+            for start in range(0, samples.size, 999):
+                encoding.send_audio(samples[start : start + 999])
+            encoding.end()
+            frames = list(encoding)
+        with tok.stream_decode(model="encodec", encoding="pcm_f32le") as decoding:
+            decoding.send_tokens(whole.tokens)
+            decoding.end()
+            audio = np.concatenate(list(decoding))
+    assert np.concatenate(frames, axis=1).tolist() == whole.tokens.tolist()
+    assert encoding.frames == decoding.frames == whole.shape[1]
+    assert audio.shape == (whole.shape[1] * HOP, 1)
+
+
+def test_the_blocking_client_raises_a_refusal_with_its_code(url: str) -> None:
+    with (
+        Client(url) as tok,
+        pytest.raises(StreamClosed) as refused,
+        tok.stream_decode(model="encodec", encoding="ogg_opus", bitrate=1000),
+    ):
+        pass
+    assert refused.value.code == 4422 and "bitrate=1000 is outside" in refused.value.detail

@@ -12,7 +12,7 @@ every other item's result. No torch: a training job installs this package alone.
 """
 
 from tokserve_client.aio import AsyncClient
-from tokserve_client.live import AudioStream, StreamClosed
+from tokserve_client.live import AudioStream, StreamClosed, SyncAudioStream
 from tokserve_client.results import Encoded, ItemError, ItemsFailed, TokserveError
 from tokserve_client.retry import RetryPolicy
 from tokserve_client.streams import pack_streams, unpack_streams
@@ -27,6 +27,7 @@ __all__ = [
     "ItemsFailed",
     "RetryPolicy",
     "StreamClosed",
+    "SyncAudioStream",
     "TokserveError",
     "pack_streams",
     "unpack_streams",

@@ -128,19 +128,28 @@ class AsyncClient(wire.Calls):
         sample_rate: int | None = None,
     ) -> live.StreamOpening:
         """``async with`` a live encode stream of a causal model: send audio as it comes (at
-        ``sample_rate``, the model's by default; the server resamples another), iterate token
-        frames [codebooks, n] as they complete."""
+        ``sample_rate``, the model's by default; the server resamples another; or, with
+        ``encoding="ogg_opus"``, an Ogg Opus file's bytes), iterate token frames
+        [codebooks, n] as they complete."""
         options = {"model": model, "codebooks": codebooks, "encoding": encoding}
         extra = {"channels": channels, "sample_rate": sample_rate}
         return live.open_stream(self.base_url, self.api_key, "encode", {**options, **extra})
 
     def stream_decode(
-        self, model: str | None = None, codebooks: int | None = None, encoding: str = "pcm_s16le"
+        self,
+        model: str | None = None,
+        codebooks: int | None = None,
+        encoding: str = "pcm_s16le",
+        bitrate: int | None = None,
     ) -> live.StreamOpening:
         """``async with`` a live decode stream: send token frames [codebooks, n], iterate audio
-        samples [n * hop, channels] in ``encoding``."""
+        samples [n * hop, channels] in ``encoding``; with ``encoding="ogg_opus"``, bytes of
+        whole Ogg pages (joined: one .opus file) at ``bitrate`` bit/s (the server's default:
+        32000 per channel)."""
         options = {"model": model, "codebooks": codebooks, "encoding": encoding}
-        return live.open_stream(self.base_url, self.api_key, "decode", options)
+        return live.open_stream(
+            self.base_url, self.api_key, "decode", {**options, "bitrate": bitrate}
+        )
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """``request``'s answer, tried again as the retry policy says."""

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from tokserve_client import wire
+from tokserve_client import live, wire
 from tokserve_client.results import Encoded
 from tokserve_client.retry import RetryPolicy, Tries, stands
 
@@ -37,6 +37,8 @@ class Client(wire.Calls):
         super().__init__(max_concurrency, retry)
         options = wire.http_options(base_url, api_key, timeout_s)
         self.http = httpx.Client(**options, transport=transport)
+        self.base_url = base_url
+        self.api_key = api_key
 
     def __enter__(self) -> Client:
         return self
@@ -102,6 +104,34 @@ class Client(wire.Calls):
         """Tokens [k, F] -> the audio file (by the model that encoded them, if Encoded)."""
         request = wire.decode_request(self.http, "/v1/audio/decode", tokens, model, fmt)
         return wire.checked(self._send(request)).content
+
+    def stream_encode(
+        self,
+        model: str | None = None,
+        codebooks: int | None = None,
+        encoding: str = "pcm_s16le",
+        channels: int | None = None,
+        sample_rate: int | None = None,
+    ) -> live.SyncStreamOpening:
+        """``with`` a live encode stream, blocking: AsyncClient.stream_encode's stream, whose
+        results are read once the audio is sent (or from a second thread)."""
+        options = {"model": model, "codebooks": codebooks, "encoding": encoding}
+        extra = {"channels": channels, "sample_rate": sample_rate}
+        return live.open_sync_stream(self.base_url, self.api_key, "encode", {**options, **extra})
+
+    def stream_decode(
+        self,
+        model: str | None = None,
+        codebooks: int | None = None,
+        encoding: str = "pcm_s16le",
+        bitrate: int | None = None,
+    ) -> live.SyncStreamOpening:
+        """``with`` a live decode stream, blocking: AsyncClient.stream_decode's stream, whose
+        results are read once the tokens are sent (or from a second thread)."""
+        options = {"model": model, "codebooks": codebooks, "encoding": encoding}
+        return live.open_sync_stream(
+            self.base_url, self.api_key, "decode", {**options, "bitrate": bitrate}
+        )
 
     def _encode(self, path: str, blobs: list[bytes], **params: Any) -> list[Encoded]:
         """Every blob through as few requests as the limits allow; raises ItemsFailed if any
