@@ -6,7 +6,9 @@ checkpoints, and real speech from /work/shared/data."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -259,6 +261,39 @@ def test_the_writer_gives_exactly_the_samples_written_at_48_khz_whatever_the_chu
     assert from_sf.shape == (expected_48k * sf_rate // OPUS_RATE, channels)
     if rate == sf_rate:
         assert snr_db(samples, from_sf) > 10  # real speech, 32 kbit/s a channel: 28 dB, 23 dB
+
+
+def test_a_write_of_more_packets_than_a_page_holds_goes_on_several_full_pages() -> None:
+    """10 s written at once at 256 kbit/s: 500 packets of 3 segments each, on pages of at most
+    255 segments whose granules follow the packets, read back whole."""
+    wave = decode_audio(LONG_CLIP.read_bytes(), 24000)[0][0].numpy()[: 10 * 24000]
+    writer = OggOpusWriter(24000, 1, 256000)
+    written = writer.write(wave[:, None])
+    data = writer.headers() + written + writer.finish()
+    pages = pages_of(written)
+    assert len(pages) > 2 and all(page.crc_ok for page in pages)
+    assert all(sum(len(p) // 255 + 1 for p in page.packets) <= 255 for page in pages)
+    assert [page.granule for page in pages] == list(
+        np.cumsum([960 * len(page.packets) for page in pages])
+    )
+    assert from_ffmpeg(data).shape == (1, len(wave) * 2)
+
+
+async def test_the_json_protocol_carries_the_same_ogg_opus_stream_in_base64(
+    live: Live, speech_tokens: dict[str, np.ndarray]
+) -> None:
+    tokens = speech_tokens["mimi"]
+    url = f"{live.ws}/v1/audio/stream/decode?model=mimi&encoding=ogg_opus&protocol=json"
+    async with connect(url) as ws:
+        for start in range(0, tokens.shape[1], 5):
+            message = {"type": "tokens", "tokens": tokens[:, start : start + 5].tolist()}
+            await ws.send(json.dumps(message))
+        await ws.send(json.dumps({"type": "end"}))
+        messages = [json.loads(message) async for message in ws]
+    audio = [base64.b64decode(m["data"]) for m in messages if m["type"] == "audio"]
+    assert messages[-1] == {"type": "end", "frames": tokens.shape[1]}
+    assert all(pages_of(pages) for pages in audio)
+    assert from_ffmpeg(b"".join(audio)).shape == (1, tokens.shape[1] * 320 * 6)
 
 
 def test_ogg_crc_matches_the_bitwise_definition_and_ffmpegs_pages() -> None:
