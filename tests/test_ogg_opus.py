@@ -20,8 +20,10 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
 
+from app.api.streams import opus_bitrate
 from app.media import decode_audio
 from app.ogg_opus import OggOpusWriter, ogg_crc
+from app.streaming import StreamRefused
 from tests.support import LONG_CLIP, causal_repo, live_ogg_opus, settings_for
 from tests.test_streaming import (
     END,
@@ -349,6 +351,14 @@ async def test_a_bitrate_out_of_range_or_without_opus_output_is_refused_with_442
     received = await refused(live, f"/v1/audio/stream/{path}")
     assert received.close_code == 4422 and received.error is not None
     assert says in received.error["detail"]
+
+
+def test_ogg_opus_output_of_more_than_two_channels_is_refused_with_4422() -> None:
+    with pytest.raises(StreamRefused) as refused:
+        opus_bitrate(None, "ogg_opus", "decode", channels=3)
+    assert refused.value.code == 4422
+    assert refused.value.detail.startswith("The model decodes 3 channels; encoding=ogg_opus")
+    assert opus_bitrate(None, "ogg_opus", "decode", channels=2) == 64000
 
 
 async def test_a_bitrate_that_is_not_a_number_is_refused_with_4400(live: Live) -> None:

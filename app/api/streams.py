@@ -230,8 +230,8 @@ def parse_options(websocket: WebSocket, engine: Engine, direction: Direction) ->
 
 
 def opus_bitrate(value: str | None, encoding: str, direction: Direction, channels: int) -> int:
-    """The bit/s a decode stream's Opus encoder is asked for (its default unless given); 0
-    where no Opus is encoded, which takes no bitrate."""
+    """The bit/s a decode stream's Opus encoder is asked for (its default unless given), for a
+    model of mono or stereo audio; 0 where no Opus is encoded, which takes no bitrate."""
     if encoding != OGG_OPUS or direction != "decode":
         if value is not None:
             raise StreamRefused(
@@ -241,6 +241,13 @@ def opus_bitrate(value: str | None, encoding: str, direction: Direction, channel
                 f"{direction} stream with encoding={encoding} takes none. Leave it out.",
             )
         return 0
+    if channels > 2:
+        raise StreamRefused(
+            4422,
+            "Opus channels",
+            f"The model decodes {channels} channels; encoding={OGG_OPUS} answers mono or stereo "
+            "(Opus mapping family 0). Ask for pcm_s16le or pcm_f32le.",
+        )
     bitrate = _int_option(value, BITRATE_PER_CHANNEL * channels, "bitrate")
     lowest, highest = MIN_BITRATE_PER_CHANNEL * channels, MAX_BITRATE_PER_CHANNEL * channels
     if not lowest <= bitrate <= highest:
