@@ -124,6 +124,18 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     return cpus
 
 
+# TOKSERVE_INSTANCES=auto puts at most this many instances of a model on the CPU
+AUTO_CPU_INSTANCES = 4
+
+
+def auto_instances(device_type: str, cpus: int) -> int:
+    """Instances of a model for TOKSERVE_INSTANCES=auto: one per GPU; on the CPU one per usable
+    core up to AUTO_CPU_INSTANCES. A one-thread forward waits at no OpenMP barrier for a core
+    that the event loop or a media thread holds, and these models scale poorly past one thread
+    at the batch sizes served (docs/performance.md)."""
+    return min(cpus, AUTO_CPU_INSTANCES) if device_type == "cpu" else 1
+
+
 def split_cpu_threads(cpu_instances: int, cpus: int) -> None:
     """Give each of ``cpu_instances`` model instances on the CPU an equal share of the ``cpus``
     as torch's thread count (at least one), so instances computing at once do not oversubscribe

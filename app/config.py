@@ -35,8 +35,10 @@ class Settings(BaseSettings):
     # twice gets two); empty: TOKSERVE_DEVICE alone. Each instance has its own worker thread, fed
     # by the model's one queue per op: whichever instance is free takes the next batch.
     devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Instances of every model on each device of TOKSERVE_DEVICES (or on TOKSERVE_DEVICE).
-    instances: int = Field(default=1, ge=1)
+    # Instances of every model on each device of TOKSERVE_DEVICES (or on TOKSERVE_DEVICE); "auto":
+    # one per GPU, and on the CPU one per usable core, at most four, the cores split between them
+    # as torch threads (app.compute.auto_instances; docs/performance.md measures why).
+    instances: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     redis_url: str | None = None
@@ -108,12 +110,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part for part in value.split(":") if part]
         return value
-
-    @property
-    def instance_devices(self) -> list[str]:
-        """The device of each model instance, in order: TOKSERVE_DEVICES (or TOKSERVE_DEVICE),
-        each TOKSERVE_INSTANCES times."""
-        return [device for device in self.devices or [self.device] for _ in range(self.instances)]
 
     @field_validator("models", "api_keys", "devices", mode="before")
     @classmethod

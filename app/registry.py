@@ -19,6 +19,7 @@ from tokserve_client.layouts import Layout, load_layouts
 
 from app.compute import (
     Reproducibility,
+    auto_instances,
     compute_fingerprint,
     reproducibility,
     run_dtype,
@@ -114,6 +115,18 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"TOKSERVE_DEVICE={requested} but no CUDA device is available")
     return device
+
+
+def instance_devices(settings: Settings) -> list[str]:
+    """The device of each model instance, in order: TOKSERVE_DEVICES (or TOKSERVE_DEVICE), each
+    TOKSERVE_INSTANCES times (for "auto", as many as auto_instances gives that device)."""
+    placed: list[str] = []
+    for device in settings.devices or [settings.device]:
+        count = settings.instances
+        if count == "auto":
+            count = auto_instances(resolve_device(device).type, usable_cpus())
+        placed += [device] * count
+    return placed
 
 
 def load_model(folder: Path, settings: Settings) -> LoadedModel:
@@ -259,7 +272,7 @@ class ModelRegistry:
                     f"TOKSERVE_MODELS names {sorted(missing)}, not found in {settings.model_dir}"
                 )
             folders = [f for f in folders if f.name in wanted]
-        devices = settings.instance_devices
+        devices = instance_devices(settings)
         split_cpu_threads(sum(resolve_device(d).type == "cpu" for d in devices), usable_cpus())
         models, instances = [], {}
         for folder in folders:

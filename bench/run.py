@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from app.compute import auto_instances, usable_cpus
 from app.config import Settings
 from app.registry import LoadedModel, ModelRegistry
 from app.tokenizers.base import ImageInfo
@@ -173,6 +174,8 @@ def measure_ops(
     for op, workload in workloads.items():
         log.info("ceiling: %s", op)
         sizes = batch_sizes(profile.ceiling_max_batch or workload.model.serving.max_batch_size)
+        # the server's instances (TOKSERVE_INSTANCES=auto), each with one torch thread
+        cpu_instances = auto_instances(workload.model.device.type, usable_cpus())
         ceiling = model_thread.submit(
             measure_ceiling,
             workload.run_batch,
@@ -180,6 +183,7 @@ def measure_ops(
             sizes,
             profile.ceiling_min_s,
             profile.min_samples,
+            cpu_instances,
         ).result()
         ceilings[op] = best_of(ceilings[op], ceiling) if op in ceilings else ceiling
         log.info("%s: sweeping %s", url, op)
@@ -224,7 +228,10 @@ def measure(
     args: argparse.Namespace, profile: Profile, model_thread: ThreadPoolExecutor
 ) -> Measurements:
     """Prepare inputs, then the batched server (ops, cache), then the unbatched server (ops)."""
-    registry = ModelRegistry.load(Settings(model_dir=[str(args.model_dir)], device=args.device))
+    # one instance: the ceiling is measured with the process's threads, not a share of them
+    registry = ModelRegistry.load(
+        Settings(model_dir=[str(args.model_dir)], device=args.device, instances=1)
+    )
     ops = [op for op in OPS if op in args.ops]
     image_wanted = {"image_encode", "image_decode", "cache"} & set(args.ops)
     image_model = first_of(registry, "image") if image_wanted else None

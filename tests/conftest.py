@@ -39,6 +39,15 @@ def redis_server() -> Iterator[RedisServer]:
         server.close()
 
 
+@pytest.fixture(autouse=True)
+def torch_threads() -> Iterator[None]:
+    """Each test ends with torch's thread count as it began: loading several CPU instances of a
+    model (TOKSERVE_INSTANCES, "auto" by default) splits the cores between them process-wide."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Single-threaded torch: exact tokens do not depend on how a convolution was split, and

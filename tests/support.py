@@ -118,7 +118,9 @@ async def listening(
 
 
 def settings_for(model_dir: Path, **overrides: Any) -> Settings:
-    return Settings(model_dir=[str(model_dir)], device="cpu", **overrides)
+    """CPU settings over ``model_dir``: one instance of each model, unless the test says how
+    many, so that what a test sees does not depend on the host's cores (instances=auto)."""
+    return Settings(model_dir=[str(model_dir)], device="cpu", **{"instances": 1, **overrides})
 
 
 @asynccontextmanager

@@ -5,41 +5,46 @@ batch."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from app.compute import usable_cpus
+from app.compute import auto_instances, usable_cpus
 from app.config import Settings
 from app.endpoints import Media, Tokens
 from app.engine import Engine
-from app.registry import ModelRegistry
+from app.registry import ModelRegistry, instance_devices
 from tests.support import png_bytes, sample, settings_for, wav_bytes
 
 IMAGES = [png_bytes(seed=seed) for seed in range(8)]
 
 
-@pytest.fixture(autouse=True)
-def torch_threads() -> Iterator[None]:
-    """Two CPU instances take half of torch's threads each; later tests get them all back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_devices_and_instances_name_every_instance_s_device() -> None:
-    assert Settings(devices="cpu,cpu").instance_devices == ["cpu", "cpu"]
-    assert Settings(devices="cuda:0, cuda:1", instances=2).instance_devices == [
-        "cuda:0",
-        "cuda:0",
-        "cuda:1",
-        "cuda:1",
-    ]
-    assert Settings(device="cpu").instance_devices == ["cpu"]
-    assert Settings(device="cpu", instances=3).instance_devices == ["cpu", "cpu", "cpu"]
+    assert instance_devices(Settings(devices="cpu,cpu", instances=1)) == ["cpu", "cpu"]
+    assert instance_devices(Settings(device="cpu", instances=3)) == ["cpu", "cpu", "cpu"]
+    # what CUDA device each instance is on is known without one: the names are kept as given
+    assert Settings(devices="cuda:0, cuda:1", instances=2).devices == ["cuda:0", "cuda:1"]
+
+
+def test_auto_instances_are_one_per_gpu_and_one_per_cpu_core_up_to_four() -> None:
+    assert [auto_instances("cpu", cpus) for cpus in (1, 2, 3, 4, 5, 64)] == [1, 2, 3, 4, 4, 4]
+    assert auto_instances("cuda", 64) == 1
+
+
+def test_instances_are_auto_by_default_as_many_as_the_usable_cores_give(repo: Path) -> None:
+    settings = Settings(model_dir=[str(repo)], device="cpu")
+    assert settings.instances == "auto"
+    assert instance_devices(settings) == ["cpu"] * auto_instances("cpu", usable_cpus())
+
+
+def test_instances_are_a_count_or_auto() -> None:
+    with pytest.raises(ValidationError):
+        Settings(instances=0)
+    with pytest.raises(ValidationError):
+        Settings(instances="all")
 
 
 def test_instances_on_one_device_share_its_weights_and_split_its_threads(repo: Path) -> None:

@@ -22,11 +22,18 @@ import pyarrow as pa
 
 from app.bulk.local import bulk_settings, encode_each
 from app.bulk.shards import ERROR_TYPE
+from app.config import Settings
 from app.endpoints import Tokens
 from app.engine import SyncEngine
 from app.errors import BadRequest, ProblemError
 from app.media import ResizeMode
 from app.tokens import token_dtype
+
+
+def actor_settings(model: str | None, model_dir: list[str] | None) -> Settings:
+    """``bulk_settings`` with one instance of the model: Ray runs an actor per CPU (or GPU), and
+    gives each actor as many torch threads."""
+    return bulk_settings(model, model_dir).model_copy(update={"instances": 1})
 
 
 class _ItemEngine(SyncEngine):
@@ -63,8 +70,8 @@ class TokenizeBatch:
         model_dir: list[str] | None = None,
         keep_bytes: bool = False,
     ) -> None:
-        """Load ``model`` (or the only model of the model folders), as ``bulk_settings`` says."""
-        settings = bulk_settings(model, model_dir)
+        """Load ``model`` (or the only model of the model folders), as ``actor_settings`` says."""
+        settings = actor_settings(model, model_dir)
         self.engine = _ItemEngine(settings)
         names = self.engine.engine.registry.names()
         if len(names) != 1:

@@ -21,10 +21,10 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from app.bulk.batch import TokenizeBatch
+from app.bulk.batch import TokenizeBatch, actor_settings
 from app.bulk.inputs import Item, Locator, Reader, read_or_problem
 from app.bulk.job import BulkOptions
-from app.bulk.local import WINDOW_BATCHES, bulk_settings
+from app.bulk.local import WINDOW_BATCHES
 from app.bulk.remote import ModelChanged
 from app.bulk.shards import ERROR_TYPE, row
 from app.compute import usable_cpus
@@ -105,7 +105,7 @@ def describe_model(options: BulkOptions) -> dict[str, Any]:
 
 
 def _describe(model: str | None, model_dir: list[str]) -> list[dict[str, Any]]:
-    registry = ModelRegistry.load(bulk_settings(model, model_dir))
+    registry = ModelRegistry.load(actor_settings(model, model_dir))
     return [loaded.describe() for loaded in registry.models.values()]
 
 
