@@ -211,8 +211,8 @@ async def server_totals(client: httpx.AsyncClient) -> dict[str, float]:
 def _server_view(
     before: dict[str, float], after: dict[str, float], elapsed_s: float
 ) -> dict[str, float]:
-    """Batches, mean batch size, mean forward and queue wait (ms), and the share of the level
-    the model thread spent in forward passes."""
+    """Batches, mean batch size, mean forward and queue wait (ms), and how many of the model's
+    instances were in a forward pass on average over the level (at most the instances)."""
     change = {name: after[name] - before[name] for name in SERVER_METRICS}
     batches = change["tokserve_batch_size_count"]
     forwards = change["tokserve_inference_duration_seconds_count"]

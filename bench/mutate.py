@@ -59,7 +59,8 @@ TESTS: dict[str, list[str]] = {
     "app/cache/counting.py": ["tests/test_cache.py"],
     "app/cache/keys.py": ["tests/test_cache.py"],
     "app/cache/__init__.py": ["tests/test_cache.py"],
-    "app/batching.py": ["tests/test_batching.py"],
+    # and the queue wait and forward it adds to each request's Server-Timing
+    "app/batching.py": ["tests/test_batching.py", "tests/test_server_timing.py"],
     # the API's request handling: only the tests of its promises, each starting a fresh app
     "app/api/deps.py": [
         "tests/test_auth.py",
@@ -74,6 +75,7 @@ TESTS: dict[str, list[str]] = {
         f"tests/test_hostile.py::{HOSTILE_IN_FLIGHT}",
         "tests/test_metrics.py",
         "tests/test_request_ids.py",
+        "tests/test_server_timing.py",
         "tests/test_tracing.py",
     ],
     "app/api/requests.py": [

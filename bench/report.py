@@ -28,20 +28,20 @@ def op_summary(ceiling: Ceiling, batched: Sweep, unbatched: Sweep | None) -> dic
     """Saturation/ceiling, batched/unbatched, idle overhead, tail ratio and 5xx for one op."""
     saturation = max(batched.levels, key=lambda s: s.throughput_rps)
     at_one = batched.at(1)
-    overhead_ms = at_one.p50_ms - ceiling.single_item_ms if at_one else math.nan
+    overhead_ms = at_one.p50_ms - ceiling.best_single_item_ms if at_one else math.nan
     tail = saturation.p99_ms / saturation.p50_ms
     sweeps = [batched] + ([unbatched] if unbatched else [])
     server_errors = sum(s.server_errors for sweep in sweeps for s in sweep.levels)
     rejected = sum(s.statuses.get("503", 0) for sweep in sweeps for s in sweep.levels)
     highest = batched.levels[-1]
     summary: dict[str, Any] = {
-        "ceiling_items_per_s": round(ceiling.items_per_s, 3),
+        "ceiling_items_per_s": round(ceiling.best_items_per_s, 3),
         "saturation": _level_view(saturation, ceiling),
         "highest_concurrency": _level_view(highest, ceiling),
         "saturation_over_ceiling": _target(
-            round(saturation.throughput_rps / ceiling.items_per_s, 3),
+            round(saturation.throughput_rps / ceiling.best_items_per_s, 3),
             ">= 0.8",
-            saturation.throughput_rps >= 0.8 * ceiling.items_per_s,
+            saturation.throughput_rps >= 0.8 * ceiling.best_items_per_s,
         ),
         "p50_c1_minus_in_process_ms": _target(
             _round(overhead_ms), "<= 5", None if math.isnan(overhead_ms) else overhead_ms <= 5
@@ -91,7 +91,7 @@ def _level_view(level: LevelStats, ceiling: Ceiling) -> dict[str, Any]:
     return {
         "concurrency": level.concurrency,
         "throughput_rps": round(level.throughput_rps, 3),
-        "over_ceiling": round(level.throughput_rps / ceiling.items_per_s, 3),
+        "over_ceiling": round(level.throughput_rps / ceiling.best_items_per_s, 3),
         "mean_batch_size": level.server["mean_batch_size"],
         "model_busy": level.server["model_busy"],
         "client_cpu_cores": round(level.client_cpu_cores, 3),
@@ -195,7 +195,7 @@ def markdown(results: dict[str, Any]) -> str:
         if versus.get("value") is not None:
             versus_text = f"{versus['value']:.2f} (c={versus['concurrency']})"
         lines.append(
-            f"| {op} | {ceiling['items_per_s']:.2f} ({ceiling['best_batch_size']}) "
+            f"| {op} | {summary['ceiling_items_per_s']:.2f} ({_ceiling_config(ceiling)}) "
             f"| {summary['saturation']['throughput_rps']:.2f} "
             f"({summary['saturation']['concurrency']}) "
             f"| {summary['saturation_over_ceiling']['value']:.2f} | {versus_text} "
@@ -230,8 +230,8 @@ def markdown(results: dict[str, Any]) -> str:
         saturation = entry["summary"]["saturation"]
         lines.append(
             f"- {op}: at saturation the server ran batches of {saturation['mean_batch_size']} "
-            f"on average and its model thread computed {100 * saturation['model_busy']:.0f}% "
-            f"of the time; the ceiling's best batch is {entry['ceiling']['best_batch_size']}."
+            f"on average with {saturation['model_busy']:.2f} instances in a forward pass on "
+            f"average; the ceiling's best batch is {entry['ceiling']['best_batch_size']}."
         )
         note = entry["summary"].get("batched_over_unbatched", {}).get("note")
         if note:
@@ -254,6 +254,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"req/s, ratio {cache['hit_over_miss_throughput']:.1f} (target >= 5).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _ceiling_config(ceiling: dict[str, Any]) -> str:
+    """How the ceiling was reached: one instance's best batch, or one-thread instances at once."""
+    if ceiling["instances_items_per_s"] > ceiling["items_per_s"]:
+        largest = max(int(size) for size in ceiling["items_per_s_by_batch_size"])
+        return f"{ceiling['instances']} instances, batch {largest}"
+    return f"batch {ceiling['best_batch_size']}"
 
 
 def _text(value: float | None, spec: str) -> str:

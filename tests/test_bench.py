@@ -15,6 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from app.compute import auto_instances, usable_cpus
 from app.media import decode_audio, decode_image
 from app.registry import ModelRegistry
 from bench.ceiling import Ceiling
@@ -61,7 +62,9 @@ def check_level(level: dict[str, Any]) -> None:
     assert set(level["statuses"]) == {"200"}, level["statuses"]
     assert level["transport_errors"] == 0 and level["unexpected"] == 0
     assert level["client_cpu_cores"] > 0
-    assert level["server"]["batches"] >= 0 and 0 <= level["server"]["model_busy"] < 1.1
+    # instances in a forward pass on average: the server runs TOKSERVE_INSTANCES=auto
+    instances = auto_instances("cpu", usable_cpus())
+    assert level["server"]["batches"] >= 0 and 0 <= level["server"]["model_busy"] < instances + 0.1
 
 
 def test_quick_run_writes_every_field_with_sane_values(
