@@ -228,7 +228,8 @@ def image_geometry(
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS_IN) as img:
             width, height = img.size
-            if _orientation(img, data) in (5, 6, 7, 8):
+            # Pillow gives a TIFF's size upright already (and transposes its pixels as it loads)
+            if img.format != "TIFF" and _orientation(img, data) in (5, 6, 7, 8):
                 width, height = height, width
     except (Image.DecompressionBombError, *_PILLOW_DECODE_ERRORS):
         return None

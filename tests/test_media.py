@@ -420,6 +420,26 @@ def test_geometry_finds_a_png_exif_orientation_written_after_the_image_data() ->
     assert geometry is not None and geometry["source_size"] == [100, 200]
 
 
+def test_geometry_of_an_exif_rotated_tiff_is_its_upright_size() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 100), RED).save(buffer, "TIFF", tiffinfo={274: 6})
+    geometry = image_geometry(buffer.getvalue(), (64, 64), "crop")
+    assert geometry is not None and geometry["source_size"] == [100, 200]
+    assert decode_image(buffer.getvalue(), (64, 32), "stretch").shape == (3, 64, 32)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_geometry_of_an_image_whose_exif_has_no_orientation_is_as_stored(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "tokserve"
+    if fmt == "PNG":  # after the image data, where only the chunk walk finds it
+        data = png_then(png_chunk(b"eXIf", exif.tobytes().removeprefix(b"Exif\x00\x00")))
+    else:
+        data = image_bytes(Image.new("RGB", (200, 100), RED), "JPEG", exif=exif)
+    geometry = image_geometry(data, (64, 64), "crop")
+    assert geometry is not None and geometry["source_size"] == [200, 100]
+
+
 def test_geometry_ignores_an_exif_chunk_after_a_pngs_end() -> None:
     data = png_then(png_chunk(b"eXIf", exif_orientation(6)), before_end=False)
     geometry = image_geometry(data, (64, 64), "crop")
