@@ -1047,6 +1047,19 @@ async def test_stop_after_the_drain_timeout_fails_what_runs_beside_an_instance_t
     assert first.batches == [[1]] and second.attempts == [1]
 
 
+async def test_stop_after_the_drain_timeout_fails_what_runs_beside_an_instance_never_used(
+    make_batcher: MakeBatcher,
+) -> None:
+    first, second = MatmulModel(), MatmulModel()
+    batcher = await make_batcher({"a": first, "b": second})
+    blocker = await hold_worker(first, batcher)  # "b" has run no batch when the timeout comes
+    await batcher.stop(drain_timeout_s=0.05)
+    with pytest.raises(Overloaded):
+        await blocker
+    first.release.set()
+    assert second.attempts == []
+
+
 def test_a_batcher_without_instances_is_refused() -> None:
     with pytest.raises(ValueError) as refused:
         unstarted("m", {})
