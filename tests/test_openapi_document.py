@@ -93,3 +93,14 @@ async def test_without_api_keys_no_route_answers_401(client: httpx.AsyncClient) 
     assert not any(
         "401" in op["responses"] for ops in document["paths"].values() for op in ops.values()
     )
+
+
+async def test_every_answer_declares_the_request_id_and_server_timing_headers(repo: Path) -> None:
+    async with served(settings_for(repo, api_keys=["s3cret"])) as client:
+        document = await document_of(client)
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            for status, response in operation["responses"].items():
+                assert {"X-Request-Id", "Server-Timing"} <= set(response["headers"]), (path, status)
+    answers_401 = document["paths"]["/v1/images/encode"]["post"]["responses"]["401"]
+    assert set(answers_401["headers"]) == {"WWW-Authenticate", "X-Request-Id", "Server-Timing"}

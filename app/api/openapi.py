@@ -25,7 +25,7 @@ from pydantic.json_schema import models_json_schema
 from tokserve_client.layouts import Layout
 
 from app.api import schemas
-from app.api.schemas import problems, ref
+from app.api.schemas import ANSWER_HEADERS, problems, ref
 from app.config import Settings
 from app.endpoints import AudioEndpoint, ImageEndpoint
 from app.engine import Engine
@@ -98,7 +98,15 @@ def openapi_document(app: FastAPI, engine: Engine | None) -> dict[str, Any]:
     _bound_encode_lists(components["schemas"], settings.max_items)
     if settings.api_keys:
         _require_keys(document, settings.public_metrics)
+    _declare_answer_headers(document)
     return document
+
+
+def _declare_answer_headers(document: dict[str, Any]) -> None:
+    """Every answer of every operation declares the headers the middleware adds to all."""
+    for operation in _operations(document):
+        for response in operation["responses"].values():
+            response["headers"] = {**response.get("headers", {}), **ANSWER_HEADERS}
 
 
 def _operations(document: dict[str, Any]) -> Iterable[dict[str, Any]]:

@@ -436,6 +436,19 @@ _PROBLEM_HEADERS = {
         }
     },
 }
+# what the middleware puts on every HTTP answer, whatever the route or status (app/middleware.py)
+ANSWER_HEADERS = {
+    "X-Request-Id": {
+        "description": "The request's id: the client's X-Request-Id when it is 1 to 128 of "
+        "A-Z a-z 0-9 . _ : @ + = / -, else a new one (32 hex digits)",
+        "schema": {"type": "string"},
+    },
+    "Server-Timing": {
+        "description": "Milliseconds inside the server: cache, media, queue and forward, those "
+        "the request met, then total",
+        "schema": {"type": "string"},
+    },
+}
 _MODEL_VERSION = {
     "X-Model-Version": {"description": "The serving model's version", "schema": {"type": "string"}}
 }
