@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -30,52 +28,42 @@ from app.compute import auto_instances, usable_cpus
 from app.config import Settings
 from app.registry import ModelRegistry
 from bench import server as servers
-from bench.ceiling import measure_instances
+from bench.ceiling import measure_ceiling
 from bench.loadgen import LevelPlan, run_level, wait_idle
 from bench.run import first_of
 from bench.workloads import OPS, Workload, audio_workloads, image_workloads
 
 REPO_ROOT = servers.REPO_ROOT
+SINGLE_CALLS = 9  # batch-of-1 calls at least, however long min_s is
 
 
 def in_process(workload: Workload, min_s: float) -> dict[str, Any]:
     """Median batch-of-1 call (ms) and items/s at the model's max batch size: the better of one
     instance with the process's torch threads and of the one-thread instances that
-    TOKSERVE_INSTANCES=auto runs (both kept)."""
-    run, items = workload.run_batch, workload.items
-    run(items[:1])
-    singles = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < min_s or len(singles) < 9:
-        begin = time.perf_counter()
-        run([items[len(singles) % len(items)]])
-        singles.append(time.perf_counter() - begin)
+    TOKSERVE_INSTANCES=auto runs (both kept), measured as make bench measures its ceiling."""
     size = workload.model.serving.max_batch_size
-    batch = [items[i % len(items)] for i in range(size)]
-    calls = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < min_s or len(calls) < 3:
-        begin = time.perf_counter()
-        run(batch)
-        calls.append(time.perf_counter() - begin)
+    instances = auto_instances(workload.model.device.type, usable_cpus())
+    ceiling = measure_ceiling(
+        workload.run_batch, workload.items, [1, size], min_s, SINGLE_CALLS, instances
+    )
     one = {
-        "single_item_ms": round(1000 * statistics.median(singles), 2),
-        "ceiling_items_per_s": round(size / statistics.median(calls), 2),
+        "single_item_ms": round(ceiling.single_item_ms, 2),
+        "ceiling_items_per_s": round(ceiling.items_per_s_by_batch_size[size], 2),
         "ceiling_batch": size,
     }
-    instances = auto_instances(workload.model.device.type, usable_cpus())
-    if instances < 2:
+    if ceiling.instances < 2:
         return one
-    rate, single_s = measure_instances(run, items, size, instances, min_s)
     return {
-        "single_item_ms": min(one["single_item_ms"], round(1000 * single_s, 2)),
-        "ceiling_items_per_s": max(one["ceiling_items_per_s"], round(rate, 2)),
+        "single_item_ms": round(ceiling.best_single_item_ms, 2),
+        "ceiling_items_per_s": round(
+            max(one["ceiling_items_per_s"], ceiling.instances_items_per_s), 2
+        ),
         "ceiling_batch": size,
         "one_instance": one,
         "instances": {
-            "count": instances,
-            "single_item_ms": round(1000 * single_s, 2),
-            "ceiling_items_per_s": round(rate, 2),
+            "count": ceiling.instances,
+            "single_item_ms": round(ceiling.instances_single_item_ms, 2),
+            "ceiling_items_per_s": round(ceiling.instances_items_per_s, 2),
         },
     }
 
