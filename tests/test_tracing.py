@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from app.config import Settings
 from app.main import create_app
-from tests.support import png_bytes, served, settings_for
+from tests.support import png_bytes, served, settings_for, tiny_layout, wav_bytes
 
 IMAGE = "tiny-image"
 ENCODE = f"/v1/images/encode?model={IMAGE}"
@@ -191,6 +191,32 @@ async def test_an_unreadable_item_fails_its_media_decode_span_and_the_others_go_
     assert sorted(span.status.status_code.name for span in decodes) == ["ERROR", "UNSET"]
     (failed,) = [span for span in decodes if span.status.status_code is StatusCode.ERROR]
     assert [event.name for event in failed.events] == ["exception"]
+
+
+async def test_a_sequences_image_and_clip_decode_at_once_each_in_a_span_of_its_model(
+    repo: Path, tmp_path: Path
+) -> None:
+    settings = settings_for(repo, layout_dir=str(tiny_layout(tmp_path / "layouts", repo)))
+    async with traced(settings) as (client, spans):
+        grid = (await client.post(ENCODE, content=png_bytes(seed=950))).json()["items"][0]
+        clip = await client.post("/v1/audio/encode", content=wav_bytes(seconds=0.3))
+        layout = client.app.state.engine.registry.layouts["tiny"]  # type: ignore[attr-defined]
+        image_ids = layout.to_ids(IMAGE, np.array(grid["tokens"])).tolist()
+        clip_ids = layout.to_ids("tiny-audio", np.array(clip.json()["items"][0]["tokens"]))
+        body = {"layout": "tiny", "ids": [5, *image_ids, 6, *clip_ids.tolist()]}
+        answer = await client.post(
+            "/v1/sequences/decode", json=body, headers={"X-Request-Id": "seq-1"}
+        )
+    assert answer.status_code == 200
+    decodes = spans.children(spans.request("seq-1"))["sequence.decode"]
+    assert sorted(attributes(span)["tokserve.model"] for span in decodes) == [
+        "tiny-audio",
+        IMAGE,
+    ]
+    # one model's spans are not waited for before the next model's start
+    assert max(span.start_time or 0 for span in decodes) < min(
+        span.end_time or 0 for span in decodes
+    )
 
 
 async def test_a_request_with_a_traceparent_continues_the_callers_trace(repo: Path) -> None:

@@ -9,6 +9,7 @@ when one failed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -55,15 +56,22 @@ async def decode_sequence(request: Request, body: SequenceRequest, engine: Engin
     for index, span in enumerate(spans):
         if span.model is not None and span.tokens is not None:
             by_model.setdefault(span.model, []).append(index)
-    for model, indexes in by_model.items():
+
+    async def decode_model(model: str, indexes: list[int]) -> None:
+        """One model's spans in one call, beside the other models' (a span of its own)."""
         endpoint = engine.endpoints[model]
         fmt = body.image_format if endpoint.model.modality == "image" else body.audio_format
-        try:
-            work = endpoint.decode([spans[i].tokens for i in indexes], fmt, deadline)
-            answer = await cancel_on_disconnect(request, work)
-            results.update(zip(indexes, answer.items, strict=True))
-        except ProblemError as exc:  # the model refuses them all (encode-only, too long)
-            results.update((i, exc) for i in indexes)
+        attributes: dict[str, str | int] = {"tokserve.model": model, "tokserve.spans": len(indexes)}
+        with engine.tracer.start_as_current_span("sequence.decode", attributes=attributes):
+            try:
+                answer = await endpoint.decode([spans[i].tokens for i in indexes], fmt, deadline)
+                results.update(zip(indexes, answer.items, strict=True))
+            except ProblemError as exc:  # the model refuses them all (encode-only, too long)
+                results.update((i, exc) for i in indexes)
+
+    # the models' queues and instances are their own: an image's forward need not wait for a clip's
+    work = asyncio.gather(*(decode_model(m, indexes) for m, indexes in by_model.items()))
+    await cancel_on_disconnect(request, work)
     binary = response_format(request) == "msgpack"
     answered = [_span(span, results.get(i), binary) for i, span in enumerate(spans)]
     status = MULTI_STATUS if any("error" in span for span in answered) else 200
