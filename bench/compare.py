@@ -102,6 +102,21 @@ def measure(
     return row
 
 
+def load_workloads(
+    model_dir: Path, data_dir: Path
+) -> tuple[list[str], dict[str, Workload], ThreadPoolExecutor]:
+    """The first image and audio model's names, every op's workload from the media in
+    ``data_dir``, and the one thread that prepared them and runs their in-process figures."""
+    # one instance: the in-process figures choose their own threads (in_process)
+    registry = ModelRegistry.load(Settings(model_dir=[str(model_dir)], device="cpu", instances=1))
+    image, audio = first_of(registry, "image"), first_of(registry, "audio")
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+    workloads: dict[str, Workload] = {}
+    workloads |= model_thread.submit(image_workloads, image, data_dir, 16).result()
+    workloads |= model_thread.submit(audio_workloads, audio, data_dir, 8).result()
+    return [image.name, audio.name], workloads, model_thread
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
     parser.add_argument("--baseline", type=Path, help="another checkout: its server is 'before'")
@@ -124,16 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ops = args.ops.split(",")
     low, high = (int(n) for n in args.levels.split(","))
-    # one instance: the in-process figures choose their own threads (in_process)
-    registry = ModelRegistry.load(
-        Settings(model_dir=[str(args.model_dir)], device="cpu", instances=1)
-    )
-    image, audio = first_of(registry, "image"), first_of(registry, "audio")
-    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
-    workloads: dict[str, Workload] = {}
-    workloads |= model_thread.submit(image_workloads, image, args.data_dir, 16).result()
-    workloads |= model_thread.submit(audio_workloads, audio, args.data_dir, 8).result()
-    models = [image.name, audio.name]
+    models, workloads, model_thread = load_workloads(args.model_dir, args.data_dir)
     variants: list[tuple[str, AbstractContextManager[str], bool]] = []
     if args.baseline:
         variants.append(("before", tokserve_from(args.baseline, args.model_dir, models), False))

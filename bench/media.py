@@ -52,13 +52,14 @@ def audio_clips(
     """``count`` distinct clips [T, C] float32 at sample_rate, cut from the longest recordings.
 
     Clips are taken from evenly spaced offsets of each recording, longest recordings first,
-    until there are enough; recordings shorter than a clip are skipped.
+    until there are enough, or fewer where the recordings hold no more; recordings shorter than
+    a clip are skipped.
     """
     paths = sorted(
         (p for p in (data_dir / "audio").rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES),
         key=lambda p: (-p.stat().st_size, p.name),
     )
-    per_file = 1
+    per_file, fewer = 1, -1
     while True:
         clips = []
         for path in paths:
@@ -67,7 +68,9 @@ def audio_clips(
                 return clips[:count]
         if not clips:
             raise FileNotFoundError(f"no recording of at least {seconds} s in {data_dir / 'audio'}")
-        per_file *= 2
+        if len(clips) == fewer:  # every recording is cut into as many clips as it holds
+            return clips
+        per_file, fewer = per_file * 2, len(clips)
 
 
 def _cut(

@@ -166,6 +166,7 @@ def measure_configuration(env: dict[str, str], args: argparse.Namespace) -> dict
         # Off: a cache would hold results and grow between readings, which is not the allocator.
         "TOKSERVE_CACHE_MAX_BYTES": "0",
         "TOKSERVE_REQUEST_TIMEOUT_S": "300",
+        "TOKSERVE_INSTANCES": args.instances,
     }
     with server_process(REPO_ROOT / "models", 300.0, **settings, **env) as (process, url):
         pid = process.pid
@@ -235,6 +236,7 @@ def measure(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[s
                 f" {args.audio_seconds:g} s then decode one to WAV"
             ),
             "idle_s": args.idle_s,
+            "instances": args.instances,
             "rss": "VmRSS of the server process; peak sampled every "
             f"{SAMPLE_EVERY_S * 1000:.0f} ms, after = at the end of the idle",
         },
@@ -269,6 +271,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clips-per-request", type=int, default=4)
     parser.add_argument("--audio-seconds", type=float, default=60.0)
     parser.add_argument("--idle-s", type=float, default=8.0, help="idle after warm-up and peaks")
+    parser.add_argument(
+        "--instances",
+        default="auto",
+        help="TOKSERVE_INSTANCES of the server: each instance may hold a forward's activations",
+    )
     return parser.parse_args(argv)
 
 

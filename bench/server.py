@@ -70,16 +70,26 @@ def stop(process: subprocess.Popen[Any], sig: int, timeout_s: float) -> None:
 
 
 @contextmanager
-def serving(
+def serving_process(
     model_dir: Path, device: str, models: list[str], ready_timeout_s: float = 300.0, **env: str
-) -> Iterator[str]:
-    """The benchmark's server: only ``models``, on ``device``, quiet logs; yields its base URL."""
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The benchmark's server: only ``models``, on ``device``, quiet logs; yields its process
+    and base URL."""
     settings = {
         "TOKSERVE_MODELS": ",".join(models),
         "TOKSERVE_DEVICE": device,
         "TOKSERVE_LOG_LEVEL": "WARNING",
     }
-    with server_process(model_dir, ready_timeout_s, **settings, **env) as (_, url):
+    with server_process(model_dir, ready_timeout_s, **settings, **env) as served:
+        yield served
+
+
+@contextmanager
+def serving(
+    model_dir: Path, device: str, models: list[str], ready_timeout_s: float = 300.0, **env: str
+) -> Iterator[str]:
+    """The benchmark's server (serving_process); yields its base URL."""
+    with serving_process(model_dir, device, models, ready_timeout_s, **env) as (_, url):
         yield url
 
 

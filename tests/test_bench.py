@@ -19,9 +19,10 @@ from app.compute import auto_instances, usable_cpus
 from app.media import decode_audio, decode_image
 from app.registry import ModelRegistry
 from bench.ceiling import Ceiling
+from bench.cpu_split import main as cpu_split_main
 from bench.latency import main as latency_main
 from bench.loadgen import LevelStats
-from bench.media import image_file, unique_copy, wav_file
+from bench.media import audio_clips, image_file, unique_copy, wav_file
 from bench.report import op_summary
 from bench.run import main
 from bench.scenarios import Sweep
@@ -126,6 +127,26 @@ def test_quick_run_writes_every_field_with_sane_values(
     assert cache["summary"]["hit_over_miss_throughput"]["value"] > 0
 
 
+def test_cpu_split_counts_each_server_threads_cpu_per_request_beside_the_ceiling(
+    repo: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--ops", "image_decode,audio_encode", "--concurrency", "2", "--duration-s", "1.0"]
+    assert cpu_split_main([*argv, "--model-dir", str(repo), "--data-dir", str(data_dir)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for op, model in (("image_decode", "tiny-image-decode"), ("audio_encode", "tiny-audio-encode")):
+        row = results["ops"][op]
+        threads = row["cpu_ms_per_request"]
+        # the op's model instances did the forwards, no other queue's; the event loop served
+        forwards = [name for name in threads if name.startswith("tiny-")]
+        assert forwards and all(name.startswith(f"{model}-cpu/") for name in forwards), threads
+        assert threads["MainThread"] > 0
+        assert row["server_cpu_ms_per_request"] == pytest.approx(sum(threads.values()), abs=0.01)
+        assert row["load_generator_cpu_ms_per_request"] > 0
+        assert 0 <= row["machine_idle_share"] < 1
+        assert row["in_process"]["ceiling_items_per_s"] > 0 and row["throughput_rps"] > 0
+        assert row["bound"] > 0 and row["ratio"] > 0
+
+
 def test_the_litserve_peer_answers_the_tokens_and_files_of_the_same_model(
     repo: Path, data_dir: Path
 ) -> None:
@@ -151,6 +172,13 @@ def test_the_litserve_peer_answers_the_tokens_and_files_of_the_same_model(
                 ), op
             else:
                 assert body[:4] in (b"\x89PNG", b"RIFF"), op
+
+
+def test_recordings_too_short_for_every_clip_asked_give_each_clip_they_hold(data_dir: Path) -> None:
+    # two 6 s recordings hold one 5 s clip each, however many are asked for
+    clips = audio_clips(data_dir, 24_000, 1, 5.0, 8)
+    assert [clip.shape for clip in clips] == [(120_000, 1), (120_000, 1)]
+    assert not np.array_equal(clips[0], clips[1])
 
 
 def test_unique_copies_are_new_bytes_that_decode_to_the_same_media() -> None:
