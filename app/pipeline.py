@@ -158,7 +158,9 @@ class Pipeline:
             try:
                 array = await self.flights.run(keys[index], lambda: compute(index))
             except ProblemError as exc:  # this item's own problem; the others go on
-                return ItemResult(None, error=exc)
+                # without its traceback: its frames hold the item's input, and the frames that
+                # shared the exception (single-flight) make a cycle only the collector frees
+                return ItemResult(None, error=exc.with_traceback(None))
             return ItemResult(array)
 
         misses = {i: asyncio.ensure_future(flight(i)) for i, hit in enumerate(hits) if hit is None}

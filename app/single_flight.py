@@ -56,3 +56,4 @@ class SingleFlight:
             # Followers already hold the outcome; retrieving it keeps asyncio from logging
             # "exception was never retrieved" when there were none.
             outcome.exception()
+            del outcome  # it holds the traceback, which holds this frame: a reference cycle
