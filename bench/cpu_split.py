@@ -29,7 +29,7 @@ from typing import Any
 from app.compute import usable_cpus
 from bench.compare import in_process, load_workloads
 from bench.loadgen import LevelPlan, run_level
-from bench.machine import describe
+from bench.machine import PROC, describe, stat_cpu_s
 from bench.server import REPO_ROOT, serving_process
 from bench.workloads import OPS, Workload
 
@@ -47,20 +47,18 @@ def thread_names(pid: int) -> dict[int, str]:
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
     """Native thread id -> user + system CPU seconds, for each thread of process ``pid``."""
-    ticks = os.sysconf("SC_CLK_TCK")
     seconds = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for task in (PROC / str(pid) / "task").iterdir():
         try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            seconds[int(task.name)] = sum(stat_cpu_s(task / "stat"))
         except OSError:  # the thread ended
             continue
-        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
     return seconds
 
 
 def idle_and_total() -> tuple[int, int]:
     """The machine's idle + iowait jiffies and all jiffies (/proc/stat)."""
-    jiffies = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    jiffies = [int(value) for value in (PROC / "stat").read_text().split("\n")[0].split()[1:]]
     return jiffies[3] + jiffies[4], sum(jiffies)
 
 
@@ -121,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": os.getloadavg(),
         "ops": {},
     }
-    for op in args.ops.split(","):
+    ops = args.ops.split(",")
+    for op in ops:
         results["ops"][op] = {
             "in_process": model_thread.submit(in_process, workloads[op], 2.0).result()
         }
     cpus = usable_cpus()
     with serving_process(args.model_dir, "cpu", models) as (process, url):
-        for op in args.ops.split(","):
+        for op in ops:
             print(op, file=sys.stderr)
             row = results["ops"][op]
             row |= split(process.pid, url, workloads[op], args.concurrency, args.duration_s)

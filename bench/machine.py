@@ -51,18 +51,24 @@ class _Process:
     command: str
 
 
+def stat_cpu_s(stat: Path) -> tuple[float, float]:
+    """User and system CPU seconds from a ``/proc/<pid>/stat`` (a process, all its threads) or
+    ``/proc/<pid>/task/<tid>/stat`` (one thread) file; OSError once it has ended."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def _processes() -> dict[int, _Process]:
     """CPU seconds (user + system) and command line of every visible process."""
-    ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for entry in PROC.glob("[0-9]*"):
         try:
-            stat = (entry / "stat").read_text()
+            user_s, system_s = stat_cpu_s(entry / "stat")
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        found[int(entry.name)] = _Process((int(fields[11]) + int(fields[12])) / ticks, command)
+        found[int(entry.name)] = _Process(user_s + system_s, command)
     return found
 
 

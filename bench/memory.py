@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ import soundfile as sf
 from PIL import Image
 from tokserve_client import Client, ItemsFailed
 
-from bench.machine import describe
+from bench.machine import PROC, describe, stat_cpu_s
 from bench.media import image_file, unique_copy, wav_file
 from bench.server import REPO_ROOT, server_process
 
@@ -76,13 +75,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds process ``pid`` has used, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 class RssSampler:
@@ -199,11 +191,11 @@ def measure_configuration(env: dict[str, str], args: argparse.Namespace) -> dict
             for _ in range(args.peaks):
                 sampler.take_peak()
                 started = time.perf_counter()
-                user_s, system_s = cpu_seconds(pid)
+                user_s, system_s = stat_cpu_s(PROC / str(pid) / "stat")
                 with ThreadPoolExecutor(args.clients) as pool:
                     shed = sum(pool.map(peak_requests, range(args.clients)))
                 duration_s = time.perf_counter() - started
-                user_end_s, system_end_s = cpu_seconds(pid)
+                user_end_s, system_end_s = stat_cpu_s(PROC / str(pid) / "stat")
                 peak = sampler.take_peak()
                 timeline = settle(args.idle_s, sampler, pid)
                 peaks.append(
