@@ -71,9 +71,10 @@ class Nginx:
         self.error_log = error_log
 
     def requests(self) -> list[dict]:
-        """Every request logged so far, as docker/nginx.conf's `json` log_format writes it."""
-        lines = self.access_log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        """Every request logged so far, as docker/nginx.conf's `json` log_format writes it; a
+        line nginx is still writing (no newline yet) is left for the next read."""
+        lines = self.access_log.read_text().splitlines(keepends=True)
+        return [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
 
 
 @contextmanager
